@@ -1,0 +1,125 @@
+//! The daemon's flags (each also settable by environment variable) and the
+//! values derived from them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use crate::backend::file::Scope;
+
+pub const DEFAULT_SOCKET: &str = "/var/run/secrets-store-csi-providers/coffer.sock";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Where the health endpoints listen, or nowhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthAddr {
+    Off,
+    On(SocketAddr),
+}
+
+fn parse_health_addr(raw: &str) -> Result<HealthAddr, String> {
+    if raw.eq_ignore_ascii_case("off") {
+        return Ok(HealthAddr::Off);
+    }
+    raw.parse()
+        .map(HealthAddr::On)
+        .map_err(|_| format!("{raw:?} is neither `off` nor an address such as 127.0.0.1:8080"))
+}
+
+fn parse_octal_mode(raw: &str) -> Result<u32, String> {
+    let digits = raw.strip_prefix("0o").unwrap_or(raw);
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!("{raw:?} is not an octal mode such as 0600")),
+    }
+}
+
+fn parse_duration(raw: &str) -> Result<Duration, String> {
+    humantime::parse_duration(raw).map_err(|e| format!("{raw:?}: {e} (write e.g. 100s or 2m)"))
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log line format.
+    #[arg(long, env = "COFFER_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Log level (error, warn, info, debug, trace) or a tracing filter directive.
+    #[arg(long, env = "COFFER_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Unix socket the driver dials; its directory is created if missing.
+    #[arg(long, env = "COFFER_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Permissions of the socket file (octal).
+    #[arg(long, env = "COFFER_SOCKET_MODE", default_value = "0600", value_parser = parse_octal_mode)]
+    pub socket_mode: u32,
+    /// Address of the HTTP /healthz and /readyz endpoints, or `off`.
+    #[arg(long, env = "COFFER_HEALTH_ADDR", default_value = "127.0.0.1:8080", value_parser = parse_health_addr)]
+    pub health_addr: HealthAddr,
+    /// Deadline of one Mount (kubelet gives up after 2 minutes).
+    #[arg(long, env = "COFFER_MOUNT_TIMEOUT", default_value = "100s", value_parser = parse_duration)]
+    pub mount_timeout: Duration,
+    /// How long SIGTERM waits for in-flight Mounts before exiting.
+    #[arg(long, env = "COFFER_SHUTDOWN_GRACE", default_value = "25s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Largest total size of all files returned by one Mount (the driver's
+    /// default gRPC receive limit is 4 MiB).
+    #[arg(long, env = "COFFER_MAX_RESPONSE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_response_bytes: u64,
+    /// How many objects of one Mount are fetched at once.
+    #[arg(long, env = "COFFER_FETCH_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    pub fetch_concurrency: u16,
+    /// Backend of objects whose SPC names none.
+    #[arg(long, env = "COFFER_DEFAULT_BACKEND", default_value = "file")]
+    pub default_backend: String,
+    /// Key for content-derived object versions; generated (0600) if absent.
+    #[arg(
+        long,
+        env = "COFFER_VERSION_KEY_FILE",
+        default_value = "/var/lib/coffer/version.key"
+    )]
+    pub version_key_file: PathBuf,
+    /// Enables the `file` backend, serving objects from this directory.
+    #[arg(long, env = "COFFER_FILE_BACKEND_ROOT")]
+    pub file_backend_root: Option<PathBuf>,
+    /// `namespace` resolves each pod's paths under <root>/<pod namespace>/.
+    #[arg(
+        long,
+        env = "COFFER_FILE_BACKEND_SCOPE",
+        value_enum,
+        default_value = "none"
+    )]
+    pub file_backend_scope: Scope,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_parsers() {
+        assert_eq!(parse_health_addr("off").unwrap(), HealthAddr::Off);
+        assert!(matches!(
+            parse_health_addr("127.0.0.1:0").unwrap(),
+            HealthAddr::On(_)
+        ));
+        assert!(parse_health_addr("localhost").is_err());
+        assert_eq!(parse_octal_mode("0600").unwrap(), 0o600);
+        assert_eq!(parse_octal_mode("660").unwrap(), 0o660);
+        assert!(parse_octal_mode("0999").is_err());
+        assert_eq!(parse_duration("100s").unwrap(), Duration::from_secs(100));
+        assert!(parse_duration("soon").is_err());
+    }
+}

@@ -1,0 +1,173 @@
+//! Typed errors of the library. They are mapped to gRPC statuses exactly once,
+//! in `server::grpc`. No message ever carries a secret value or a token.
+
+use std::fmt;
+use std::time::Duration;
+
+/// The outcome class of a failure, ordered by how much it tells the user:
+/// when several objects fail differently, the first class in this order wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Code {
+    InvalidArgument,
+    PermissionDenied,
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    DeadlineExceeded,
+    Internal,
+}
+
+impl Code {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::InvalidArgument => "InvalidArgument",
+            Code::PermissionDenied => "PermissionDenied",
+            Code::FailedPrecondition => "FailedPrecondition",
+            Code::NotFound => "NotFound",
+            Code::ResourceExhausted => "ResourceExhausted",
+            Code::Unavailable => "Unavailable",
+            Code::DeadlineExceeded => "DeadlineExceeded",
+            Code::Internal => "Internal",
+        }
+    }
+}
+
+/// Why one object could not be served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ObjectError {
+    #[error("invalid: {0}")]
+    Invalid(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+    #[error("rate limited: {0}")]
+    ResourceExhausted(String),
+    #[error("too large: {size} bytes, the limit is {limit}")]
+    TooLarge { size: u64, limit: u64 },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ObjectError {
+    pub fn code(&self) -> Code {
+        match self {
+            ObjectError::Invalid(_) => Code::InvalidArgument,
+            ObjectError::NotFound(_) => Code::NotFound,
+            ObjectError::PermissionDenied(_) => Code::PermissionDenied,
+            ObjectError::FailedPrecondition(_) => Code::FailedPrecondition,
+            ObjectError::Unavailable(_) => Code::Unavailable,
+            ObjectError::ResourceExhausted(_) => Code::ResourceExhausted,
+            ObjectError::TooLarge { .. } => Code::InvalidArgument,
+            ObjectError::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+/// A failure tied to one object of the SPC, named by its label (its output
+/// path, or its position in the list when it has none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub object: String,
+    pub error: ObjectError,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "object {:?}: {}", self.object, self.error)
+    }
+}
+
+/// Why a Mount failed as a whole. Every variant means nothing was returned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MountError {
+    /// The request itself (attributes, secrets, permission, parameters) is malformed.
+    #[error("invalid mount request: {0}")]
+    Request(String),
+    /// One or more objects failed validation or fetching.
+    #[error("{}", describe_failures(.total, .failures))]
+    Objects {
+        total: usize,
+        failures: Vec<Failure>,
+    },
+    #[error(
+        "mount timed out after {}; objects still outstanding: {}",
+        humantime::format_duration(*.timeout),
+        .outstanding.join(", ")
+    )]
+    Deadline {
+        timeout: Duration,
+        outstanding: Vec<String>,
+    },
+    #[error("mount response would be {size} bytes; the limit is {limit} (--max-response-bytes)")]
+    ResponseTooLarge { size: u64, limit: u64 },
+}
+
+fn describe_failures(total: &usize, failures: &[Failure]) -> String {
+    let list: Vec<String> = failures.iter().map(ToString::to_string).collect();
+    format!(
+        "{} of {} objects failed, nothing was mounted: {}",
+        failures.len(),
+        total,
+        list.join("; ")
+    )
+}
+
+impl MountError {
+    pub fn code(&self) -> Code {
+        match self {
+            MountError::Request(_) => Code::InvalidArgument,
+            MountError::Objects { failures, .. } => failures
+                .iter()
+                .map(|f| f.error.code())
+                .min()
+                .unwrap_or(Code::Internal),
+            MountError::Deadline { .. } => Code::DeadlineExceeded,
+            MountError::ResponseTooLarge { .. } => Code::ResourceExhausted,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mixed_failures_pick_the_most_telling_code() {
+        let err = MountError::Objects {
+            total: 3,
+            failures: vec![
+                Failure {
+                    object: "a".into(),
+                    error: ObjectError::Unavailable("connection refused".into()),
+                },
+                Failure {
+                    object: "b".into(),
+                    error: ObjectError::NotFound("no such file".into()),
+                },
+            ],
+        };
+        assert_eq!(err.code(), Code::NotFound);
+        let msg = err.to_string();
+        assert!(msg.starts_with("2 of 3 objects failed"), "{msg}");
+        assert!(msg.contains("object \"a\": backend unavailable: connection refused"));
+        assert!(msg.contains("object \"b\": not found: no such file"));
+    }
+
+    #[test]
+    fn deadline_names_outstanding_objects() {
+        let err = MountError::Deadline {
+            timeout: Duration::from_secs(100),
+            outstanding: vec!["db/pass".into(), "api".into()],
+        };
+        assert_eq!(
+            err.to_string(),
+            "mount timed out after 1m 40s; objects still outstanding: db/pass, api"
+        );
+    }
+}

@@ -1,0 +1,24 @@
+//! coffer: a Secrets Store CSI Driver provider. See ARCHITECTURE.md for the
+//! module map and how a Mount request flows through it.
+
+pub mod atomic_writer;
+pub mod backend;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod logging;
+pub mod manifest;
+pub mod mount;
+pub mod paths;
+pub mod request;
+pub mod secret;
+pub mod server;
+pub mod spc;
+pub mod version;
+
+/// Code generated from `proto/provider.proto` (package `v1alpha1`).
+pub mod proto {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("v1alpha1");
+}

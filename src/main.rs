@@ -1,0 +1,108 @@
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use coffer::cli::{demo, mount};
+use coffer::config::{LogArgs, LogFormat, ServeArgs};
+use coffer::logging;
+
+/// coffer: a Secrets Store CSI Driver provider.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the provider daemon on its Unix socket.
+    Serve(ServeArgs),
+    /// Act as the driver: mount an SPC through a running daemon into a directory.
+    Mount(mount::MountArgs),
+    /// Start a daemon with example secrets, mount, rotate, and show the result.
+    Demo(demo::DemoArgs),
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("coffer: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Serve(args) => {
+            if let Err(e) = logging::init(&args.log) {
+                eprintln!("coffer: {e}");
+                return ExitCode::from(2);
+            }
+            logging::harden_process();
+            rt.block_on(async {
+                // Register the handlers before binding, so a SIGTERM that
+                // arrives during start-up still drains instead of killing.
+                let shutdown = match shutdown_signal() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot install signal handlers");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                match coffer::server::serve(&args, shutdown).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        tracing::error!(error = %e, "coffer failed");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+        Command::Mount(args) => {
+            let _ = logging::init(&quiet_logs());
+            match rt.block_on(mount::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("coffer mount: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Demo(args) => {
+            let _ = logging::init(&quiet_logs());
+            match rt.block_on(demo::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("coffer demo: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn quiet_logs() -> LogArgs {
+    LogArgs {
+        log_format: LogFormat::Text,
+        log_level: std::env::var("COFFER_LOG_LEVEL").unwrap_or_else(|_| "warn".into()),
+    }
+}
+
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
+}

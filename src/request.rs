@@ -1,0 +1,368 @@
+//! The driver-request model: turns the stringly-typed `MountRequest` into typed
+//! values. Every error names the field that was wrong and never echoes a value,
+//! because attributes carry service-account tokens.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use crate::secret::Credential;
+
+/// Attribute keys the driver fills in from the pod (with `podInfoOnMount`).
+pub mod keys {
+    pub const SPC_NAME: &str = "secretProviderClass";
+    pub const POD_NAME: &str = "csi.storage.k8s.io/pod.name";
+    pub const POD_NAMESPACE: &str = "csi.storage.k8s.io/pod.namespace";
+    pub const POD_UID: &str = "csi.storage.k8s.io/pod.uid";
+    pub const SERVICE_ACCOUNT: &str = "csi.storage.k8s.io/serviceAccount.name";
+    pub const EPHEMERAL: &str = "csi.storage.k8s.io/ephemeral";
+    pub const TOKENS: &str = "csi.storage.k8s.io/serviceAccount.tokens";
+}
+
+/// Default file mode when the request carries no `permission` (0644).
+pub const DEFAULT_MODE: u32 = 0o644;
+
+/// Who is asking: the pod the volume belongs to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub service_account: String,
+}
+
+/// A projected service-account token the driver obtained for one audience.
+#[derive(Debug, Clone)]
+pub struct ServiceAccountToken {
+    pub token: Credential,
+    /// RFC 3339, as the driver passes it; informational.
+    pub expiration: String,
+}
+
+/// Everything a Mount needs to know about its caller, parsed and typed.
+#[derive(Debug, Clone)]
+pub struct MountContext {
+    pub pod: PodInfo,
+    pub spc_name: String,
+    /// SPC parameters with the pod's volume attributes over them, minus tokens.
+    pub parameters: BTreeMap<String, String>,
+    /// audience → token.
+    pub tokens: BTreeMap<String, ServiceAccountToken>,
+    /// nodePublishSecretRef data; `None` when the volume has no such ref.
+    pub node_publish_secrets: Option<BTreeMap<String, Credential>>,
+    pub target_path: String,
+    /// Mode for objects that do not set their own.
+    pub default_mode: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("{field} is not valid JSON (line {line}, column {column})")]
+    Json {
+        field: &'static str,
+        line: usize,
+        column: usize,
+    },
+    #[error("{field} must be a JSON object of strings, got {got}")]
+    NotObject {
+        field: &'static str,
+        got: &'static str,
+    },
+    #[error("{field}: the value of key {key:?} must be a string, got {got}")]
+    NotString {
+        field: &'static str,
+        key: String,
+        got: &'static str,
+    },
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+impl MountContext {
+    pub fn parse(
+        attributes: &str,
+        secrets: &str,
+        permission: &str,
+        target_path: &str,
+    ) -> Result<Self, RequestError> {
+        let mut parameters = parse_string_map("attributes", attributes)?.unwrap_or_default();
+        let tokens = match parameters.remove(keys::TOKENS) {
+            Some(raw) => parse_tokens(Credential::new(raw))?,
+            None => BTreeMap::new(),
+        };
+        let node_publish_secrets = parse_string_map("secrets", secrets)?.map(|m| {
+            m.into_iter()
+                .map(|(k, v)| (k, Credential::new(v)))
+                .collect()
+        });
+        let get = |k: &str| parameters.get(k).cloned().unwrap_or_default();
+        let pod = PodInfo {
+            namespace: get(keys::POD_NAMESPACE),
+            name: get(keys::POD_NAME),
+            uid: get(keys::POD_UID),
+            service_account: get(keys::SERVICE_ACCOUNT),
+        };
+        let spc_name = get(keys::SPC_NAME);
+        Ok(MountContext {
+            pod,
+            spc_name,
+            parameters,
+            tokens,
+            node_publish_secrets,
+            target_path: target_path.to_string(),
+            default_mode: parse_permission(permission)?,
+        })
+    }
+
+    /// The token the driver obtained for `audience`, if the CSIDriver asks for it.
+    pub fn token_for(&self, audience: &str) -> Option<&ServiceAccountToken> {
+        self.tokens.get(audience)
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn parse_json(field: &'static str, raw: &str) -> Result<Value, RequestError> {
+    serde_json::from_str(raw).map_err(|e| RequestError::Json {
+        field,
+        line: e.line(),
+        column: e.column(),
+    })
+}
+
+/// Parses a JSON object of strings; `null` or an empty string mean "absent".
+fn parse_string_map(
+    field: &'static str,
+    raw: &str,
+) -> Result<Option<BTreeMap<String, String>>, RequestError> {
+    if raw.trim().is_empty() {
+        return Ok(None);
+    }
+    let map = match parse_json(field, raw)? {
+        Value::Null => return Ok(None),
+        Value::Object(map) => map,
+        other => {
+            return Err(RequestError::NotObject {
+                field,
+                got: json_kind(&other),
+            })
+        }
+    };
+    let mut out = BTreeMap::new();
+    for (key, value) in map {
+        match value {
+            Value::String(s) => {
+                out.insert(key, s);
+            }
+            other => {
+                return Err(RequestError::NotString {
+                    field,
+                    got: json_kind(&other),
+                    key,
+                })
+            }
+        }
+    }
+    Ok(Some(out))
+}
+
+/// Parses `{"<audience>": {"token": "...", "expirationTimestamp": "..."}}`.
+fn parse_tokens(raw: Credential) -> Result<BTreeMap<String, ServiceAccountToken>, RequestError> {
+    const FIELD: &str = "attributes[csi.storage.k8s.io/serviceAccount.tokens]";
+    let invalid = |reason: String| RequestError::Invalid {
+        field: FIELD,
+        reason,
+    };
+    if raw.expose().trim().is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let value = parse_json(FIELD, raw.expose())?;
+    let Value::Object(map) = value else {
+        return Err(invalid(format!(
+            "must be a JSON object of audience to token, got {}",
+            json_kind(&value)
+        )));
+    };
+    let mut out = BTreeMap::new();
+    for (audience, entry) in map {
+        let Value::Object(mut entry) = entry else {
+            return Err(invalid(format!(
+                "entry for audience {audience:?} must be an object"
+            )));
+        };
+        let token = match entry.remove("token") {
+            Some(Value::String(t)) if !t.is_empty() => Credential::new(t),
+            _ => {
+                return Err(invalid(format!(
+                    "entry for audience {audience:?} has no string \"token\""
+                )))
+            }
+        };
+        let expiration = match entry.remove("expirationTimestamp") {
+            Some(Value::String(s)) => s,
+            _ => String::new(),
+        };
+        out.insert(audience, ServiceAccountToken { token, expiration });
+    }
+    Ok(out)
+}
+
+/// Parses the driver's `permission`: JSON of a Go `os.FileMode`, i.e. a
+/// decimal number such as `420` (0644), possibly quoted.
+pub fn parse_permission(raw: &str) -> Result<u32, RequestError> {
+    let raw = raw.trim();
+    if raw.is_empty() || raw == "null" {
+        return Ok(DEFAULT_MODE);
+    }
+    let digits = raw
+        .strip_prefix('"')
+        .and_then(|r| r.strip_suffix('"'))
+        .unwrap_or(raw);
+    let invalid = |reason: String| RequestError::Invalid {
+        field: "permission",
+        reason,
+    };
+    let mode: u32 = digits.parse().map_err(|_| {
+        invalid(format!(
+            "{raw:?} is not a decimal file mode such as \"420\""
+        ))
+    })?;
+    if mode > 0o777 {
+        return Err(invalid(format!(
+            "{mode} (0{mode:o}) has bits beyond 0777; only permission bits are allowed"
+        )));
+    }
+    Ok(mode)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.c2VjcmV0LXRva2Vu.sig";
+
+    fn attrs_with_tokens() -> String {
+        let tokens = serde_json::json!({
+            "vault": {"token": TOKEN, "expirationTimestamp": "2026-11-27T00:00:00Z"}
+        })
+        .to_string();
+        serde_json::json!({
+            "secretProviderClass": "app-secrets",
+            "csi.storage.k8s.io/pod.name": "web-0",
+            "csi.storage.k8s.io/pod.namespace": "shop",
+            "csi.storage.k8s.io/pod.uid": "1234-uid",
+            "csi.storage.k8s.io/serviceAccount.name": "web",
+            "csi.storage.k8s.io/ephemeral": "false",
+            "csi.storage.k8s.io/serviceAccount.tokens": tokens,
+            "objects": "- objectName: a\n",
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn parses_a_full_request() {
+        let ctx =
+            MountContext::parse(&attrs_with_tokens(), "null", "420", "/var/lib/kubelet/x").unwrap();
+        assert_eq!(
+            ctx.pod,
+            PodInfo {
+                namespace: "shop".into(),
+                name: "web-0".into(),
+                uid: "1234-uid".into(),
+                service_account: "web".into()
+            }
+        );
+        assert_eq!(ctx.spc_name, "app-secrets");
+        assert_eq!(ctx.default_mode, 0o644);
+        assert!(ctx.node_publish_secrets.is_none());
+        assert_eq!(ctx.token_for("vault").unwrap().token.expose(), TOKEN);
+        assert!(ctx.token_for("gcp").is_none());
+        // The token attribute is consumed, never kept among plain parameters.
+        assert!(!ctx.parameters.contains_key(keys::TOKENS));
+        assert!(!format!("{ctx:?}").contains("c2VjcmV0LXRva2Vu"));
+    }
+
+    #[test]
+    fn secrets_null_empty_or_object() {
+        for raw in ["null", "", " null "] {
+            let ctx = MountContext::parse("{}", raw, "420", "/t").unwrap();
+            assert!(ctx.node_publish_secrets.is_none(), "{raw:?}");
+        }
+        let ctx = MountContext::parse("{}", r#"{"token":"s3cr3t"}"#, "420", "/t").unwrap();
+        let secrets = ctx.node_publish_secrets.unwrap();
+        assert_eq!(secrets["token"].expose(), "s3cr3t");
+    }
+
+    #[test]
+    fn missing_pod_keys_are_empty_not_errors() {
+        let ctx = MountContext::parse("{}", "null", "420", "/t").unwrap();
+        assert_eq!(ctx.pod, PodInfo::default());
+        assert!(ctx.tokens.is_empty());
+    }
+
+    #[test]
+    fn malformed_json_names_the_field_without_values() {
+        let err = MountContext::parse("{\"a\": ", "null", "420", "/t").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                RequestError::Json {
+                    field: "attributes",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = MountContext::parse("[1]", "null", "420", "/t").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "attributes must be a JSON object of strings, got an array"
+        );
+        let err = MountContext::parse(r#"{"x": 5}"#, "null", "420", "/t").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "attributes: the value of key \"x\" must be a string, got a number"
+        );
+        let err = MountContext::parse("{}", r#"{"k": {"v": "hush"}}"#, "420", "/t").unwrap_err();
+        assert!(err.to_string().starts_with("secrets:"), "{err}");
+        assert!(!err.to_string().contains("hush"));
+        let err = MountContext::parse("{}", "\"str\"", "420", "/t").unwrap_err();
+        assert!(err.to_string().contains("got a string"));
+    }
+
+    #[test]
+    fn malformed_tokens_never_echo_the_token() {
+        let attrs = serde_json::json!({ keys::TOKENS: format!("{{\"vault\": \"{TOKEN}\"}}") });
+        let err = MountContext::parse(&attrs.to_string(), "null", "420", "/t").unwrap_err();
+        assert!(err.to_string().contains("audience \"vault\""), "{err}");
+        assert!(!err.to_string().contains("c2VjcmV0"), "{err}");
+        let attrs =
+            serde_json::json!({ keys::TOKENS: format!("{{\"vault\": {{\"token\": \"{TOKEN}") });
+        let err = MountContext::parse(&attrs.to_string(), "null", "420", "/t").unwrap_err();
+        assert!(!err.to_string().contains("c2VjcmV0"), "{err}");
+    }
+
+    #[test]
+    fn permission_strings() {
+        assert_eq!(parse_permission("420").unwrap(), 0o644);
+        assert_eq!(parse_permission("\"420\"").unwrap(), 0o644);
+        assert_eq!(parse_permission("256").unwrap(), 0o400);
+        assert_eq!(parse_permission("0").unwrap(), 0);
+        assert_eq!(parse_permission("").unwrap(), DEFAULT_MODE);
+        assert_eq!(parse_permission("null").unwrap(), DEFAULT_MODE);
+        assert!(parse_permission("0644x").is_err());
+        assert!(parse_permission("-1").is_err());
+        assert!(parse_permission("rw-r--r--").is_err());
+        let err = parse_permission("2147484096").unwrap_err();
+        assert!(err.to_string().contains("beyond 0777"), "{err}");
+    }
+}

@@ -1,0 +1,122 @@
+//! The gRPC edge: the `CSIDriverProvider` service, one log span per Mount, and
+//! the single place where library errors become gRPC statuses.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tonic::{Request, Response, Status};
+use tracing::{field, Instrument};
+
+use crate::error::{Code, MountError};
+use crate::mount::Mounter;
+use crate::proto::csi_driver_provider_server::CsiDriverProvider;
+use crate::proto::{MountRequest, MountResponse, VersionRequest, VersionResponse};
+
+/// The API version the driver and coffer speak.
+pub const API_VERSION: &str = "v1alpha1";
+pub const RUNTIME_NAME: &str = "coffer";
+
+pub struct ProviderService {
+    mounter: Arc<Mounter>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl ProviderService {
+    pub fn new(mounter: Arc<Mounter>, in_flight: Arc<AtomicUsize>) -> Self {
+        Self { mounter, in_flight }
+    }
+}
+
+/// Maps a Mount failure to the status the driver shows in the FailedMount event.
+pub fn to_status(err: &MountError) -> Status {
+    let code = match err.code() {
+        Code::InvalidArgument => tonic::Code::InvalidArgument,
+        Code::PermissionDenied => tonic::Code::PermissionDenied,
+        Code::FailedPrecondition => tonic::Code::FailedPrecondition,
+        Code::NotFound => tonic::Code::NotFound,
+        Code::ResourceExhausted => tonic::Code::ResourceExhausted,
+        Code::Unavailable => tonic::Code::Unavailable,
+        Code::DeadlineExceeded => tonic::Code::DeadlineExceeded,
+        Code::Internal => tonic::Code::Internal,
+    };
+    Status::new(code, err.to_string())
+}
+
+/// Decrements the in-flight count however the Mount ends (even if the
+/// client goes away and the future is dropped).
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[tonic::async_trait]
+impl CsiDriverProvider for ProviderService {
+    async fn version(
+        &self,
+        request: Request<VersionRequest>,
+    ) -> Result<Response<VersionResponse>, Status> {
+        tracing::debug!(driver_version = %request.get_ref().version, "version requested");
+        Ok(Response::new(VersionResponse {
+            version: API_VERSION.into(),
+            runtime_name: RUNTIME_NAME.into(),
+            runtime_version: env!("CARGO_PKG_VERSION").into(),
+        }))
+    }
+
+    async fn mount(
+        &self,
+        request: Request<MountRequest>,
+    ) -> Result<Response<MountResponse>, Status> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let _guard = InFlight(Arc::clone(&self.in_flight));
+        let started = Instant::now();
+        let span = tracing::info_span!(
+            "mount",
+            pod_namespace = field::Empty,
+            pod_name = field::Empty,
+            pod_uid = field::Empty,
+            spc = field::Empty,
+            objects = field::Empty,
+        );
+        let mounter = Arc::clone(&self.mounter);
+        let result = async move {
+            let req = request.into_inner();
+            let ctx = Mounter::parse(&req)?;
+            let span = tracing::Span::current();
+            span.record("pod_namespace", ctx.pod.namespace.as_str());
+            span.record("pod_name", ctx.pod.name.as_str());
+            span.record("pod_uid", ctx.pod.uid.as_str());
+            span.record("spc", ctx.spc_name.as_str());
+            mounter.mount(&ctx).await
+        }
+        .instrument(span.clone())
+        .await;
+        let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let _entered = span.enter();
+        match result {
+            Ok(response) => {
+                span.record("objects", response.files.len());
+                tracing::info!(duration_ms, outcome = "ok", "mount served");
+                Ok(Response::new(response))
+            }
+            Err(err) => {
+                if let MountError::Objects { total, .. } = &err {
+                    span.record("objects", *total);
+                }
+                let status = to_status(&err);
+                tracing::warn!(
+                    duration_ms,
+                    outcome = "error",
+                    code = ?status.code(),
+                    error = %err,
+                    "mount failed"
+                );
+                Err(status)
+            }
+        }
+    }
+}

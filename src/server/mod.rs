@@ -1,0 +1,132 @@
+//! `coffer serve`: wires the backends, the Mount pipeline, the gRPC service on
+//! the provider socket and the health endpoints, and drains on shutdown.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::backend::{file::FileBackend, Registry};
+use crate::config::{HealthAddr, ServeArgs};
+use crate::mount::{MountConfig, Mounter};
+use crate::proto::csi_driver_provider_server::CsiDriverProviderServer;
+use crate::version::{VersionKey, VersionKeyError};
+
+pub mod grpc;
+pub mod health;
+pub mod socket;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    VersionKey(#[from] VersionKeyError),
+    #[error(transparent)]
+    Socket(#[from] socket::SocketError),
+    #[error("cannot listen for health checks on {addr}: {source}")]
+    Health {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+/// Builds the backends enabled by the flags.
+pub fn backends(args: &ServeArgs) -> Registry {
+    let mut registry = Registry::new();
+    if let Some(root) = &args.file_backend_root {
+        registry.register(Arc::new(FileBackend::new(
+            root.clone(),
+            args.file_backend_scope,
+        )));
+    }
+    registry
+}
+
+pub fn mount_config(args: &ServeArgs) -> MountConfig {
+    MountConfig {
+        timeout: args.mount_timeout,
+        max_response_bytes: args.max_response_bytes,
+        fetch_concurrency: usize::from(args.fetch_concurrency),
+        default_backend: args.default_backend.clone(),
+    }
+}
+
+/// Serves until `shutdown` resolves, then stops accepting, waits up to the
+/// grace period for in-flight Mounts, and removes the socket.
+pub async fn serve(args: &ServeArgs, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+    let version_key = VersionKey::load_or_create(&args.version_key_file)?;
+    let registry = backends(args);
+    if args.file_backend_root.is_none() {
+        tracing::warn!("no backend is enabled; every Mount will fail (set --file-backend-root)");
+    }
+    let mounter = Arc::new(Mounter::new(registry, version_key, mount_config(args)));
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let service = grpc::ProviderService::new(mounter, Arc::clone(&in_flight));
+
+    let (listener, bound) = socket::bind(&args.socket, args.socket_mode)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+
+    let health = match args.health_addr {
+        HealthAddr::Off => None,
+        HealthAddr::On(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Health { addr, source })?;
+            let mut rx = stop_rx.clone();
+            let app = health::router(bound.path().to_path_buf());
+            tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "health endpoints listening");
+            Some(tokio::spawn(async move {
+                let stop = async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                };
+                if let Err(e) = axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await
+                {
+                    tracing::error!(error = %e, "health server failed");
+                }
+            }))
+        }
+    };
+
+    let mut rx = stop_rx.clone();
+    let incoming = UnixListenerStream::new(listener);
+    let server = tonic::transport::Server::builder()
+        .add_service(CsiDriverProviderServer::new(service))
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = rx.wait_for(|s| *s).await;
+        });
+    tracing::info!(
+        socket = %bound.path().display(),
+        version = env!("CARGO_PKG_VERSION"),
+        "coffer provider listening"
+    );
+    tokio::pin!(server);
+    let result = tokio::select! {
+        r = &mut server => r.map_err(ServeError::from),
+        () = shutdown => {
+            tracing::info!(in_flight = in_flight.load(Ordering::SeqCst), "shutting down: no new connections, draining in-flight mounts");
+            let _ = stop_tx.send(true);
+            match tokio::time::timeout(args.shutdown_grace, &mut server).await {
+                Ok(r) => r.map_err(ServeError::from),
+                Err(_) => {
+                    tracing::warn!(
+                        in_flight = in_flight.load(Ordering::SeqCst),
+                        grace = %humantime::format_duration(args.shutdown_grace),
+                        "in-flight mounts did not finish within the grace period; exiting anyway"
+                    );
+                    Ok(())
+                }
+            }
+        }
+    };
+    let _ = stop_tx.send(true);
+    if let Some(h) = health {
+        let _ = h.await;
+    }
+    drop(bound);
+    tracing::info!("coffer stopped");
+    result
+}

@@ -1,0 +1,424 @@
+//! The SecretProviderClass parameter model: the `objects` list and the
+//! per-object settings shared by every backend (output path, mode, encoding,
+//! which backend). Backend-specific fields stay raw here and are parsed by the
+//! backend that owns them.
+
+use std::collections::BTreeMap;
+
+use serde_yaml_ng::Value;
+
+use crate::error::{Failure, ObjectError};
+
+/// SPC parameter holding the YAML list of objects.
+pub const OBJECTS_PARAM: &str = "objects";
+/// SPC parameter naming the default backend of every object.
+pub const BACKEND_PARAM: &str = "backend";
+
+/// How the fetched value is turned into file bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Encoding {
+    /// Written as fetched.
+    #[default]
+    Utf8,
+    /// The fetched value is base64 text; the file gets the decoded bytes.
+    Base64,
+    /// The fetched value is hex text; the file gets the decoded bytes.
+    Hex,
+}
+
+impl Encoding {
+    fn parse(raw: &str) -> Option<Self> {
+        match raw.to_ascii_lowercase().as_str() {
+            "" | "utf-8" | "utf8" => Some(Encoding::Utf8),
+            "base64" => Some(Encoding::Base64),
+            "hex" => Some(Encoding::Hex),
+            _ => None,
+        }
+    }
+
+    /// Decodes a fetched value. Errors never include the value's bytes.
+    pub fn decode(self, value: &[u8]) -> Result<Vec<u8>, ObjectError> {
+        use base64::Engine as _;
+        match self {
+            Encoding::Utf8 => Ok(value.to_vec()),
+            Encoding::Base64 => {
+                let trimmed = value.trim_ascii();
+                base64::engine::general_purpose::STANDARD
+                    .decode(trimmed)
+                    .map_err(|_| {
+                        ObjectError::Invalid(
+                            "encoding is base64 but the value is not valid base64".into(),
+                        )
+                    })
+            }
+            Encoding::Hex => hex::decode(value.trim_ascii()).map_err(|_| {
+                ObjectError::Invalid("encoding is hex but the value is not valid hex".into())
+            }),
+        }
+    }
+}
+
+/// One entry of the `objects` list, with the common fields resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObjectSpec {
+    /// Position in the list, for error messages about nameless entries.
+    pub index: usize,
+    /// `objectName`: the output path inside the volume.
+    pub name: String,
+    /// Which backend serves it.
+    pub backend: String,
+    /// `filePermission`, if set.
+    pub mode: Option<u32>,
+    pub encoding: Encoding,
+    /// The remaining, backend-specific fields.
+    pub fields: BTreeMap<String, Value>,
+}
+
+impl ObjectSpec {
+    /// The object's label in messages: its name, or its position.
+    pub fn label(&self) -> String {
+        if self.name.is_empty() {
+            format!("objects[{}]", self.index)
+        } else {
+            self.name.clone()
+        }
+    }
+
+    /// A backend-specific string field; a non-string value is an error.
+    pub fn str_field(&self, key: &str) -> Result<Option<&str>, ObjectError> {
+        match self.fields.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(other) => Err(ObjectError::Invalid(format!(
+                "field {key:?} must be a string, got {}",
+                yaml_kind(other)
+            ))),
+        }
+    }
+
+    /// Fails on fields that `known` does not list, so typos are caught early.
+    pub fn reject_unknown_fields(&self, known: &[&str]) -> Result<(), ObjectError> {
+        let unknown: Vec<&str> = self
+            .fields
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !known.contains(k))
+            .collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        Err(ObjectError::Invalid(format!(
+            "unknown field(s) {} for backend {:?} (known: {})",
+            unknown.join(", "),
+            self.backend,
+            known.join(", ")
+        )))
+    }
+}
+
+fn yaml_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Sequence(_) => "a list",
+        Value::Mapping(_) => "a mapping",
+        Value::Tagged(_) => "a tagged value",
+    }
+}
+
+/// Parses the `objects` parameter. Collects one failure per bad entry so the
+/// user sees every problem at once; an unparsable document is one failure.
+pub fn parse_objects(
+    parameters: &BTreeMap<String, String>,
+    default_backend: &str,
+) -> Result<Vec<ObjectSpec>, Vec<Failure>> {
+    let doc_failure = |reason: String| {
+        vec![Failure {
+            object: OBJECTS_PARAM.to_string(),
+            error: ObjectError::Invalid(reason),
+        }]
+    };
+    let Some(raw) = parameters.get(OBJECTS_PARAM) else {
+        return Err(doc_failure(
+            "the SecretProviderClass has no \"objects\" parameter".into(),
+        ));
+    };
+    let backend = parameters
+        .get(BACKEND_PARAM)
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .unwrap_or(default_backend);
+    let doc: Value = serde_yaml_ng::from_str(raw).map_err(|e| {
+        // Location only: a YAML error message can quote the offending text.
+        let at = e
+            .location()
+            .map(|l| format!(" at line {}, column {}", l.line(), l.column()))
+            .unwrap_or_default();
+        doc_failure(format!("not valid YAML{at}"))
+    })?;
+    let entries = match doc {
+        Value::Sequence(entries) => entries,
+        Value::Null => return Err(doc_failure("the objects list is empty".into())),
+        other => {
+            return Err(doc_failure(format!(
+                "must be a YAML list of objects, got {}",
+                yaml_kind(&other)
+            )))
+        }
+    };
+    if entries.is_empty() {
+        return Err(doc_failure("the objects list is empty".into()));
+    }
+    let mut objects = Vec::with_capacity(entries.len());
+    let mut failures = Vec::new();
+    for (index, entry) in entries.into_iter().enumerate() {
+        match parse_object(index, entry, backend) {
+            Ok(o) => objects.push(o),
+            Err((object, error)) => failures.push(Failure { object, error }),
+        }
+    }
+    if failures.is_empty() {
+        Ok(objects)
+    } else {
+        Err(failures)
+    }
+}
+
+fn parse_object(
+    index: usize,
+    entry: Value,
+    default_backend: &str,
+) -> Result<ObjectSpec, (String, ObjectError)> {
+    let position = format!("objects[{index}]");
+    let Value::Mapping(map) = entry else {
+        return Err((
+            position,
+            ObjectError::Invalid(format!("must be a mapping, got {}", yaml_kind(&entry))),
+        ));
+    };
+    let mut fields = BTreeMap::new();
+    for (k, v) in map {
+        match k {
+            Value::String(k) => {
+                fields.insert(k, v);
+            }
+            other => {
+                return Err((
+                    position,
+                    ObjectError::Invalid(format!(
+                        "keys must be strings, got {}",
+                        yaml_kind(&other)
+                    )),
+                ))
+            }
+        }
+    }
+    let take_string =
+        |fields: &mut BTreeMap<String, Value>, key: &str, label: &str| match fields.remove(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(other) => Err((
+                label.to_string(),
+                ObjectError::Invalid(format!("{key} must be a string, got {}", yaml_kind(&other))),
+            )),
+        };
+    let name = take_string(&mut fields, "objectName", &position)?.unwrap_or_default();
+    if name.is_empty() {
+        return Err((
+            position,
+            ObjectError::Invalid("objectName is missing".into()),
+        ));
+    }
+    let label = name.clone();
+    let backend = take_string(&mut fields, "backend", &label)?
+        .map(|b| b.trim().to_string())
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| default_backend.to_string());
+    let encoding = match take_string(&mut fields, "encoding", &label)? {
+        None => Encoding::default(),
+        Some(raw) => Encoding::parse(&raw).ok_or_else(|| {
+            (
+                label.clone(),
+                ObjectError::Invalid(format!("encoding {raw:?} is not one of utf-8, base64, hex")),
+            )
+        })?,
+    };
+    let mode = match fields.remove("filePermission") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(parse_mode(&v).map_err(|e| (label.clone(), e))?),
+    };
+    Ok(ObjectSpec {
+        index,
+        name,
+        backend,
+        mode,
+        encoding,
+        fields,
+    })
+}
+
+/// Parses a file mode with Go yaml.v3 semantics: a plain number is decimal
+/// unless written with a leading `0` (octal, `0640`), `0o`, `0x` or `0b`.
+/// The YAML parser hands `0640` over as text, so both arrive here the same way.
+pub fn parse_mode(value: &Value) -> Result<u32, ObjectError> {
+    let parsed = match value {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => parse_go_int(s.trim()),
+        _ => None,
+    };
+    let shown = match value {
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => format!("{s:?}"),
+        other => yaml_kind(other).to_string(),
+    };
+    match parsed {
+        Some(m) if m <= 0o777 => Ok(m as u32),
+        Some(m) => Err(ObjectError::Invalid(format!(
+            "filePermission {shown} is 0{m:o}, beyond 0777"
+        ))),
+        None => Err(ObjectError::Invalid(format!(
+            "filePermission {shown} is not a file mode (write it as octal like 0640, or decimal like 416)"
+        ))),
+    }
+}
+
+/// Go's `strconv.ParseUint(s, 0, 64)` with an optional leading `+`.
+fn parse_go_int(s: &str) -> Option<u64> {
+    let s = s.strip_prefix('+').unwrap_or(s);
+    let lower = s.to_ascii_lowercase();
+    let (digits, radix) = if let Some(rest) = lower.strip_prefix("0x") {
+        (rest, 16)
+    } else if let Some(rest) = lower.strip_prefix("0o") {
+        (rest, 8)
+    } else if let Some(rest) = lower.strip_prefix("0b") {
+        (rest, 2)
+    } else if lower.len() > 1 && lower.starts_with('0') {
+        (&lower[1..], 8)
+    } else {
+        (lower.as_str(), 10)
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return None;
+    }
+    u64::from_str_radix(digits, radix).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(objects: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([(OBJECTS_PARAM.to_string(), objects.to_string())])
+    }
+
+    fn mode_of(yaml: &str) -> Result<u32, ObjectError> {
+        let v: Value = serde_yaml_ng::from_str(yaml).unwrap();
+        parse_mode(&v)
+    }
+
+    #[test]
+    fn yaml_v3_mode_semantics() {
+        assert_eq!(mode_of("0640").unwrap(), 0o640);
+        assert_eq!(mode_of("0624").unwrap(), 0o624);
+        assert_eq!(mode_of("0o640").unwrap(), 0o640);
+        assert_eq!(mode_of("420").unwrap(), 420);
+        assert_eq!(mode_of("'0640'").unwrap(), 0o640);
+        assert_eq!(mode_of("\"0400\"").unwrap(), 0o400);
+        assert_eq!(mode_of("0x1a4").unwrap(), 0o644);
+        assert_eq!(mode_of("0").unwrap(), 0);
+        assert_eq!(mode_of("0000").unwrap(), 0);
+        assert!(mode_of("0648").is_err());
+        assert!(mode_of("rw").is_err());
+        assert!(mode_of("true").is_err());
+        assert!(mode_of("-1").is_err());
+        assert!(mode_of("01777")
+            .unwrap_err()
+            .to_string()
+            .contains("beyond 0777"));
+        assert!(mode_of("512").is_err());
+    }
+
+    #[test]
+    fn parses_objects_with_defaults_and_overrides() {
+        let mut p = params(
+            "- objectName: db/password\n  path: db/pass\n  filePermission: 0600\n\
+             - objectName: cert\n  backend: vault\n  encoding: base64\n  secretPath: pki/x\n",
+        );
+        p.insert(BACKEND_PARAM.into(), "file".into());
+        let objects = parse_objects(&p, "other").unwrap();
+        assert_eq!(objects.len(), 2);
+        assert_eq!(objects[0].name, "db/password");
+        assert_eq!(objects[0].backend, "file");
+        assert_eq!(objects[0].mode, Some(0o600));
+        assert_eq!(objects[0].encoding, Encoding::Utf8);
+        assert_eq!(objects[0].str_field("path").unwrap(), Some("db/pass"));
+        assert_eq!(objects[1].backend, "vault");
+        assert_eq!(objects[1].mode, None);
+        assert_eq!(objects[1].encoding, Encoding::Base64);
+        assert_eq!(objects[1].str_field("secretPath").unwrap(), Some("pki/x"));
+        assert_eq!(
+            parse_objects(&params("- objectName: a"), "dflt").unwrap()[0].backend,
+            "dflt"
+        );
+    }
+
+    #[test]
+    fn collects_every_bad_entry() {
+        let failures = parse_objects(
+            &params(
+                "- objectName: ok\n- path: nameless\n- objectName: b\n  encoding: rot13\n\
+                 - objectName: c\n  filePermission: 0999\n- just-a-string\n- objectName: [1]\n",
+            ),
+            "file",
+        )
+        .unwrap_err();
+        let labels: Vec<&str> = failures.iter().map(|f| f.object.as_str()).collect();
+        assert_eq!(labels, ["objects[1]", "b", "c", "objects[4]", "objects[5]"]);
+        assert!(failures[1].error.to_string().contains("rot13"));
+        assert!(failures[3].error.to_string().contains("must be a mapping"));
+    }
+
+    #[test]
+    fn bad_documents() {
+        let missing = parse_objects(&BTreeMap::new(), "file").unwrap_err();
+        assert!(missing[0]
+            .error
+            .to_string()
+            .contains("no \"objects\" parameter"));
+        let bad = parse_objects(
+            &params("- objectName: [unclosed\n  password: hunter2"),
+            "file",
+        )
+        .unwrap_err();
+        let msg = bad[0].error.to_string();
+        assert!(msg.contains("not valid YAML at line"), "{msg}");
+        assert!(!msg.contains("hunter2"));
+        let empty = parse_objects(&params(""), "file").unwrap_err();
+        assert!(empty[0].error.to_string().contains("empty"));
+        let map = parse_objects(&params("a: b"), "file").unwrap_err();
+        assert!(map[0].error.to_string().contains("must be a YAML list"));
+    }
+
+    #[test]
+    fn encodings_decode_without_echoing_values() {
+        assert_eq!(Encoding::Base64.decode(b"aGk=\n").unwrap(), b"hi");
+        assert_eq!(Encoding::Hex.decode(b"6869").unwrap(), b"hi");
+        assert_eq!(Encoding::Utf8.decode(b"hi\n").unwrap(), b"hi\n");
+        let e = Encoding::Base64
+            .decode(b"s3cr3t!!")
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("s3cr3t") && !e.contains('!'), "{e}");
+        let e = Encoding::Hex.decode(b"zz-secret").unwrap_err().to_string();
+        assert!(!e.contains("secret") && !e.contains('z'), "{e}");
+    }
+
+    #[test]
+    fn unknown_fields_are_reported() {
+        let o = &parse_objects(&params("- objectName: a\n  pth: x"), "file").unwrap()[0];
+        let e = o.reject_unknown_fields(&["path"]).unwrap_err().to_string();
+        assert!(e.contains("unknown field(s) pth"), "{e}");
+    }
+}
