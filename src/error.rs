@@ -63,7 +63,7 @@ impl ObjectError {
             ObjectError::FailedPrecondition(_) => Code::FailedPrecondition,
             ObjectError::Unavailable(_) => Code::Unavailable,
             ObjectError::ResourceExhausted(_) => Code::ResourceExhausted,
-            ObjectError::TooLarge { .. } => Code::InvalidArgument,
+            ObjectError::TooLarge { .. } => Code::ResourceExhausted,
             ObjectError::Internal(_) => Code::Internal,
         }
     }

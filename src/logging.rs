@@ -17,6 +17,7 @@ pub fn init(args: &LogArgs) -> Result<(), LogError> {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(true);
     let installed = match args.log_format {
         LogFormat::Json => builder

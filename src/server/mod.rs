@@ -56,11 +56,20 @@ pub fn mount_config(args: &ServeArgs) -> MountConfig {
 /// Serves until `shutdown` resolves, then stops accepting, waits up to the
 /// grace period for in-flight Mounts, and removes the socket.
 pub async fn serve(args: &ServeArgs, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
-    let version_key = VersionKey::load_or_create(&args.version_key_file)?;
     let registry = backends(args);
     if args.file_backend_root.is_none() {
         tracing::warn!("no backend is enabled; every Mount will fail (set --file-backend-root)");
     }
+    serve_with_backends(args, registry, shutdown).await
+}
+
+/// [`serve`] with an explicit set of backends (embedding, tests).
+pub async fn serve_with_backends(
+    args: &ServeArgs,
+    registry: Registry,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let version_key = VersionKey::load_or_create(&args.version_key_file)?;
     let mounter = Arc::new(Mounter::new(registry, version_key, mount_config(args)));
     let in_flight = Arc::new(AtomicUsize::new(0));
     let service = grpc::ProviderService::new(mounter, Arc::clone(&in_flight));

@@ -1,0 +1,237 @@
+//! Shared harness for end-to-end tests: starts the real `coffer serve` binary
+//! on a socket in a temp dir, dials it over that socket, and cleans up by PID.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use coffer::client::{self, ProviderClient};
+use coffer::manifest::{DriverRequest, Pod, SecretProviderClass};
+use coffer::proto;
+use coffer::secret::Credential;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_coffer");
+
+/// A running `coffer serve` with its own temp dir, killed on drop.
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub secrets: PathBuf,
+    pub log: PathBuf,
+    pub health: Option<String>,
+    pub child: Option<Child>,
+}
+
+pub struct Options {
+    pub extra_args: Vec<String>,
+    pub health: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            extra_args: Vec::new(),
+            health: false,
+        }
+    }
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+impl Daemon {
+    pub fn start() -> Self {
+        Self::start_with(Options::default())
+    }
+
+    pub fn start_with(opts: Options) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let secrets = dir.path().join("secrets");
+        std::fs::create_dir_all(&secrets).unwrap();
+        let socket = dir.path().join("run/coffer.sock");
+        let mut d = Daemon {
+            log: dir.path().join("daemon.log"),
+            socket,
+            secrets,
+            health: opts.health.then(|| format!("127.0.0.1:{}", free_port())),
+            dir,
+            child: None,
+        };
+        d.spawn(&opts.extra_args);
+        d.wait_ready();
+        d
+    }
+
+    pub fn args(&self, extra: &[String]) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--socket".into(),
+            self.socket.display().to_string(),
+            "--file-backend-root".into(),
+            self.secrets.display().to_string(),
+            "--version-key-file".into(),
+            self.dir.path().join("version.key").display().to_string(),
+            "--health-addr".into(),
+            self.health.clone().unwrap_or_else(|| "off".into()),
+        ];
+        args.extend(extra.iter().cloned());
+        args
+    }
+
+    /// Spawns the binary with output appended to the log file.
+    pub fn spawn(&mut self, extra: &[String]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(self.args(extra))
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn coffer");
+        self.child = Some(child);
+    }
+
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("coffer exited early with {status}: {}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("coffer did not listen in time: {}", self.logs());
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(-1)
+    }
+
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
+    }
+
+    /// Waits for the process to exit and returns its status. Async, so the
+    /// test's own client connections keep being driven meanwhile.
+    pub async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            let child = self.child.as_mut().expect("running");
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!("coffer did not exit within {within:?}: {}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn write_secret(&self, rel: &str, contents: impl AsRef<[u8]>) {
+        let path = self.secrets.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, contents).unwrap();
+    }
+
+    pub async fn client(&self) -> ProviderClient {
+        client::connect(&self.socket)
+            .await
+            .expect("connect to coffer")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// An SPC for the file backend with the given `objects` YAML.
+pub fn spc(objects: &str) -> SecretProviderClass {
+    SecretProviderClass {
+        name: "test-spc".into(),
+        namespace: Some("shop".into()),
+        provider: "coffer".into(),
+        parameters: BTreeMap::from([
+            ("backend".to_string(), "file".to_string()),
+            ("objects".to_string(), objects.to_string()),
+        ]),
+    }
+}
+
+pub fn driver(target: &Path) -> DriverRequest {
+    DriverRequest {
+        pod: Pod {
+            namespace: "shop".into(),
+            name: "web-0".into(),
+            uid: "0f6b7a0e-1111-4222-8333-444455556666".into(),
+            service_account: "web".into(),
+        },
+        tokens: BTreeMap::new(),
+        node_publish_secrets: None,
+        volume_attributes: BTreeMap::new(),
+        permission: 0o644,
+        target_path: target.display().to_string(),
+    }
+}
+
+pub fn request(objects: &str) -> proto::MountRequest {
+    driver(Path::new(
+        "/var/lib/kubelet/pods/x/volumes/kubernetes.io~csi/v/mount",
+    ))
+    .to_proto(&spc(objects))
+}
+
+pub fn with_tokens(mut d: DriverRequest, tokens: &[(&str, &str)]) -> DriverRequest {
+    d.tokens = tokens
+        .iter()
+        .map(|(a, t)| (a.to_string(), Credential::new(t.to_string())))
+        .collect();
+    d
+}
+
+/// Calls Mount and returns the status code and message on failure.
+pub async fn mount_err(
+    client: &mut ProviderClient,
+    req: proto::MountRequest,
+) -> (tonic::Code, String) {
+    match client.mount(req).await {
+        Ok(r) => panic!(
+            "mount unexpectedly succeeded with {} files",
+            r.into_inner().files.len()
+        ),
+        Err(s) => (s.code(), s.message().to_string()),
+    }
+}

@@ -1,0 +1,303 @@
+//! End-to-end: the daemon's life cycle — socket handling, health endpoints,
+//! SIGTERM draining and the Mount deadline.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use coffer::backend::{Backend, FetchLimits, Fetched, Registry};
+use coffer::config::{HealthAddr, LogArgs, LogFormat, ServeArgs};
+use coffer::error::ObjectError;
+use coffer::request::MountContext;
+use coffer::secret::SecretBytes;
+use coffer::spc::ObjectSpec;
+use common::*;
+use nix::sys::signal::Signal;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn sigterm_when_idle_exits_zero_and_removes_the_socket() {
+    let mut d = Daemon::start();
+    d.signal(Signal::SIGTERM);
+    let status = d.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "{status}: {}", d.logs());
+    assert!(!d.socket.exists(), "socket removed on clean exit");
+    assert!(d.logs().contains("SIGTERM received"));
+}
+
+#[tokio::test]
+async fn stale_socket_is_replaced() {
+    let mut d = Daemon::start();
+    // A crash leaves the socket file behind.
+    d.signal(Signal::SIGKILL);
+    d.wait_exit(Duration::from_secs(10)).await;
+    assert!(d.socket.exists(), "SIGKILL leaves a stale socket");
+    d.spawn(&[]);
+    d.wait_ready();
+    d.write_secret("a", "v");
+    let resp = d
+        .client()
+        .await
+        .mount(request("- objectName: a"))
+        .await
+        .unwrap();
+    assert_eq!(resp.into_inner().files[0].contents, b"v");
+    assert!(d.logs().contains("removing stale socket"));
+}
+
+#[tokio::test]
+async fn non_socket_at_the_socket_path_is_never_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("coffer.sock");
+    std::fs::write(&file, "not a socket").unwrap();
+    let sub = dir.path().join("dir.sock");
+    std::fs::create_dir(&sub).unwrap();
+    for (path, kind) in [(&file, "a regular file"), (&sub, "a directory")] {
+        let out = std::process::Command::new(BIN)
+            .args(["serve", "--health-addr", "off", "--socket"])
+            .arg(path)
+            .arg("--version-key-file")
+            .arg(dir.path().join("k"))
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("it is {kind}, not a socket")),
+            "{stderr}"
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "not a socket");
+    assert!(sub.is_dir());
+}
+
+#[tokio::test]
+async fn a_live_socket_is_not_stolen() {
+    let d = Daemon::start();
+    let out = std::process::Command::new(BIN)
+        .args(d.args(&[]))
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already serving"));
+    d.client().await; // the first daemon still answers
+}
+
+async fn http_get(addr: &str, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test]
+async fn health_and_readiness_endpoints() {
+    let d = Daemon::start_with(Options {
+        health: true,
+        ..Default::default()
+    });
+    let addr = d.health.clone().unwrap();
+    let health = http_get(&addr, "/healthz").await;
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    let ready = http_get(&addr, "/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    // Take the socket away: the process lives, but it is no longer ready.
+    std::fs::remove_file(&d.socket).unwrap();
+    let ready = http_get(&addr, "/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+    assert!(http_get(&addr, "/healthz")
+        .await
+        .starts_with("HTTP/1.1 200"));
+}
+
+/// A backend whose objects take `delayMs` to fetch: stands in for a slow
+/// remote store in the in-process tests below.
+struct SlowBackend;
+
+#[async_trait]
+impl Backend for SlowBackend {
+    fn name(&self) -> &'static str {
+        "slow"
+    }
+    fn validate(&self, object: &ObjectSpec, _: &MountContext) -> Result<(), ObjectError> {
+        object.reject_unknown_fields(&["delayMs"])
+    }
+    async fn fetch(
+        &self,
+        object: &ObjectSpec,
+        _: &MountContext,
+        _: FetchLimits,
+    ) -> Result<Fetched, ObjectError> {
+        let ms: u64 = object
+            .str_field("delayMs")?
+            .unwrap_or("0")
+            .parse()
+            .unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Ok(Fetched {
+            contents: SecretBytes::new(format!("slept {ms}").into_bytes()),
+            version: Some(format!("v{ms}")),
+        })
+    }
+}
+
+fn serve_args(dir: &std::path::Path, timeout: Duration, grace: Duration) -> ServeArgs {
+    ServeArgs {
+        socket: dir.join("coffer.sock"),
+        socket_mode: 0o600,
+        health_addr: HealthAddr::Off,
+        mount_timeout: timeout,
+        shutdown_grace: grace,
+        max_response_bytes: 4 << 20,
+        fetch_concurrency: 16,
+        default_backend: "slow".into(),
+        version_key_file: dir.join("version.key"),
+        file_backend_root: None,
+        file_backend_scope: Default::default(),
+        log: LogArgs {
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+        },
+    }
+}
+
+struct InProcess {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), coffer::server::ServeError>>,
+    socket: std::path::PathBuf,
+}
+
+async fn start_in_process(args: ServeArgs) -> InProcess {
+    let mut registry = Registry::new();
+    registry.register(Arc::new(SlowBackend));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let socket = args.socket.clone();
+    let task = tokio::spawn(async move {
+        coffer::server::serve_with_backends(&args, registry, async {
+            let _ = rx.await;
+        })
+        .await
+    });
+    for _ in 0..200 {
+        if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    InProcess {
+        stop: Some(tx),
+        task,
+        socket,
+    }
+}
+
+fn slow_request(objects: &str) -> coffer::proto::MountRequest {
+    let mut spc = spc(objects);
+    spc.parameters.insert("backend".into(), "slow".into());
+    driver(std::path::Path::new("/t")).to_proto(&spc)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_an_in_flight_mount() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start_in_process(serve_args(
+        dir.path(),
+        Duration::from_secs(30),
+        Duration::from_secs(10),
+    ))
+    .await;
+    let mut client = coffer::client::connect(&server.socket).await.unwrap();
+    let in_flight = tokio::spawn(async move {
+        client
+            .mount(slow_request("- objectName: a\n  delayMs: '800'"))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let asked = Instant::now();
+    server.stop.take().unwrap().send(()).unwrap();
+    // New connections are refused right away while the old Mount finishes.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        coffer::client::connect(&server.socket).await.is_err(),
+        "no new connections while draining"
+    );
+    let resp = in_flight
+        .await
+        .unwrap()
+        .expect("in-flight mount completes")
+        .into_inner();
+    assert_eq!(resp.files[0].contents, b"slept 800");
+    server.task.await.unwrap().unwrap();
+    assert!(asked.elapsed() < Duration::from_secs(5));
+    assert!(!server.socket.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_grace_bounds_the_drain() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start_in_process(serve_args(
+        dir.path(),
+        Duration::from_secs(60),
+        Duration::from_millis(300),
+    ))
+    .await;
+    let mut client = coffer::client::connect(&server.socket).await.unwrap();
+    let stuck = tokio::spawn(async move {
+        client
+            .mount(slow_request("- objectName: a\n  delayMs: '30000'"))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let asked = Instant::now();
+    server.stop.take().unwrap().send(()).unwrap();
+    server.task.await.unwrap().unwrap();
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        asked.elapsed()
+    );
+    stuck.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deadline_names_the_objects_still_outstanding() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start_in_process(serve_args(
+        dir.path(),
+        Duration::from_millis(400),
+        Duration::from_secs(1),
+    ))
+    .await;
+    let mut client = coffer::client::connect(&server.socket).await.unwrap();
+    let started = Instant::now();
+    let (code, msg) = mount_err(
+        &mut client,
+        slow_request(
+            "- objectName: fast\n  delayMs: '1'\n- objectName: hung/one\n  delayMs: '60000'\n\
+             - objectName: hung/two\n  delayMs: '60000'\n",
+        ),
+    )
+    .await;
+    assert_eq!(code, tonic::Code::DeadlineExceeded, "{msg}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        msg,
+        "mount timed out after 400ms; objects still outstanding: hung/one, hung/two"
+    );
+    // The daemon is fine afterwards.
+    let ok = client
+        .mount(slow_request("- objectName: quick"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.object_version[0].version, "v0");
+    server.stop.take().unwrap().send(()).unwrap();
+    server.task.await.unwrap().unwrap();
+}
