@@ -25,12 +25,16 @@ pub struct MountArgs {
     /// Directory to write the volume into (created if missing).
     #[arg(long)]
     pub target: PathBuf,
+    /// Namespace of the pod the volume belongs to.
     #[arg(long, default_value = "default")]
     pub namespace: String,
+    /// Name of the pod.
     #[arg(long, default_value = "coffer-cli")]
     pub pod_name: String,
+    /// UID of the pod.
     #[arg(long, default_value = "00000000-0000-0000-0000-000000000000")]
     pub pod_uid: String,
+    /// Service account the pod runs as.
     #[arg(long, default_value = "default")]
     pub service_account: String,
     /// A service-account token for an audience, read from FILE (repeatable).

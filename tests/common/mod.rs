@@ -2,6 +2,8 @@
 //! on a socket in a temp dir, dials it over that socket, and cleans up by PID.
 #![allow(dead_code)]
 
+pub mod python;
+
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::TcpListener;
@@ -26,18 +28,10 @@ pub struct Daemon {
     pub child: Option<Child>,
 }
 
+#[derive(Default)]
 pub struct Options {
     pub extra_args: Vec<String>,
     pub health: bool,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Self {
-            extra_args: Vec::new(),
-            health: false,
-        }
-    }
 }
 
 /// A free loopback port (bound then released).
