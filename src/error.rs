@@ -104,7 +104,7 @@ pub enum MountError {
         timeout: Duration,
         outstanding: Vec<String>,
     },
-    #[error("mount response would be {size} bytes; the limit is {limit} (--max-response-bytes)")]
+    #[error("mount response would be {size} bytes; the limit is {limit} (--max-response-bytes, and the driver's gRPC receive limit)")]
     ResponseTooLarge { size: u64, limit: u64 },
 }
 

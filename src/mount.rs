@@ -90,6 +90,7 @@ impl Mounter {
     pub async fn mount(&self, ctx: &MountContext) -> Result<proto::MountResponse, MountError> {
         let objects = self.validate(ctx)?;
         let ready = self.fetch_all(ctx, &objects).await?;
+        // Quick refusal before copying anything into a response.
         let total: u64 = ready.iter().map(|r| r.contents.len() as u64).sum();
         if total > self.config.max_response_bytes {
             return Err(MountError::ResponseTooLarge {
@@ -107,6 +108,18 @@ impl Mounter {
                 path: r.path,
                 mode: r.mode as i32,
                 contents: std::mem::take(&mut *r.contents),
+            });
+        }
+        // The driver's receive limit applies to the encoded message, paths
+        // and versions included.
+        let encoded = prost::Message::encoded_len(&response) as u64;
+        if encoded > self.config.max_response_bytes {
+            for f in &mut response.files {
+                zeroize::Zeroize::zeroize(&mut f.contents);
+            }
+            return Err(MountError::ResponseTooLarge {
+                size: encoded,
+                limit: self.config.max_response_bytes,
             });
         }
         Ok(response)

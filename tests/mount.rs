@@ -420,3 +420,24 @@ async fn two_hundred_concurrent_mounts_are_all_correct() {
     }
     assert_eq!(done, 200);
 }
+
+#[tokio::test]
+async fn the_cap_counts_the_encoded_response_not_just_contents() {
+    let d = Daemon::start_with(Options {
+        extra_args: vec!["--max-response-bytes".into(), "1000".into()],
+        ..Default::default()
+    });
+    // 990 content bytes fit the content cap but not with paths and versions.
+    d.write_secret("a", vec![b'x'; 990]);
+    let mut c = d.client().await;
+    let (code, msg) = mount_err(&mut c, request("- objectName: a")).await;
+    assert_eq!(code, tonic::Code::ResourceExhausted);
+    assert!(msg.contains("mount response would be"), "{msg}");
+    d.write_secret("a", vec![b'x'; 900]);
+    let resp = c
+        .mount(request("- objectName: a"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(prost::Message::encoded_len(&resp) <= 1000);
+}
