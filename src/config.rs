@@ -101,7 +101,77 @@ pub struct ServeArgs {
     )]
     pub file_backend_scope: Scope,
     #[command(flatten)]
+    pub vault: VaultArgs,
+    #[command(flatten)]
     pub log: LogArgs,
+}
+
+fn parse_fraction(raw: &str) -> Result<f64, String> {
+    match raw.parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
+        _ => Err(format!("{raw:?} is not a fraction in (0, 1], such as 0.67")),
+    }
+}
+
+/// Node-wide defaults of the `vault` backend; SPC parameters win over them.
+/// The environment names are Vault's own, so an existing set-up carries over.
+#[derive(Debug, Clone, Args)]
+pub struct VaultArgs {
+    /// Vault address used when the SPC sets no `vaultAddress`.
+    #[arg(long = "vault-addr", env = "VAULT_ADDR")]
+    pub address: Option<String>,
+    /// Vault namespace used when the SPC sets no `vaultNamespace`.
+    #[arg(long = "vault-namespace", env = "VAULT_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// CA bundle (PEM) trusted for Vault's TLS certificate.
+    #[arg(long = "vault-cacert", env = "VAULT_CACERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// Directory of CA certificates (PEM) trusted for Vault's TLS certificate.
+    #[arg(long = "vault-capath", env = "VAULT_CAPATH")]
+    pub ca_path: Option<PathBuf>,
+    /// Name to verify Vault's certificate against (and send as SNI).
+    #[arg(long = "vault-tls-server-name", env = "VAULT_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
+    /// Client certificate (PEM) presented to Vault.
+    #[arg(long = "vault-client-cert", env = "VAULT_CLIENT_CERT")]
+    pub client_cert: Option<PathBuf>,
+    /// Key (PEM) of the client certificate.
+    #[arg(long = "vault-client-key", env = "VAULT_CLIENT_KEY")]
+    pub client_key: Option<PathBuf>,
+    /// Skip verifying Vault's certificate (insecure; warned on every use).
+    #[arg(long = "vault-skip-verify", env = "VAULT_SKIP_VERIFY", num_args = 0..=1, default_missing_value = "true", default_value = "false", action = clap::ArgAction::Set)]
+    pub skip_verify: bool,
+    /// Auth mount used when the SPC names none.
+    #[arg(long = "vault-auth-mount", env = "COFFER_VAULT_AUTH_MOUNT", default_value = "kubernetes")]
+    pub auth_mount: String,
+    /// Service-account token audience used when the SPC sets no `audience`.
+    #[arg(long = "vault-audience", env = "COFFER_VAULT_AUDIENCE", default_value = "vault")]
+    pub audience: String,
+    /// Re-issue a leased secret once this fraction of its lifetime is spent.
+    #[arg(long = "vault-lease-renew-fraction", env = "COFFER_VAULT_LEASE_RENEW_FRACTION", default_value = "0.67", value_parser = parse_fraction)]
+    pub lease_fraction: f64,
+    /// Timeout of one HTTP request to Vault.
+    #[arg(long = "vault-request-timeout", env = "COFFER_VAULT_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+}
+
+impl Default for VaultArgs {
+    fn default() -> Self {
+        Self {
+            address: None,
+            namespace: None,
+            ca_cert: None,
+            ca_path: None,
+            tls_server_name: None,
+            client_cert: None,
+            client_key: None,
+            skip_verify: false,
+            auth_mount: "kubernetes".into(),
+            audience: "vault".into(),
+            lease_fraction: 0.67,
+            request_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 #[cfg(test)]

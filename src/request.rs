@@ -2,7 +2,9 @@
 //! values. Every error names the field that was wrong and never echoes a value,
 //! because attributes carry service-account tokens.
 
-use std::collections::BTreeMap;
+use std::any::Any;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
@@ -53,6 +55,35 @@ pub struct MountContext {
     pub target_path: String,
     /// Mode for objects that do not set their own.
     pub default_mode: u32,
+    /// Scratch space that lives exactly as long as this Mount, so a backend
+    /// can make identical requests of one Mount only once.
+    pub memo: Memo,
+}
+
+/// Per-Mount shared values, keyed by a backend-chosen string.
+#[derive(Clone, Default)]
+pub struct Memo(Arc<Mutex<HashMap<String, Arc<dyn Any + Send + Sync>>>>);
+
+impl Memo {
+    /// The value stored under `key`, created with `Default` on first use.
+    /// A key reused with another type gets a fresh value.
+    pub fn get_or_default<T: Default + Send + Sync + 'static>(&self, key: &str) -> Arc<T> {
+        let Ok(mut map) = self.0.lock() else {
+            return Arc::new(T::default());
+        };
+        if let Some(existing) = map.get(key).and_then(|v| Arc::clone(v).downcast::<T>().ok()) {
+            return existing;
+        }
+        let fresh = Arc::new(T::default());
+        map.insert(key.to_string(), fresh.clone());
+        fresh
+    }
+}
+
+impl std::fmt::Debug for Memo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Memo")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -111,6 +142,7 @@ impl MountContext {
             node_publish_secrets,
             target_path: target_path.to_string(),
             default_mode: parse_permission(permission)?,
+            memo: Memo::default(),
         })
     }
 

@@ -161,6 +161,7 @@ fn serve_args(dir: &std::path::Path, timeout: Duration, grace: Duration) -> Serv
         version_key_file: dir.join("version.key"),
         file_backend_root: None,
         file_backend_scope: Default::default(),
+        vault: Default::default(),
         log: LogArgs {
             log_format: LogFormat::Text,
             log_level: "info".into(),

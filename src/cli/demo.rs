@@ -162,6 +162,7 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
         version_key_file: dir.join("version.key"),
         file_backend_root: Some(dir.join("secrets")),
         file_backend_scope: Scope::None,
+        vault: Default::default(),
         log: LogArgs {
             log_format: crate::config::LogFormat::Text,
             log_level: "info".into(),

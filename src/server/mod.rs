@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio_stream::wrappers::UnixListenerStream;
 
-use crate::backend::{file::FileBackend, Registry};
+use crate::backend::{file::FileBackend, vault::VaultBackend, Registry};
 use crate::config::{HealthAddr, ServeArgs};
 use crate::mount::{MountConfig, Mounter};
 use crate::proto::csi_driver_provider_server::CsiDriverProviderServer;
@@ -41,6 +41,8 @@ pub fn backends(args: &ServeArgs) -> Registry {
             args.file_backend_scope,
         )));
     }
+    // Always on: it does nothing until an SPC (or --vault-addr) names a Vault.
+    registry.register(Arc::new(VaultBackend::new(args.vault.clone())));
     registry
 }
 
@@ -57,9 +59,6 @@ pub fn mount_config(args: &ServeArgs) -> MountConfig {
 /// grace period for in-flight Mounts, and removes the socket.
 pub async fn serve(args: &ServeArgs, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
     let registry = backends(args);
-    if args.file_backend_root.is_none() {
-        tracing::warn!("no backend is enabled; every Mount will fail (set --file-backend-root)");
-    }
     serve_with_backends(args, registry, shutdown).await
 }
 

@@ -1,0 +1,235 @@
+//! Logging in to Vault as the pod, and reusing the resulting Vault token
+//! across Mounts until shortly before it expires. Logins go through vaultrs;
+//! its client runs over coffer's own HTTP client so TLS settings apply.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use vaultrs::api::EndpointMiddleware;
+use vaultrs::client::{Client, VaultClientSettings, VaultClientSettingsBuilder};
+use vaultrs::error::ClientError;
+
+use super::http::Endpoint;
+use super::params::{Auth, VaultParams};
+use crate::error::ObjectError;
+use crate::request::MountContext;
+use crate::secret::Credential;
+
+/// vaultrs over an existing reqwest client, with no token of its own.
+struct LoginClient {
+    http: rustify::clients::reqwest::Client,
+    middle: EndpointMiddleware,
+    settings: VaultClientSettings,
+}
+
+#[async_trait::async_trait]
+impl Client for LoginClient {
+    fn http(&self) -> &rustify::clients::reqwest::Client {
+        &self.http
+    }
+    fn middle(&self) -> &EndpointMiddleware {
+        &self.middle
+    }
+    fn settings(&self) -> &VaultClientSettings {
+        &self.settings
+    }
+    fn set_token(&mut self, _token: &str) {}
+}
+
+impl LoginClient {
+    fn new(endpoint: &Endpoint, namespace: Option<&str>) -> Result<Self, ObjectError> {
+        let settings = VaultClientSettingsBuilder::default()
+            .address(endpoint.base.as_str())
+            .token(String::new())
+            .verify(true)
+            .ca_certs(Vec::new())
+            .identity(None)
+            .namespace(namespace.map(str::to_string))
+            .build()
+            .map_err(|e| ObjectError::Internal(format!("vault client settings: {e}")))?;
+        Ok(Self {
+            http: rustify::clients::reqwest::Client::new(&endpoint.base, endpoint.client.clone()),
+            middle: EndpointMiddleware {
+                token: String::new(),
+                version: "v1".into(),
+                wrap: None,
+                namespace: namespace.map(str::to_string),
+            },
+            settings,
+        })
+    }
+}
+
+/// A Vault token and when to stop using it.
+#[derive(Clone)]
+struct Cached {
+    token: Credential,
+    use_until: Instant,
+}
+
+/// Tokens by auth identity; one login at a time per identity.
+#[derive(Default)]
+pub struct Tokens {
+    slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Cached>>>>>,
+}
+
+fn digest(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p.as_bytes());
+    }
+    hex::encode(&h.finalize()[..16])
+}
+
+/// The cache key: whom Vault would see. A login is as the pod (its UID and
+/// service account), since JWT roles may bind claims of the pod itself.
+fn identity(params: &VaultParams, ctx: &MountContext) -> Option<String> {
+    let ns = params.namespace.as_deref().unwrap_or("");
+    match &params.auth {
+        Auth::Token(_) => None,
+        Auth::Login { mount, role, audience } => {
+            let jwt = ctx.token_for(audience).map(|t| t.token.expose()).unwrap_or("");
+            let who = if ctx.pod.uid.is_empty() {
+                digest(&[jwt])
+            } else {
+                format!("{}/{}/{}", ctx.pod.uid, ctx.pod.namespace, ctx.pod.service_account)
+            };
+            Some(digest(&[&params.address, ns, "login", mount, role, audience, &who]))
+        }
+        Auth::AppRole { mount, role_id, secret_id } => Some(digest(&[
+            &params.address,
+            ns,
+            "approle",
+            mount,
+            role_id,
+            secret_id.expose(),
+        ])),
+    }
+}
+
+/// How long a token of `ttl` is used: until 90% of it, and at least 10 s
+/// before the end. A TTL of 0 (no expiry) is re-checked hourly.
+fn usable_for(ttl: Duration) -> Duration {
+    if ttl.is_zero() {
+        return Duration::from_secs(3600);
+    }
+    let margin = (ttl / 10).max(Duration::from_secs(10));
+    ttl.saturating_sub(margin)
+}
+
+impl Tokens {
+    fn slot(&self, key: &str) -> Arc<tokio::sync::Mutex<Option<Cached>>> {
+        let mut slots = match self.slots.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        slots.entry(key.to_string()).or_default().clone()
+    }
+
+    /// A usable token: the cached one, or a fresh login. `stale` is a token
+    /// Vault just refused; it is dropped and replaced by a new login.
+    pub async fn token(
+        &self,
+        endpoint: &Endpoint,
+        params: &VaultParams,
+        ctx: &MountContext,
+        stale: Option<&Credential>,
+    ) -> Result<Credential, ObjectError> {
+        if let Auth::Token(t) = &params.auth {
+            return Ok(t.clone());
+        }
+        let Some(key) = identity(params, ctx) else {
+            return Err(ObjectError::Internal("no auth identity".into()));
+        };
+        let slot = self.slot(&key);
+        let mut cached = slot.lock().await;
+        if let Some(c) = cached.as_ref() {
+            let refused = stale.is_some_and(|s| s.expose() == c.token.expose());
+            if !refused && Instant::now() < c.use_until {
+                return Ok(c.token.clone());
+            }
+        }
+        *cached = None;
+        let started = Instant::now();
+        let fresh = login(endpoint, params, ctx).await?;
+        tracing::debug!(
+            vault = %endpoint.address,
+            method = match params.auth { Auth::AppRole { .. } => "approle", _ => "login" },
+            ms = started.elapsed().as_millis() as u64,
+            "logged in to Vault"
+        );
+        *cached = Some(fresh.clone());
+        Ok(fresh.token)
+    }
+}
+
+async fn login(endpoint: &Endpoint, params: &VaultParams, ctx: &MountContext) -> Result<Cached, ObjectError> {
+    let client = LoginClient::new(endpoint, params.namespace.as_deref())?;
+    let started = Instant::now();
+    let (info, what) = match &params.auth {
+        Auth::Login { mount, role, audience } => {
+            let jwt = ctx.token_for(audience).ok_or_else(|| {
+                ObjectError::FailedPrecondition(format!(
+                    "no service-account token for audience {audience:?}"
+                ))
+            })?;
+            (
+                vaultrs::auth::kubernetes::login(&client, mount, role, jwt.token.expose()).await,
+                format!("login as role {role:?} at auth/{mount}"),
+            )
+        }
+        Auth::AppRole { mount, role_id, secret_id } => (
+            vaultrs::auth::approle::login(&client, mount, role_id, secret_id.expose()).await,
+            format!("AppRole login at auth/{mount}"),
+        ),
+        Auth::Token(_) => return Err(ObjectError::Internal("static tokens need no login".into())),
+    };
+    let info = info.map_err(|e| login_error(e, &endpoint.address, &what))?;
+    let ttl = Duration::from_secs(info.lease_duration);
+    Ok(Cached {
+        token: Credential::new(info.client_token),
+        use_until: started + usable_for(ttl),
+    })
+}
+
+/// Login failures: a refusal (400/401/403) is a permission problem of the
+/// pod's identity; anything else says Vault could not be asked.
+fn login_error(e: ClientError, address: &str, what: &str) -> ObjectError {
+    match e {
+        ClientError::APIError { code, errors } => {
+            let said = errors.join("; ");
+            match code {
+                400 | 401 | 403 => ObjectError::PermissionDenied(format!("Vault refused the {what} ({code}): {said}")),
+                429 => ObjectError::ResourceExhausted(format!("Vault rate-limited the {what}: {said}")),
+                404 => ObjectError::FailedPrecondition(format!("Vault has no auth method for the {what} (404): {said}")),
+                _ => ObjectError::Unavailable(format!("Vault failed the {what} ({code}): {said}")),
+            }
+        }
+        ClientError::RestClientError { source } => {
+            let mut cause = source.to_string();
+            let mut s = std::error::Error::source(&source);
+            while let Some(inner) = s {
+                cause = inner.to_string();
+                s = inner.source();
+            }
+            ObjectError::Unavailable(format!("cannot reach Vault at {address} for the {what}: {cause}"))
+        }
+        other => ObjectError::Unavailable(format!("the {what} at {address} failed: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_used_until_shortly_before_expiry() {
+        assert_eq!(usable_for(Duration::from_secs(3600)), Duration::from_secs(3240));
+        assert_eq!(usable_for(Duration::from_secs(60)), Duration::from_secs(50));
+        assert_eq!(usable_for(Duration::from_secs(5)), Duration::ZERO);
+        assert_eq!(usable_for(Duration::ZERO), Duration::from_secs(3600));
+    }
+}

@@ -1,0 +1,305 @@
+//! The `vault` backend (HashiCorp Vault and OpenBao), parameter-compatible
+//! with vault-csi-provider. Differences that matter to users:
+//! - it logs in once per pod identity and reuses the Vault token;
+//! - identical requests of one Mount are made once;
+//! - leased answers are kept per pod volume and renewed across rotation
+//!   polls instead of re-issuing credentials on every poll;
+//! - AppRole and static-token auth from nodePublishSecretRef.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde_json::Value as Json;
+use tokio::sync::OnceCell;
+
+use super::{Backend, FetchLimits, Fetched};
+use crate::config::VaultArgs;
+use crate::error::ObjectError;
+use crate::request::MountContext;
+use crate::secret::SecretBytes;
+use crate::spc::ObjectSpec;
+
+pub mod auth;
+pub mod http;
+pub mod lease;
+pub mod params;
+
+use lease::{Lease, Leases, Plan};
+use params::{VaultObject, VaultParams};
+
+/// A Vault answer shared by the objects of one Mount that asked for it.
+type Shared = OnceCell<Result<Arc<SecretBytes>, ObjectError>>;
+
+pub struct VaultBackend {
+    defaults: VaultArgs,
+    clients: http::Clients,
+    tokens: auth::Tokens,
+    leases: Leases,
+}
+
+impl VaultBackend {
+    pub fn new(defaults: VaultArgs) -> Self {
+        Self {
+            clients: http::Clients::new(defaults.request_timeout),
+            defaults,
+            tokens: auth::Tokens::default(),
+            leases: Leases::default(),
+        }
+    }
+
+    /// Leases currently kept (for tests and metrics).
+    pub fn lease_count(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// One authenticated request; on 403 the token is replaced by one new
+    /// login and the request tried once more.
+    async fn call(
+        &self,
+        endpoint: &http::Endpoint,
+        params: &VaultParams,
+        ctx: &MountContext,
+        req: &http::Request<'_>,
+        what: &str,
+    ) -> Result<Vec<u8>, ObjectError> {
+        let token = self.tokens.token(endpoint, params, ctx, None).await?;
+        match http::send(endpoint, req, &token).await {
+            Err(http::Failure::Status { code: 403, .. }) if !matches!(params.auth, params::Auth::Token(_)) => {
+                tracing::debug!(vault = %endpoint.address, "Vault refused the cached token; logging in again");
+                let fresh = self.tokens.token(endpoint, params, ctx, Some(&token)).await?;
+                http::send(endpoint, req, &fresh)
+                    .await
+                    .map_err(|f| f.into_object_error(&endpoint.address, what))
+            }
+            other => other.map_err(|f| f.into_object_error(&endpoint.address, what)),
+        }
+    }
+
+    /// The raw answer to `object`'s request, through the lease cache.
+    async fn answer(
+        &self,
+        params: &VaultParams,
+        object: &VaultObject,
+        ctx: &MountContext,
+    ) -> Result<Arc<SecretBytes>, ObjectError> {
+        if params.tls.skip_verify {
+            tracing::warn!(vault = %params.address, "TLS verification of Vault is disabled (vaultSkipTLSVerify)");
+        }
+        let endpoint = self.clients.get(&params.address, &params.tls).await?;
+        let what = format!("{} {}", object.method, object.path);
+        let lease_key = (!ctx.pod.uid.is_empty()).then(|| {
+            format!(
+                "{}\n{}\n{}\n{}\n{}",
+                ctx.pod.uid,
+                ctx.target_path,
+                params.address,
+                params.namespace.as_deref().unwrap_or(""),
+                object.request_id()
+            )
+        });
+        let fraction = self.defaults.lease_fraction;
+        if let Some(mut lease) = lease_key.as_deref().and_then(|k| self.leases.get(k)) {
+            match lease.plan(Instant::now(), fraction) {
+                Plan::Reuse => return Ok(lease.body),
+                Plan::Renew => {
+                    let body = serde_json::json!({
+                        "lease_id": lease.lease_id.expose(),
+                        "increment": lease.increment.as_secs(),
+                    });
+                    let renewed = self
+                        .call(
+                            &endpoint,
+                            params,
+                            ctx,
+                            &http::Request {
+                                method: reqwest::Method::PUT,
+                                path: "/v1/sys/leases/renew",
+                                query: &[],
+                                body: Some(&body),
+                                namespace: params.namespace.as_deref(),
+                            },
+                            "lease renewal",
+                        )
+                        .await
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<Json>(&b).ok())
+                        .and_then(|v| v.get("lease_duration").and_then(Json::as_u64));
+                    if let Some(granted) = renewed {
+                        lease.renewed(Duration::from_secs(granted), Instant::now());
+                        if lease.plan(Instant::now(), fraction) != Plan::Reissue {
+                            let body = Arc::clone(&lease.body);
+                            if let Some(k) = lease_key.clone() {
+                                self.leases.put(k, lease);
+                            }
+                            tracing::debug!(path = %object.path, granted, "renewed Vault lease");
+                            return Ok(body);
+                        }
+                    } else {
+                        tracing::info!(path = %object.path, "Vault lease renewal failed; issuing a new secret");
+                    }
+                }
+                Plan::Reissue => {
+                    tracing::debug!(path = %object.path, "Vault lease near its end; issuing a new secret");
+                }
+            }
+            if let Some(k) = lease_key.as_deref() {
+                self.leases.remove(k);
+            }
+        }
+
+        let issued_at = Instant::now();
+        let raw = self
+            .call(
+                &endpoint,
+                params,
+                ctx,
+                &http::Request {
+                    method: object.method.clone(),
+                    path: &object.path,
+                    query: &object.query,
+                    body: object.body.as_ref(),
+                    namespace: params.namespace.as_deref(),
+                },
+                &what,
+            )
+            .await?;
+        let body = SecretBytes::new(raw);
+        let parsed: Json = serde_json::from_slice(body.expose()).map_err(|_| {
+            ObjectError::Invalid(format!("Vault's answer to {what} is not JSON (is secretPath a Vault API path?)"))
+        })?;
+        let lease_id = parsed.get("lease_id").and_then(Json::as_str).unwrap_or("");
+        let ttl = parsed.get("lease_duration").and_then(Json::as_u64).unwrap_or(0);
+        let body = Arc::new(body);
+        if let (Some(key), false, true) = (lease_key, lease_id.is_empty(), ttl > 0) {
+            let renewable = parsed.get("renewable").and_then(Json::as_bool).unwrap_or(false);
+            let mut lease = Lease::new(SecretBytes::new(Vec::new()), lease_id.to_string(), renewable, Duration::from_secs(ttl), issued_at);
+            lease.body = Arc::clone(&body);
+            self.leases.put(key, lease);
+        }
+        Ok(body)
+    }
+}
+
+/// The bytes of one object from a Vault answer, and the KV v2 version.
+fn extract(answer: &SecretBytes, key: Option<&str>, what: &str) -> Result<(Vec<u8>, Option<String>), ObjectError> {
+    let mut parsed: Json = serde_json::from_slice(answer.expose())
+        .map_err(|_| ObjectError::Invalid(format!("Vault's answer to {what} is not JSON")))?;
+    let data = parsed.get("data");
+    let kv2 = data
+        .and_then(|d| d.get("metadata"))
+        .filter(|_| data.and_then(|d| d.get("data")).is_some_and(Json::is_object));
+    let version = kv2.and_then(|m| m.get("version")).and_then(Json::as_u64).map(|v| v.to_string());
+    let Some(key) = key else {
+        // The whole answer, as vault-csi-provider writes it, minus the
+        // per-request id that would make every poll look like a rotation.
+        if let Some(obj) = parsed.as_object_mut() {
+            obj.remove("request_id");
+        }
+        let bytes = serde_json::to_vec(&parsed).map_err(|e| ObjectError::Internal(e.to_string()))?;
+        zeroize_json(&mut parsed);
+        return Ok((bytes, version));
+    };
+    let source = match data {
+        Some(d) if kv2.is_some() => d.get("data"),
+        Some(d) => Some(d),
+        None => None,
+    };
+    let Some(Json::Object(fields)) = source else {
+        zeroize_json(&mut parsed);
+        return Err(ObjectError::NotFound(format!("Vault's answer to {what} has no data")));
+    };
+    let result = match fields.get(key) {
+        Some(Json::String(s)) => Ok((s.as_bytes().to_vec(), version)),
+        Some(other) => serde_json::to_vec(other)
+            .map(|b| (b, version))
+            .map_err(|e| ObjectError::Internal(e.to_string())),
+        None => {
+            let mut keys: Vec<&str> = fields.keys().map(String::as_str).collect();
+            keys.sort_unstable();
+            Err(ObjectError::NotFound(format!(
+                "secretKey {key:?} is not in the secret at {what} (it has: {})",
+                keys.join(", ")
+            )))
+        }
+    };
+    zeroize_json(&mut parsed);
+    result
+}
+
+/// Scrubs the strings of a parsed answer before it is dropped.
+fn zeroize_json(v: &mut Json) {
+    match v {
+        Json::String(s) => zeroize::Zeroize::zeroize(s),
+        Json::Array(a) => a.iter_mut().for_each(zeroize_json),
+        Json::Object(o) => o.values_mut().for_each(zeroize_json),
+        _ => {}
+    }
+}
+
+#[async_trait]
+impl Backend for VaultBackend {
+    fn name(&self) -> &'static str {
+        "vault"
+    }
+
+    fn validate(&self, object: &ObjectSpec, ctx: &MountContext) -> Result<(), ObjectError> {
+        VaultParams::from_context(ctx, &self.defaults)?;
+        VaultObject::from_spec(object).map(|_| ())
+    }
+
+    async fn fetch(&self, object: &ObjectSpec, ctx: &MountContext, limits: FetchLimits) -> Result<Fetched, ObjectError> {
+        let params = VaultParams::from_context(ctx, &self.defaults)?;
+        let request = VaultObject::from_spec(object)?;
+        let what = format!("{} {}", request.method, request.path);
+        // Objects of this Mount asking the same thing share one answer.
+        let shared: Arc<Shared> = ctx.memo.get_or_default(&format!("vault\n{}\n{}", params.address, request.request_id()));
+        let answer = shared
+            .get_or_init(|| self.answer(&params, &request, ctx))
+            .await
+            .clone()?;
+        if answer.len() as u64 > limits.max_bytes.saturating_mul(4) {
+            return Err(ObjectError::TooLarge {
+                size: answer.len() as u64,
+                limit: limits.max_bytes,
+            });
+        }
+        let (contents, version) = extract(&answer, request.key.as_deref(), &what)?;
+        Ok(Fetched {
+            contents: SecretBytes::new(contents),
+            version,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(json: Json) -> SecretBytes {
+        SecretBytes::new(serde_json::to_vec(&json).unwrap())
+    }
+
+    #[test]
+    fn extraction_follows_vault_csi_provider() {
+        let kv2 = answer(serde_json::json!({
+            "request_id": "r1",
+            "data": {"data": {"password": "pw", "cfg": {"a": 1}}, "metadata": {"version": 3}}
+        }));
+        assert_eq!(extract(&kv2, Some("password"), "x").unwrap(), (b"pw".to_vec(), Some("3".into())));
+        assert_eq!(extract(&kv2, Some("cfg"), "x").unwrap().0, br#"{"a":1}"#.to_vec());
+        let err = extract(&kv2, Some("nope"), "GET /v1/secret/data/app").unwrap_err();
+        assert!(matches!(err, ObjectError::NotFound(ref m) if m.contains("it has: cfg, password")), "{err}");
+        let (whole, v) = extract(&kv2, None, "x").unwrap();
+        assert_eq!(v.as_deref(), Some("3"));
+        let whole: Json = serde_json::from_slice(&whole).unwrap();
+        assert!(whole.get("request_id").is_none());
+        assert_eq!(whole["data"]["data"]["password"], "pw");
+
+        let kv1 = answer(serde_json::json!({"data": {"password": "pw1", "data": "plain"}}));
+        assert_eq!(extract(&kv1, Some("password"), "x").unwrap(), (b"pw1".to_vec(), None));
+        assert_eq!(extract(&kv1, Some("data"), "x").unwrap().0, b"plain".to_vec());
+        let empty = answer(serde_json::json!({"data": null}));
+        assert!(matches!(extract(&empty, Some("k"), "x"), Err(ObjectError::NotFound(_))));
+    }
+}

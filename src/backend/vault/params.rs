@@ -1,0 +1,337 @@
+//! The `vault` backend's parameters, compatible with HashiCorp's
+//! vault-csi-provider: SPC-level connection and auth settings, and the
+//! per-object request (`secretPath`, `secretKey`, `method`, `secretArgs`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde_json::Value as Json;
+
+use crate::config::VaultArgs;
+use crate::error::ObjectError;
+use crate::request::MountContext;
+use crate::secret::Credential;
+use crate::spc::ObjectSpec;
+
+/// Object fields this backend reads.
+pub const OBJECT_FIELDS: &[&str] = &["secretPath", "secretKey", "method", "secretArgs"];
+
+/// TLS settings; part of the HTTP client cache key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Tls {
+    pub ca_cert: Option<PathBuf>,
+    pub ca_dir: Option<PathBuf>,
+    pub server_name: Option<String>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub skip_verify: bool,
+}
+
+/// How coffer authenticates to Vault for this pod.
+#[derive(Debug, Clone)]
+pub enum Auth {
+    /// Kubernetes or JWT auth: `POST auth/<mount>/login {role, jwt}` with the
+    /// pod's service-account token for `audience`.
+    Login {
+        mount: String,
+        role: String,
+        audience: String,
+    },
+    /// AppRole with `role_id` / `secret_id` from nodePublishSecretRef.
+    AppRole {
+        mount: String,
+        role_id: String,
+        secret_id: Credential,
+    },
+    /// A Vault token from nodePublishSecretRef `token`.
+    Token(Credential),
+}
+
+/// SPC-level settings after applying the daemon's defaults.
+#[derive(Debug, Clone)]
+pub struct VaultParams {
+    pub address: String,
+    pub namespace: Option<String>,
+    pub tls: Tls,
+    pub auth: Auth,
+}
+
+fn param<'a>(ctx: &'a MountContext, key: &str) -> Option<&'a str> {
+    ctx.parameters
+        .get(key)
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+}
+
+fn parse_bool(key: &str, raw: &str) -> Result<bool, ObjectError> {
+    match raw.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(ObjectError::Invalid(format!("{key} {raw:?} is not true or false"))),
+    }
+}
+
+impl VaultParams {
+    pub fn from_context(ctx: &MountContext, defaults: &VaultArgs) -> Result<Self, ObjectError> {
+        let address = param(ctx, "vaultAddress")
+            .map(str::to_string)
+            .or_else(|| defaults.address.clone())
+            .ok_or_else(|| {
+                ObjectError::FailedPrecondition(
+                    "no Vault address: set the SPC parameter vaultAddress or start coffer with --vault-addr"
+                        .into(),
+                )
+            })?;
+        let parsed = url::Url::parse(&address)
+            .map_err(|_| ObjectError::Invalid(format!("vaultAddress {address:?} is not a URL")))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+            return Err(ObjectError::Invalid(format!(
+                "vaultAddress {address:?} must be an http:// or https:// URL"
+            )));
+        }
+        let path_or = |key: &str, default: &Option<PathBuf>| {
+            param(ctx, key).map(PathBuf::from).or_else(|| default.clone())
+        };
+        let skip_verify = match param(ctx, "vaultSkipTLSVerify") {
+            Some(raw) => parse_bool("vaultSkipTLSVerify", raw)?,
+            None => defaults.skip_verify,
+        };
+        let tls = Tls {
+            ca_cert: path_or("vaultCACertPath", &defaults.ca_cert),
+            ca_dir: path_or("vaultCADirectory", &defaults.ca_path),
+            server_name: param(ctx, "vaultTLSServerName")
+                .map(str::to_string)
+                .or_else(|| defaults.tls_server_name.clone()),
+            client_cert: path_or("vaultTLSClientCertPath", &defaults.client_cert),
+            client_key: path_or("vaultTLSClientKeyPath", &defaults.client_key),
+            skip_verify,
+        };
+        if tls.client_cert.is_some() != tls.client_key.is_some() {
+            return Err(ObjectError::Invalid(
+                "vaultTLSClientCertPath and vaultTLSClientKeyPath must be set together".into(),
+            ));
+        }
+        Ok(Self {
+            address: address.trim_end_matches('/').to_string(),
+            namespace: param(ctx, "vaultNamespace")
+                .map(str::to_string)
+                .or_else(|| defaults.namespace.clone())
+                .filter(|n| !n.is_empty()),
+            tls,
+            auth: Self::auth(ctx, defaults)?,
+        })
+    }
+
+    fn auth(ctx: &MountContext, defaults: &VaultArgs) -> Result<Auth, ObjectError> {
+        let k8s_mount = param(ctx, "vaultKubernetesMountPath");
+        let auth_mount = param(ctx, "vaultAuthMountPath");
+        if k8s_mount.is_some() && auth_mount.is_some() {
+            return Err(ObjectError::Invalid(
+                "set only one of vaultKubernetesMountPath and vaultAuthMountPath".into(),
+            ));
+        }
+        let mount = k8s_mount.or(auth_mount).map(|m| m.trim_matches('/').to_string());
+        let secrets = ctx.node_publish_secrets.as_ref();
+        let secret = |k: &str| secrets.and_then(|s| s.get(k)).filter(|v| !v.expose().is_empty());
+        if let Some(token) = secret("token") {
+            return Ok(Auth::Token(token.clone()));
+        }
+        if let Some(role_id) = secret("role_id") {
+            return Ok(Auth::AppRole {
+                mount: mount.unwrap_or_else(|| "approle".into()),
+                role_id: role_id.expose().to_string(),
+                secret_id: secret("secret_id")
+                    .cloned()
+                    .unwrap_or_else(|| Credential::new(String::new())),
+            });
+        }
+        let role = param(ctx, "roleName").ok_or_else(|| {
+            ObjectError::Invalid(
+                "roleName is required for Kubernetes/JWT auth (or give nodePublishSecretRef a token or role_id)"
+                    .into(),
+            )
+        })?;
+        let audience = param(ctx, "audience").unwrap_or(&defaults.audience).to_string();
+        if ctx.token_for(&audience).is_none() {
+            return Err(ObjectError::FailedPrecondition(format!(
+                "the driver passed no service-account token for audience {audience:?}: add \
+                 {{audience: {audience}}} to the CSIDriver's tokenRequests (Helm: tokenRequests)"
+            )));
+        }
+        Ok(Auth::Login {
+            mount: mount.unwrap_or_else(|| defaults.auth_mount.trim_matches('/').to_string()),
+            role: role.to_string(),
+            audience,
+        })
+    }
+}
+
+/// One object's request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VaultObject {
+    /// `/v1/...` path without the query.
+    pub path: String,
+    pub query: Vec<(String, String)>,
+    pub method: reqwest::Method,
+    pub body: Option<Json>,
+    pub key: Option<String>,
+}
+
+impl VaultObject {
+    pub fn from_spec(object: &ObjectSpec) -> Result<Self, ObjectError> {
+        object.reject_unknown_fields(OBJECT_FIELDS)?;
+        let raw = object
+            .str_field("secretPath")?
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| ObjectError::Invalid("secretPath is missing".into()))?;
+        let (path, query) = raw.split_once('?').unwrap_or((raw, ""));
+        let path = path.trim_start_matches('/');
+        let path = path.strip_prefix("v1/").unwrap_or(path);
+        if path.is_empty() || path.split('/').any(|e| e == ".." || e == ".") {
+            return Err(ObjectError::Invalid(format!(
+                "secretPath {raw:?} must be a Vault API path such as secret/data/app"
+            )));
+        }
+        let query: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        let method = match object.str_field("method")?.map(str::to_ascii_uppercase).as_deref() {
+            None | Some("") | Some("GET") => reqwest::Method::GET,
+            Some("PUT") => reqwest::Method::PUT,
+            Some("POST") => reqwest::Method::POST,
+            Some(other) => {
+                return Err(ObjectError::Invalid(format!(
+                    "method {other:?} is not GET, PUT or POST"
+                )))
+            }
+        };
+        let body = match object.fields.get("secretArgs") {
+            None | Some(serde_yaml_ng::Value::Null) => None,
+            Some(serde_yaml_ng::Value::String(s)) => Some(
+                serde_json::from_str::<Json>(s)
+                    .ok()
+                    .filter(Json::is_object)
+                    .ok_or_else(|| {
+                        ObjectError::Invalid("secretArgs must be a mapping or a JSON object".into())
+                    })?,
+            ),
+            Some(v @ serde_yaml_ng::Value::Mapping(_)) => Some(
+                serde_json::to_value(v)
+                    .map_err(|_| ObjectError::Invalid("secretArgs cannot be expressed as JSON".into()))?,
+            ),
+            Some(_) => {
+                return Err(ObjectError::Invalid(
+                    "secretArgs must be a mapping or a JSON object".into(),
+                ))
+            }
+        };
+        if body.is_some() && method == reqwest::Method::GET {
+            return Err(ObjectError::Invalid(
+                "secretArgs needs method PUT or POST (GET sends no body)".into(),
+            ));
+        }
+        Ok(Self {
+            path: format!("/v1/{path}"),
+            query,
+            method,
+            body,
+            key: object
+                .str_field("secretKey")?
+                .filter(|k| !k.is_empty())
+                .map(str::to_string),
+        })
+    }
+
+    /// Identifies the request (not the key extracted from its answer), so
+    /// objects reading different keys of one secret share one request.
+    pub fn request_id(&self) -> String {
+        let query: BTreeMap<&str, &str> = self.query.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        format!(
+            "{} {} {:?} {}",
+            self.method,
+            self.path,
+            query,
+            self.body.as_ref().map(Json::to_string).unwrap_or_default()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spc::parse_objects;
+
+    fn object(yaml: &str) -> Result<VaultObject, ObjectError> {
+        let params = BTreeMap::from([("objects".to_string(), yaml.to_string())]);
+        VaultObject::from_spec(&parse_objects(&params, "vault").unwrap()[0])
+    }
+
+    fn ctx(params: serde_json::Value, secrets: &str) -> MountContext {
+        MountContext::parse(&params.to_string(), secrets, "420", "/t").unwrap()
+    }
+
+    #[test]
+    fn secret_paths_are_normalised() {
+        let o = object("- objectName: a\n  secretPath: secret/data/app?version=3").unwrap();
+        assert_eq!(o.path, "/v1/secret/data/app");
+        assert_eq!(o.query, vec![("version".to_string(), "3".to_string())]);
+        assert_eq!(o.method, reqwest::Method::GET);
+        assert_eq!(object("- objectName: a\n  secretPath: /v1/kv/x").unwrap().path, "/v1/kv/x");
+        assert_eq!(object("- objectName: a\n  secretPath: v1/kv/x").unwrap().path, "/v1/kv/x");
+        assert!(object("- objectName: a\n  secretPath: kv/../sys/x").is_err());
+        assert!(object("- objectName: a").unwrap_err().to_string().contains("secretPath is missing"));
+    }
+
+    #[test]
+    fn methods_and_args() {
+        let o = object(
+            "- objectName: c\n  secretPath: pki/issue/web\n  method: put\n  secretArgs:\n    common_name: a.example\n    ttl: 1h",
+        )
+        .unwrap();
+        assert_eq!(o.method, reqwest::Method::PUT);
+        assert_eq!(o.body.unwrap()["common_name"], "a.example");
+        let o = object("- objectName: c\n  secretPath: x\n  method: POST\n  secretArgs: '{\"a\": 1}'").unwrap();
+        assert_eq!(o.body.unwrap()["a"], 1);
+        assert!(object("- objectName: c\n  secretPath: x\n  method: DELETE").is_err());
+        assert!(object("- objectName: c\n  secretPath: x\n  secretArgs: {a: 1}").is_err(), "GET with a body");
+        assert!(object("- objectName: c\n  secretPath: x\n  method: PUT\n  secretArgs: [1]").is_err());
+    }
+
+    #[test]
+    fn auth_selection_and_defaults() {
+        let defaults = VaultArgs {
+            address: Some("http://vault:8200".into()),
+            ..VaultArgs::default()
+        };
+        let tokens = serde_json::json!({"vault": {"token": "jwt"}}).to_string();
+        let c = ctx(
+            serde_json::json!({"roleName": "app", "csi.storage.k8s.io/serviceAccount.tokens": tokens}),
+            "null",
+        );
+        let p = VaultParams::from_context(&c, &defaults).unwrap();
+        assert_eq!(p.address, "http://vault:8200");
+        assert!(matches!(p.auth, Auth::Login { ref mount, ref role, ref audience } if mount == "kubernetes" && role == "app" && audience == "vault"));
+
+        let c = ctx(serde_json::json!({"roleName": "app", "audience": "other"}), "null");
+        let err = VaultParams::from_context(&c, &defaults).unwrap_err();
+        assert!(matches!(err, ObjectError::FailedPrecondition(ref m) if m.contains("\"other\"") && m.contains("tokenRequests")), "{err}");
+
+        let c = ctx(serde_json::json!({"vaultAuthMountPath": "ar"}), r#"{"role_id": "r", "secret_id": "s"}"#);
+        assert!(matches!(VaultParams::from_context(&c, &defaults).unwrap().auth, Auth::AppRole { ref mount, .. } if mount == "ar"));
+        let c = ctx(serde_json::json!({}), r#"{"token": "hvs.x"}"#);
+        assert!(matches!(VaultParams::from_context(&c, &defaults).unwrap().auth, Auth::Token(_)));
+
+        let c = ctx(serde_json::json!({"vaultKubernetesMountPath": "a", "vaultAuthMountPath": "b"}), "null");
+        assert!(VaultParams::from_context(&c, &defaults).unwrap_err().to_string().contains("only one"));
+        let c = ctx(serde_json::json!({}), r#"{"token": "t"}"#);
+        assert!(VaultParams::from_context(&c, &VaultArgs::default()).unwrap_err().to_string().contains("no Vault address"));
+        let c = ctx(serde_json::json!({"vaultAddress": "vault:8200"}), r#"{"token": "t"}"#);
+        assert!(VaultParams::from_context(&c, &defaults).is_err());
+        let c = ctx(serde_json::json!({"vaultSkipTLSVerify": "maybe"}), r#"{"token": "t"}"#);
+        assert!(VaultParams::from_context(&c, &defaults).is_err());
+        let c = ctx(serde_json::json!({"vaultAddress": "https://other:8200/", "vaultNamespace": "team"}), r#"{"token": "t"}"#);
+        let p = VaultParams::from_context(&c, &defaults).unwrap();
+        assert_eq!((p.address.as_str(), p.namespace.as_deref()), ("https://other:8200", Some("team")));
+    }
+}
