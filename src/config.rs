@@ -142,10 +142,18 @@ pub struct VaultArgs {
     #[arg(long = "vault-skip-verify", env = "VAULT_SKIP_VERIFY", num_args = 0..=1, default_missing_value = "true", default_value = "false", action = clap::ArgAction::Set)]
     pub skip_verify: bool,
     /// Auth mount used when the SPC names none.
-    #[arg(long = "vault-auth-mount", env = "COFFER_VAULT_AUTH_MOUNT", default_value = "kubernetes")]
+    #[arg(
+        long = "vault-auth-mount",
+        env = "COFFER_VAULT_AUTH_MOUNT",
+        default_value = "kubernetes"
+    )]
     pub auth_mount: String,
     /// Service-account token audience used when the SPC sets no `audience`.
-    #[arg(long = "vault-audience", env = "COFFER_VAULT_AUDIENCE", default_value = "vault")]
+    #[arg(
+        long = "vault-audience",
+        env = "COFFER_VAULT_AUDIENCE",
+        default_value = "vault"
+    )]
     pub audience: String,
     /// Re-issue a leased secret once this fraction of its lifetime is spent.
     #[arg(long = "vault-lease-renew-fraction", env = "COFFER_VAULT_LEASE_RENEW_FRACTION", default_value = "0.67", value_parser = parse_fraction)]

@@ -71,7 +71,10 @@ impl Memo {
         let Ok(mut map) = self.0.lock() else {
             return Arc::new(T::default());
         };
-        if let Some(existing) = map.get(key).and_then(|v| Arc::clone(v).downcast::<T>().ok()) {
+        if let Some(existing) = map
+            .get(key)
+            .and_then(|v| Arc::clone(v).downcast::<T>().ok())
+        {
             return existing;
         }
         let fresh = Arc::new(T::default());

@@ -2,6 +2,7 @@
 //! on a socket in a temp dir, dials it over that socket, and cleans up by PID.
 #![allow(dead_code)]
 
+pub mod bao;
 pub mod python;
 
 use std::collections::BTreeMap;

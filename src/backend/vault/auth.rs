@@ -69,6 +69,9 @@ struct Cached {
     use_until: Instant,
 }
 
+/// Entries kept before expired ones are swept.
+const SWEEP_AT: usize = 256;
+
 /// Tokens by auth identity; one login at a time per identity.
 #[derive(Default)]
 pub struct Tokens {
@@ -84,22 +87,38 @@ fn digest(parts: &[&str]) -> String {
     hex::encode(&h.finalize()[..16])
 }
 
-/// The cache key: whom Vault would see. A login is as the pod (its UID and
-/// service account), since JWT roles may bind claims of the pod itself.
+/// The cache key: exactly the credential Vault would see. For a login that
+/// is the pod's service-account JWT itself, so a token is reused only by the
+/// pod holding that JWT (JWT roles may bind claims of the pod), until the
+/// kubelet rotates it; then one new login.
 fn identity(params: &VaultParams, ctx: &MountContext) -> Option<String> {
     let ns = params.namespace.as_deref().unwrap_or("");
     match &params.auth {
         Auth::Token(_) => None,
-        Auth::Login { mount, role, audience } => {
-            let jwt = ctx.token_for(audience).map(|t| t.token.expose()).unwrap_or("");
-            let who = if ctx.pod.uid.is_empty() {
-                digest(&[jwt])
-            } else {
-                format!("{}/{}/{}", ctx.pod.uid, ctx.pod.namespace, ctx.pod.service_account)
-            };
-            Some(digest(&[&params.address, ns, "login", mount, role, audience, &who]))
+        Auth::Login {
+            mount,
+            role,
+            audience,
+        } => {
+            let jwt = ctx
+                .token_for(audience)
+                .map(|t| t.token.expose())
+                .unwrap_or("");
+            Some(digest(&[
+                &params.address,
+                ns,
+                "login",
+                mount,
+                role,
+                audience,
+                jwt,
+            ]))
         }
-        Auth::AppRole { mount, role_id, secret_id } => Some(digest(&[
+        Auth::AppRole {
+            mount,
+            role_id,
+            secret_id,
+        } => Some(digest(&[
             &params.address,
             ns,
             "approle",
@@ -126,7 +145,24 @@ impl Tokens {
             Ok(s) => s,
             Err(poisoned) => poisoned.into_inner(),
         };
+        if !slots.contains_key(key) && slots.len() >= SWEEP_AT {
+            // Rotated JWTs and departed pods leave expired entries behind.
+            let now = Instant::now();
+            slots.retain(|_, slot| match slot.try_lock() {
+                Ok(cached) => cached.as_ref().is_some_and(|c| now < c.use_until),
+                Err(_) => true, // a login is under way
+            });
+        }
         slots.entry(key.to_string()).or_default().clone()
+    }
+
+    /// Cached identities (for tests and metrics).
+    pub fn len(&self) -> usize {
+        self.slots.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// A usable token: the cached one, or a fresh login. `stale` is a token
@@ -166,11 +202,19 @@ impl Tokens {
     }
 }
 
-async fn login(endpoint: &Endpoint, params: &VaultParams, ctx: &MountContext) -> Result<Cached, ObjectError> {
+async fn login(
+    endpoint: &Endpoint,
+    params: &VaultParams,
+    ctx: &MountContext,
+) -> Result<Cached, ObjectError> {
     let client = LoginClient::new(endpoint, params.namespace.as_deref())?;
     let started = Instant::now();
     let (info, what) = match &params.auth {
-        Auth::Login { mount, role, audience } => {
+        Auth::Login {
+            mount,
+            role,
+            audience,
+        } => {
             let jwt = ctx.token_for(audience).ok_or_else(|| {
                 ObjectError::FailedPrecondition(format!(
                     "no service-account token for audience {audience:?}"
@@ -181,7 +225,11 @@ async fn login(endpoint: &Endpoint, params: &VaultParams, ctx: &MountContext) ->
                 format!("login as role {role:?} at auth/{mount}"),
             )
         }
-        Auth::AppRole { mount, role_id, secret_id } => (
+        Auth::AppRole {
+            mount,
+            role_id,
+            secret_id,
+        } => (
             vaultrs::auth::approle::login(&client, mount, role_id, secret_id.expose()).await,
             format!("AppRole login at auth/{mount}"),
         ),
@@ -202,9 +250,15 @@ fn login_error(e: ClientError, address: &str, what: &str) -> ObjectError {
         ClientError::APIError { code, errors } => {
             let said = errors.join("; ");
             match code {
-                400 | 401 | 403 => ObjectError::PermissionDenied(format!("Vault refused the {what} ({code}): {said}")),
-                429 => ObjectError::ResourceExhausted(format!("Vault rate-limited the {what}: {said}")),
-                404 => ObjectError::FailedPrecondition(format!("Vault has no auth method for the {what} (404): {said}")),
+                400 | 401 | 403 => ObjectError::PermissionDenied(format!(
+                    "Vault refused the {what} ({code}): {said}"
+                )),
+                429 => {
+                    ObjectError::ResourceExhausted(format!("Vault rate-limited the {what}: {said}"))
+                }
+                404 => ObjectError::FailedPrecondition(format!(
+                    "Vault has no auth method for the {what} (404): {said}"
+                )),
                 _ => ObjectError::Unavailable(format!("Vault failed the {what} ({code}): {said}")),
             }
         }
@@ -215,7 +269,9 @@ fn login_error(e: ClientError, address: &str, what: &str) -> ObjectError {
                 cause = inner.to_string();
                 s = inner.source();
             }
-            ObjectError::Unavailable(format!("cannot reach Vault at {address} for the {what}: {cause}"))
+            ObjectError::Unavailable(format!(
+                "cannot reach Vault at {address} for the {what}: {cause}"
+            ))
         }
         other => ObjectError::Unavailable(format!("the {what} at {address} failed: {other}")),
     }
@@ -227,7 +283,10 @@ mod tests {
 
     #[test]
     fn tokens_are_used_until_shortly_before_expiry() {
-        assert_eq!(usable_for(Duration::from_secs(3600)), Duration::from_secs(3240));
+        assert_eq!(
+            usable_for(Duration::from_secs(3600)),
+            Duration::from_secs(3240)
+        );
         assert_eq!(usable_for(Duration::from_secs(60)), Duration::from_secs(50));
         assert_eq!(usable_for(Duration::from_secs(5)), Duration::ZERO);
         assert_eq!(usable_for(Duration::ZERO), Duration::from_secs(3600));

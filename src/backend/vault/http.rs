@@ -45,7 +45,11 @@ fn stamp(path: &Option<PathBuf>) -> Option<SystemTime> {
 
 fn read(what: &str, path: &Path) -> Result<Vec<u8>, ObjectError> {
     std::fs::read(path).map_err(|e| {
-        ObjectError::FailedPrecondition(format!("cannot read {what} {}: {}", path.display(), e.kind()))
+        ObjectError::FailedPrecondition(format!(
+            "cannot read {what} {}: {}",
+            path.display(),
+            e.kind()
+        ))
     })
 }
 
@@ -138,21 +142,24 @@ impl Clients {
                 // configured host: resolve `name` to that host's addresses.
                 let host = url.host_str().unwrap_or_default().to_string();
                 let port = url.port_or_known_default().unwrap_or(443);
-                let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
-                    .await
-                    .map_err(|e| {
-                        ObjectError::Unavailable(format!("cannot resolve Vault host {host:?}: {e}"))
-                    })?
-                    .collect();
+                let addrs: Vec<std::net::SocketAddr> =
+                    tokio::net::lookup_host((host.as_str(), port))
+                        .await
+                        .map_err(|e| {
+                            ObjectError::Unavailable(format!(
+                                "cannot resolve Vault host {host:?}: {e}"
+                            ))
+                        })?
+                        .collect();
                 builder = builder.resolve_to_addrs(name, &addrs);
                 url.set_host(Some(name)).map_err(|_| {
                     ObjectError::Invalid(format!("vaultTLSServerName {name:?} is not a host name"))
                 })?;
             }
         }
-        let client = builder
-            .build()
-            .map_err(|e| ObjectError::FailedPrecondition(format!("cannot set up the Vault client: {e}")))?;
+        let client = builder.build().map_err(|e| {
+            ObjectError::FailedPrecondition(format!("cannot set up the Vault client: {e}"))
+        })?;
         Ok(Endpoint {
             client,
             base: url.as_str().trim_end_matches('/').to_string(),
@@ -193,9 +200,15 @@ impl Failure {
                 };
                 match code {
                     400 => ObjectError::Invalid(format!("Vault rejected {what} (400){said}")),
-                    401 | 403 => ObjectError::PermissionDenied(format!("Vault denied {what} ({code}){said}")),
-                    404 => ObjectError::NotFound(format!("Vault has nothing at {what} (404){said}")),
-                    429 => ObjectError::ResourceExhausted(format!("Vault rate-limited {what} (429){said}")),
+                    401 | 403 => {
+                        ObjectError::PermissionDenied(format!("Vault denied {what} ({code}){said}"))
+                    }
+                    404 => {
+                        ObjectError::NotFound(format!("Vault has nothing at {what} (404){said}"))
+                    }
+                    429 => ObjectError::ResourceExhausted(format!(
+                        "Vault rate-limited {what} (429){said}"
+                    )),
                     500..=599 | 412 => {
                         ObjectError::Unavailable(format!("Vault failed on {what} ({code}){said}"))
                     }
@@ -235,7 +248,12 @@ fn errors_of(body: &[u8]) -> String {
         .ok()
         .and_then(|v| v.get("errors").cloned())
         .and_then(|e| e.as_array().cloned())
-        .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect::<Vec<_>>().join("; "))
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
         .unwrap_or_default();
     let mut short: String = joined.chars().take(300).collect();
     if short.len() < joined.len() {
@@ -253,7 +271,11 @@ pub struct Request<'a> {
 }
 
 /// Sends one request; returns the raw body of a 2xx answer.
-pub async fn send(endpoint: &Endpoint, req: &Request<'_>, token: &Credential) -> Result<Vec<u8>, Failure> {
+pub async fn send(
+    endpoint: &Endpoint,
+    req: &Request<'_>,
+    token: &Credential,
+) -> Result<Vec<u8>, Failure> {
     let mut url = url::Url::parse(&format!("{}{}", endpoint.base, req.path))
         .map_err(|_| Failure::Transport(format!("{:?} is not a valid request path", req.path)))?;
     if !req.query.is_empty() {
@@ -270,7 +292,10 @@ pub async fn send(endpoint: &Endpoint, req: &Request<'_>, token: &Credential) ->
     if let Some(body) = req.body {
         builder = builder.json(body);
     }
-    let response = builder.send().await.map_err(|e| Failure::Transport(transport(&e)))?;
+    let response = builder
+        .send()
+        .await
+        .map_err(|e| Failure::Transport(transport(&e)))?;
     let status = response.status();
     let body = response
         .bytes()

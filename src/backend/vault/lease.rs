@@ -39,7 +39,13 @@ pub enum Plan {
 }
 
 impl Lease {
-    pub fn new(body: SecretBytes, lease_id: String, renewable: bool, ttl: Duration, now: Instant) -> Self {
+    pub fn new(
+        body: SecretBytes,
+        lease_id: String,
+        renewable: bool,
+        ttl: Duration,
+        now: Instant,
+    ) -> Self {
         Self {
             body: Arc::new(body),
             lease_id: Credential::new(lease_id),
@@ -120,7 +126,13 @@ mod tests {
     use super::*;
 
     fn lease(renewable: bool, ttl: u64, t0: Instant) -> Lease {
-        Lease::new(SecretBytes::new(b"{}".to_vec()), "id".into(), renewable, Duration::from_secs(ttl), t0)
+        Lease::new(
+            SecretBytes::new(b"{}".to_vec()),
+            "id".into(),
+            renewable,
+            Duration::from_secs(ttl),
+            t0,
+        )
     }
 
     #[test]

@@ -65,9 +65,14 @@ impl VaultBackend {
     ) -> Result<Vec<u8>, ObjectError> {
         let token = self.tokens.token(endpoint, params, ctx, None).await?;
         match http::send(endpoint, req, &token).await {
-            Err(http::Failure::Status { code: 403, .. }) if !matches!(params.auth, params::Auth::Token(_)) => {
+            Err(http::Failure::Status { code: 403, .. })
+                if !matches!(params.auth, params::Auth::Token(_)) =>
+            {
                 tracing::debug!(vault = %endpoint.address, "Vault refused the cached token; logging in again");
-                let fresh = self.tokens.token(endpoint, params, ctx, Some(&token)).await?;
+                let fresh = self
+                    .tokens
+                    .token(endpoint, params, ctx, Some(&token))
+                    .await?;
                 http::send(endpoint, req, &fresh)
                     .await
                     .map_err(|f| f.into_object_error(&endpoint.address, what))
@@ -166,14 +171,28 @@ impl VaultBackend {
             .await?;
         let body = SecretBytes::new(raw);
         let parsed: Json = serde_json::from_slice(body.expose()).map_err(|_| {
-            ObjectError::Invalid(format!("Vault's answer to {what} is not JSON (is secretPath a Vault API path?)"))
+            ObjectError::Invalid(format!(
+                "Vault's answer to {what} is not JSON (is secretPath a Vault API path?)"
+            ))
         })?;
         let lease_id = parsed.get("lease_id").and_then(Json::as_str).unwrap_or("");
-        let ttl = parsed.get("lease_duration").and_then(Json::as_u64).unwrap_or(0);
+        let ttl = parsed
+            .get("lease_duration")
+            .and_then(Json::as_u64)
+            .unwrap_or(0);
         let body = Arc::new(body);
         if let (Some(key), false, true) = (lease_key, lease_id.is_empty(), ttl > 0) {
-            let renewable = parsed.get("renewable").and_then(Json::as_bool).unwrap_or(false);
-            let mut lease = Lease::new(SecretBytes::new(Vec::new()), lease_id.to_string(), renewable, Duration::from_secs(ttl), issued_at);
+            let renewable = parsed
+                .get("renewable")
+                .and_then(Json::as_bool)
+                .unwrap_or(false);
+            let mut lease = Lease::new(
+                SecretBytes::new(Vec::new()),
+                lease_id.to_string(),
+                renewable,
+                Duration::from_secs(ttl),
+                issued_at,
+            );
             lease.body = Arc::clone(&body);
             self.leases.put(key, lease);
         }
@@ -182,21 +201,30 @@ impl VaultBackend {
 }
 
 /// The bytes of one object from a Vault answer, and the KV v2 version.
-fn extract(answer: &SecretBytes, key: Option<&str>, what: &str) -> Result<(Vec<u8>, Option<String>), ObjectError> {
+fn extract(
+    answer: &SecretBytes,
+    key: Option<&str>,
+    what: &str,
+) -> Result<(Vec<u8>, Option<String>), ObjectError> {
     let mut parsed: Json = serde_json::from_slice(answer.expose())
         .map_err(|_| ObjectError::Invalid(format!("Vault's answer to {what} is not JSON")))?;
     let data = parsed.get("data");
-    let kv2 = data
-        .and_then(|d| d.get("metadata"))
-        .filter(|_| data.and_then(|d| d.get("data")).is_some_and(Json::is_object));
-    let version = kv2.and_then(|m| m.get("version")).and_then(Json::as_u64).map(|v| v.to_string());
+    let kv2 = data.and_then(|d| d.get("metadata")).filter(|_| {
+        data.and_then(|d| d.get("data"))
+            .is_some_and(Json::is_object)
+    });
+    let version = kv2
+        .and_then(|m| m.get("version"))
+        .and_then(Json::as_u64)
+        .map(|v| v.to_string());
     let Some(key) = key else {
         // The whole answer, as vault-csi-provider writes it, minus the
         // per-request id that would make every poll look like a rotation.
         if let Some(obj) = parsed.as_object_mut() {
             obj.remove("request_id");
         }
-        let bytes = serde_json::to_vec(&parsed).map_err(|e| ObjectError::Internal(e.to_string()))?;
+        let bytes =
+            serde_json::to_vec(&parsed).map_err(|e| ObjectError::Internal(e.to_string()))?;
         zeroize_json(&mut parsed);
         return Ok((bytes, version));
     };
@@ -207,7 +235,9 @@ fn extract(answer: &SecretBytes, key: Option<&str>, what: &str) -> Result<(Vec<u
     };
     let Some(Json::Object(fields)) = source else {
         zeroize_json(&mut parsed);
-        return Err(ObjectError::NotFound(format!("Vault's answer to {what} has no data")));
+        return Err(ObjectError::NotFound(format!(
+            "Vault's answer to {what} has no data"
+        )));
     };
     let result = match fields.get(key) {
         Some(Json::String(s)) => Ok((s.as_bytes().to_vec(), version)),
@@ -248,12 +278,21 @@ impl Backend for VaultBackend {
         VaultObject::from_spec(object).map(|_| ())
     }
 
-    async fn fetch(&self, object: &ObjectSpec, ctx: &MountContext, limits: FetchLimits) -> Result<Fetched, ObjectError> {
+    async fn fetch(
+        &self,
+        object: &ObjectSpec,
+        ctx: &MountContext,
+        limits: FetchLimits,
+    ) -> Result<Fetched, ObjectError> {
         let params = VaultParams::from_context(ctx, &self.defaults)?;
         let request = VaultObject::from_spec(object)?;
         let what = format!("{} {}", request.method, request.path);
         // Objects of this Mount asking the same thing share one answer.
-        let shared: Arc<Shared> = ctx.memo.get_or_default(&format!("vault\n{}\n{}", params.address, request.request_id()));
+        let shared: Arc<Shared> = ctx.memo.get_or_default(&format!(
+            "vault\n{}\n{}",
+            params.address,
+            request.request_id()
+        ));
         let answer = shared
             .get_or_init(|| self.answer(&params, &request, ctx))
             .await
@@ -286,10 +325,19 @@ mod tests {
             "request_id": "r1",
             "data": {"data": {"password": "pw", "cfg": {"a": 1}}, "metadata": {"version": 3}}
         }));
-        assert_eq!(extract(&kv2, Some("password"), "x").unwrap(), (b"pw".to_vec(), Some("3".into())));
-        assert_eq!(extract(&kv2, Some("cfg"), "x").unwrap().0, br#"{"a":1}"#.to_vec());
+        assert_eq!(
+            extract(&kv2, Some("password"), "x").unwrap(),
+            (b"pw".to_vec(), Some("3".into()))
+        );
+        assert_eq!(
+            extract(&kv2, Some("cfg"), "x").unwrap().0,
+            br#"{"a":1}"#.to_vec()
+        );
         let err = extract(&kv2, Some("nope"), "GET /v1/secret/data/app").unwrap_err();
-        assert!(matches!(err, ObjectError::NotFound(ref m) if m.contains("it has: cfg, password")), "{err}");
+        assert!(
+            matches!(err, ObjectError::NotFound(ref m) if m.contains("it has: cfg, password")),
+            "{err}"
+        );
         let (whole, v) = extract(&kv2, None, "x").unwrap();
         assert_eq!(v.as_deref(), Some("3"));
         let whole: Json = serde_json::from_slice(&whole).unwrap();
@@ -297,9 +345,18 @@ mod tests {
         assert_eq!(whole["data"]["data"]["password"], "pw");
 
         let kv1 = answer(serde_json::json!({"data": {"password": "pw1", "data": "plain"}}));
-        assert_eq!(extract(&kv1, Some("password"), "x").unwrap(), (b"pw1".to_vec(), None));
-        assert_eq!(extract(&kv1, Some("data"), "x").unwrap().0, b"plain".to_vec());
+        assert_eq!(
+            extract(&kv1, Some("password"), "x").unwrap(),
+            (b"pw1".to_vec(), None)
+        );
+        assert_eq!(
+            extract(&kv1, Some("data"), "x").unwrap().0,
+            b"plain".to_vec()
+        );
         let empty = answer(serde_json::json!({"data": null}));
-        assert!(matches!(extract(&empty, Some("k"), "x"), Err(ObjectError::NotFound(_))));
+        assert!(matches!(
+            extract(&empty, Some("k"), "x"),
+            Err(ObjectError::NotFound(_))
+        ));
     }
 }

@@ -67,7 +67,9 @@ fn parse_bool(key: &str, raw: &str) -> Result<bool, ObjectError> {
     match raw.to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" => Ok(true),
         "false" | "0" | "no" => Ok(false),
-        _ => Err(ObjectError::Invalid(format!("{key} {raw:?} is not true or false"))),
+        _ => Err(ObjectError::Invalid(format!(
+            "{key} {raw:?} is not true or false"
+        ))),
     }
 }
 
@@ -90,7 +92,9 @@ impl VaultParams {
             )));
         }
         let path_or = |key: &str, default: &Option<PathBuf>| {
-            param(ctx, key).map(PathBuf::from).or_else(|| default.clone())
+            param(ctx, key)
+                .map(PathBuf::from)
+                .or_else(|| default.clone())
         };
         let skip_verify = match param(ctx, "vaultSkipTLSVerify") {
             Some(raw) => parse_bool("vaultSkipTLSVerify", raw)?,
@@ -130,9 +134,15 @@ impl VaultParams {
                 "set only one of vaultKubernetesMountPath and vaultAuthMountPath".into(),
             ));
         }
-        let mount = k8s_mount.or(auth_mount).map(|m| m.trim_matches('/').to_string());
+        let mount = k8s_mount
+            .or(auth_mount)
+            .map(|m| m.trim_matches('/').to_string());
         let secrets = ctx.node_publish_secrets.as_ref();
-        let secret = |k: &str| secrets.and_then(|s| s.get(k)).filter(|v| !v.expose().is_empty());
+        let secret = |k: &str| {
+            secrets
+                .and_then(|s| s.get(k))
+                .filter(|v| !v.expose().is_empty())
+        };
         if let Some(token) = secret("token") {
             return Ok(Auth::Token(token.clone()));
         }
@@ -151,7 +161,9 @@ impl VaultParams {
                     .into(),
             )
         })?;
-        let audience = param(ctx, "audience").unwrap_or(&defaults.audience).to_string();
+        let audience = param(ctx, "audience")
+            .unwrap_or(&defaults.audience)
+            .to_string();
         if ctx.token_for(&audience).is_none() {
             return Err(ObjectError::FailedPrecondition(format!(
                 "the driver passed no service-account token for audience {audience:?}: add \
@@ -196,7 +208,11 @@ impl VaultObject {
         let query: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
             .collect();
-        let method = match object.str_field("method")?.map(str::to_ascii_uppercase).as_deref() {
+        let method = match object
+            .str_field("method")?
+            .map(str::to_ascii_uppercase)
+            .as_deref()
+        {
             None | Some("") | Some("GET") => reqwest::Method::GET,
             Some("PUT") => reqwest::Method::PUT,
             Some("POST") => reqwest::Method::POST,
@@ -216,10 +232,11 @@ impl VaultObject {
                         ObjectError::Invalid("secretArgs must be a mapping or a JSON object".into())
                     })?,
             ),
-            Some(v @ serde_yaml_ng::Value::Mapping(_)) => Some(
-                serde_json::to_value(v)
-                    .map_err(|_| ObjectError::Invalid("secretArgs cannot be expressed as JSON".into()))?,
-            ),
+            Some(v @ serde_yaml_ng::Value::Mapping(_)) => {
+                Some(serde_json::to_value(v).map_err(|_| {
+                    ObjectError::Invalid("secretArgs cannot be expressed as JSON".into())
+                })?)
+            }
             Some(_) => {
                 return Err(ObjectError::Invalid(
                     "secretArgs must be a mapping or a JSON object".into(),
@@ -246,7 +263,11 @@ impl VaultObject {
     /// Identifies the request (not the key extracted from its answer), so
     /// objects reading different keys of one secret share one request.
     pub fn request_id(&self) -> String {
-        let query: BTreeMap<&str, &str> = self.query.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let query: BTreeMap<&str, &str> = self
+            .query
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         format!(
             "{} {} {:?} {}",
             self.method,
@@ -277,10 +298,23 @@ mod tests {
         assert_eq!(o.path, "/v1/secret/data/app");
         assert_eq!(o.query, vec![("version".to_string(), "3".to_string())]);
         assert_eq!(o.method, reqwest::Method::GET);
-        assert_eq!(object("- objectName: a\n  secretPath: /v1/kv/x").unwrap().path, "/v1/kv/x");
-        assert_eq!(object("- objectName: a\n  secretPath: v1/kv/x").unwrap().path, "/v1/kv/x");
+        assert_eq!(
+            object("- objectName: a\n  secretPath: /v1/kv/x")
+                .unwrap()
+                .path,
+            "/v1/kv/x"
+        );
+        assert_eq!(
+            object("- objectName: a\n  secretPath: v1/kv/x")
+                .unwrap()
+                .path,
+            "/v1/kv/x"
+        );
         assert!(object("- objectName: a\n  secretPath: kv/../sys/x").is_err());
-        assert!(object("- objectName: a").unwrap_err().to_string().contains("secretPath is missing"));
+        assert!(object("- objectName: a")
+            .unwrap_err()
+            .to_string()
+            .contains("secretPath is missing"));
     }
 
     #[test]
@@ -291,11 +325,18 @@ mod tests {
         .unwrap();
         assert_eq!(o.method, reqwest::Method::PUT);
         assert_eq!(o.body.unwrap()["common_name"], "a.example");
-        let o = object("- objectName: c\n  secretPath: x\n  method: POST\n  secretArgs: '{\"a\": 1}'").unwrap();
+        let o =
+            object("- objectName: c\n  secretPath: x\n  method: POST\n  secretArgs: '{\"a\": 1}'")
+                .unwrap();
         assert_eq!(o.body.unwrap()["a"], 1);
         assert!(object("- objectName: c\n  secretPath: x\n  method: DELETE").is_err());
-        assert!(object("- objectName: c\n  secretPath: x\n  secretArgs: {a: 1}").is_err(), "GET with a body");
-        assert!(object("- objectName: c\n  secretPath: x\n  method: PUT\n  secretArgs: [1]").is_err());
+        assert!(
+            object("- objectName: c\n  secretPath: x\n  secretArgs: {a: 1}").is_err(),
+            "GET with a body"
+        );
+        assert!(
+            object("- objectName: c\n  secretPath: x\n  method: PUT\n  secretArgs: [1]").is_err()
+        );
     }
 
     #[test]
@@ -311,27 +352,64 @@ mod tests {
         );
         let p = VaultParams::from_context(&c, &defaults).unwrap();
         assert_eq!(p.address, "http://vault:8200");
-        assert!(matches!(p.auth, Auth::Login { ref mount, ref role, ref audience } if mount == "kubernetes" && role == "app" && audience == "vault"));
+        assert!(
+            matches!(p.auth, Auth::Login { ref mount, ref role, ref audience } if mount == "kubernetes" && role == "app" && audience == "vault")
+        );
 
-        let c = ctx(serde_json::json!({"roleName": "app", "audience": "other"}), "null");
+        let c = ctx(
+            serde_json::json!({"roleName": "app", "audience": "other"}),
+            "null",
+        );
         let err = VaultParams::from_context(&c, &defaults).unwrap_err();
-        assert!(matches!(err, ObjectError::FailedPrecondition(ref m) if m.contains("\"other\"") && m.contains("tokenRequests")), "{err}");
+        assert!(
+            matches!(err, ObjectError::FailedPrecondition(ref m) if m.contains("\"other\"") && m.contains("tokenRequests")),
+            "{err}"
+        );
 
-        let c = ctx(serde_json::json!({"vaultAuthMountPath": "ar"}), r#"{"role_id": "r", "secret_id": "s"}"#);
-        assert!(matches!(VaultParams::from_context(&c, &defaults).unwrap().auth, Auth::AppRole { ref mount, .. } if mount == "ar"));
+        let c = ctx(
+            serde_json::json!({"vaultAuthMountPath": "ar"}),
+            r#"{"role_id": "r", "secret_id": "s"}"#,
+        );
+        assert!(
+            matches!(VaultParams::from_context(&c, &defaults).unwrap().auth, Auth::AppRole { ref mount, .. } if mount == "ar")
+        );
         let c = ctx(serde_json::json!({}), r#"{"token": "hvs.x"}"#);
-        assert!(matches!(VaultParams::from_context(&c, &defaults).unwrap().auth, Auth::Token(_)));
+        assert!(matches!(
+            VaultParams::from_context(&c, &defaults).unwrap().auth,
+            Auth::Token(_)
+        ));
 
-        let c = ctx(serde_json::json!({"vaultKubernetesMountPath": "a", "vaultAuthMountPath": "b"}), "null");
-        assert!(VaultParams::from_context(&c, &defaults).unwrap_err().to_string().contains("only one"));
+        let c = ctx(
+            serde_json::json!({"vaultKubernetesMountPath": "a", "vaultAuthMountPath": "b"}),
+            "null",
+        );
+        assert!(VaultParams::from_context(&c, &defaults)
+            .unwrap_err()
+            .to_string()
+            .contains("only one"));
         let c = ctx(serde_json::json!({}), r#"{"token": "t"}"#);
-        assert!(VaultParams::from_context(&c, &VaultArgs::default()).unwrap_err().to_string().contains("no Vault address"));
-        let c = ctx(serde_json::json!({"vaultAddress": "vault:8200"}), r#"{"token": "t"}"#);
+        assert!(VaultParams::from_context(&c, &VaultArgs::default())
+            .unwrap_err()
+            .to_string()
+            .contains("no Vault address"));
+        let c = ctx(
+            serde_json::json!({"vaultAddress": "vault:8200"}),
+            r#"{"token": "t"}"#,
+        );
         assert!(VaultParams::from_context(&c, &defaults).is_err());
-        let c = ctx(serde_json::json!({"vaultSkipTLSVerify": "maybe"}), r#"{"token": "t"}"#);
+        let c = ctx(
+            serde_json::json!({"vaultSkipTLSVerify": "maybe"}),
+            r#"{"token": "t"}"#,
+        );
         assert!(VaultParams::from_context(&c, &defaults).is_err());
-        let c = ctx(serde_json::json!({"vaultAddress": "https://other:8200/", "vaultNamespace": "team"}), r#"{"token": "t"}"#);
+        let c = ctx(
+            serde_json::json!({"vaultAddress": "https://other:8200/", "vaultNamespace": "team"}),
+            r#"{"token": "t"}"#,
+        );
         let p = VaultParams::from_context(&c, &defaults).unwrap();
-        assert_eq!((p.address.as_str(), p.namespace.as_deref()), ("https://other:8200", Some("team")));
+        assert_eq!(
+            (p.address.as_str(), p.namespace.as_deref()),
+            ("https://other:8200", Some("team"))
+        );
     }
 }
