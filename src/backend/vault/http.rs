@@ -181,8 +181,13 @@ fn parse_certs(pem: &[u8], path: &Path) -> Result<Vec<reqwest::Certificate>, Obj
 /// tell a 403 (re-login once) from everything else.
 #[derive(Debug)]
 pub enum Failure {
-    Status { code: u16, errors: String },
+    Status {
+        code: u16,
+        errors: String,
+    },
     Transport(String),
+    /// The answer was larger than allowed.
+    TooLarge(u64),
 }
 
 impl Failure {
@@ -192,6 +197,10 @@ impl Failure {
             Failure::Transport(e) => {
                 ObjectError::Unavailable(format!("cannot reach Vault at {address}: {e}"))
             }
+            Failure::TooLarge(limit) => ObjectError::TooLarge {
+                size: limit.saturating_add(1),
+                limit,
+            },
             Failure::Status { code, errors } => {
                 let said = if errors.is_empty() {
                     String::new()
@@ -270,11 +279,13 @@ pub struct Request<'a> {
     pub namespace: Option<&'a str>,
 }
 
-/// Sends one request; returns the raw body of a 2xx answer.
+/// Sends one request; returns the raw body of a 2xx answer, refusing to
+/// read more than `max_body` bytes of it (a lying server cannot balloon us).
 pub async fn send(
     endpoint: &Endpoint,
     req: &Request<'_>,
     token: &Credential,
+    max_body: u64,
 ) -> Result<Vec<u8>, Failure> {
     let mut url = url::Url::parse(&format!("{}{}", endpoint.base, req.path))
         .map_err(|_| Failure::Transport(format!("{:?} is not a valid request path", req.path)))?;
@@ -292,17 +303,28 @@ pub async fn send(
     if let Some(body) = req.body {
         builder = builder.json(body);
     }
-    let response = builder
+    let mut response = builder
         .send()
         .await
         .map_err(|e| Failure::Transport(transport(&e)))?;
     let status = response.status();
-    let body = response
-        .bytes()
+    if response.content_length().is_some_and(|n| n > max_body) {
+        return Err(Failure::TooLarge(max_body));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
         .await
-        .map_err(|e| Failure::Transport(transport(&e)))?;
+        .map_err(|e| Failure::Transport(transport(&e)))?
+    {
+        if (body.len() + chunk.len()) as u64 > max_body {
+            zeroize::Zeroize::zeroize(&mut body);
+            return Err(Failure::TooLarge(max_body));
+        }
+        body.extend_from_slice(&chunk);
+    }
     if status.is_success() {
-        Ok(body.to_vec())
+        Ok(body)
     } else {
         Err(Failure::Status {
             code: status.as_u16(),

@@ -62,9 +62,10 @@ impl VaultBackend {
         ctx: &MountContext,
         req: &http::Request<'_>,
         what: &str,
+        max_body: u64,
     ) -> Result<Vec<u8>, ObjectError> {
         let token = self.tokens.token(endpoint, params, ctx, None).await?;
-        match http::send(endpoint, req, &token).await {
+        match http::send(endpoint, req, &token, max_body).await {
             Err(http::Failure::Status { code: 403, .. })
                 if !matches!(params.auth, params::Auth::Token(_)) =>
             {
@@ -73,7 +74,7 @@ impl VaultBackend {
                     .tokens
                     .token(endpoint, params, ctx, Some(&token))
                     .await?;
-                http::send(endpoint, req, &fresh)
+                http::send(endpoint, req, &fresh, max_body)
                     .await
                     .map_err(|f| f.into_object_error(&endpoint.address, what))
             }
@@ -87,6 +88,7 @@ impl VaultBackend {
         params: &VaultParams,
         object: &VaultObject,
         ctx: &MountContext,
+        max_body: u64,
     ) -> Result<Arc<SecretBytes>, ObjectError> {
         if params.tls.skip_verify {
             tracing::warn!(vault = %params.address, "TLS verification of Vault is disabled (vaultSkipTLSVerify)");
@@ -125,6 +127,7 @@ impl VaultBackend {
                                 namespace: params.namespace.as_deref(),
                             },
                             "lease renewal",
+                            MAX_CONTROL_BODY,
                         )
                         .await
                         .ok()
@@ -167,6 +170,7 @@ impl VaultBackend {
                     namespace: params.namespace.as_deref(),
                 },
                 &what,
+                max_body,
             )
             .await?;
         let body = SecretBytes::new(raw);
@@ -198,6 +202,15 @@ impl VaultBackend {
         }
         Ok(body)
     }
+}
+
+/// Control-plane answers (lease renewal) are small.
+const MAX_CONTROL_BODY: u64 = 64 * 1024;
+
+/// How much of a Vault answer is read: the value may sit inside JSON with
+/// other fields and escaping, so allow some room over the file limit.
+fn answer_limit(limits: FetchLimits) -> u64 {
+    limits.max_bytes.saturating_mul(2).saturating_add(64 * 1024)
 }
 
 /// The bytes of one object from a Vault answer, and the KV v2 version.
@@ -294,15 +307,9 @@ impl Backend for VaultBackend {
             request.request_id()
         ));
         let answer = shared
-            .get_or_init(|| self.answer(&params, &request, ctx))
+            .get_or_init(|| self.answer(&params, &request, ctx, answer_limit(limits)))
             .await
             .clone()?;
-        if answer.len() as u64 > limits.max_bytes.saturating_mul(4) {
-            return Err(ObjectError::TooLarge {
-                size: answer.len() as u64,
-                limit: limits.max_bytes,
-            });
-        }
         let (contents, version) = extract(&answer, request.key.as_deref(), &what)?;
         Ok(Fetched {
             contents: SecretBytes::new(contents),
