@@ -24,14 +24,14 @@ async fn no_secret_or_token_bytes_in_any_log_output() {
                 "--log-format".into(),
                 format.into(),
                 "--max-response-bytes".into(),
-                "100".into(),
+                "400".into(),
             ],
             health: true,
         });
         d.write_secret("plain", SECRET_FILE);
         d.write_secret("encoded", SECRET_B64);
         d.write_secret("bad", BAD_B64);
-        d.write_secret("big", SECRET_FILE.repeat(10));
+        d.write_secret("big", SECRET_FILE.repeat(20));
         let mut c = d.client().await;
         let mut drv = with_tokens(
             driver(std::path::Path::new("/t")),
