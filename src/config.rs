@@ -100,6 +100,30 @@ pub struct ServeArgs {
         default_value = "none"
     )]
     pub file_backend_scope: Scope,
+    /// How long a fetched value serves other Mounts with the same
+    /// authorization identity (SPC/object `refreshInterval` override it;
+    /// 0 disables the cache and call collapsing).
+    #[arg(long, env = "COFFER_CACHE_TTL", default_value = "60s", value_parser = parse_duration)]
+    pub cache_ttl: Duration,
+    /// Memory bound of the cache (values, keys, bookkeeping), LRU-evicted.
+    #[arg(long, env = "COFFER_CACHE_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub cache_max_bytes: u64,
+    /// When a backend is unreachable, serve cached values up to this old
+    /// (SPC `staleIfError` overrides; 0 = off).
+    #[arg(long, env = "COFFER_STALE_IF_ERROR", default_value = "0s", value_parser = parse_duration)]
+    pub stale_if_error: Duration,
+    /// Sustained backend calls per second per backend address (0 = unlimited).
+    #[arg(long, env = "COFFER_BACKEND_QPS", default_value_t = 50.0)]
+    pub backend_qps: f64,
+    /// Backend calls allowed in a burst above the sustained rate.
+    #[arg(long, env = "COFFER_BACKEND_BURST", default_value_t = 100)]
+    pub backend_burst: u32,
+    /// Backend calls in flight at once per backend address.
+    #[arg(long, env = "COFFER_BACKEND_MAX_IN_FLIGHT", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub backend_max_in_flight: u32,
+    /// Retries of a backend call that failed for want of the backend.
+    #[arg(long, env = "COFFER_BACKEND_RETRIES", default_value_t = 3)]
+    pub backend_retries: u32,
     #[command(flatten)]
     pub vault: VaultArgs,
     #[command(flatten)]

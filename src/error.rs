@@ -48,6 +48,12 @@ pub enum ObjectError {
     Unavailable(String),
     #[error("rate limited: {0}")]
     ResourceExhausted(String),
+    /// The backend asked us to slow down, perhaps saying for how long.
+    #[error("rate limited: {message}")]
+    Throttled {
+        message: String,
+        retry_after: Option<Duration>,
+    },
     #[error("too large: {size} bytes, the limit is {limit}")]
     TooLarge { size: u64, limit: u64 },
     #[error("internal error: {0}")]
@@ -55,6 +61,21 @@ pub enum ObjectError {
 }
 
 impl ObjectError {
+    /// Worth trying again within the Mount deadline: the backend was
+    /// unreachable, failed, or asked us to slow down.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            ObjectError::Unavailable(_) | ObjectError::Throttled { .. }
+        )
+    }
+
+    /// Stale-if-error applies: the backend could not answer, as opposed to
+    /// answering "no" (a revoked grant must take effect at once).
+    pub fn is_outage(&self) -> bool {
+        matches!(self, ObjectError::Unavailable(_))
+    }
+
     pub fn code(&self) -> Code {
         match self {
             ObjectError::Invalid(_) => Code::InvalidArgument,
@@ -62,7 +83,9 @@ impl ObjectError {
             ObjectError::PermissionDenied(_) => Code::PermissionDenied,
             ObjectError::FailedPrecondition(_) => Code::FailedPrecondition,
             ObjectError::Unavailable(_) => Code::Unavailable,
-            ObjectError::ResourceExhausted(_) => Code::ResourceExhausted,
+            ObjectError::ResourceExhausted(_) | ObjectError::Throttled { .. } => {
+                Code::ResourceExhausted
+            }
             ObjectError::TooLarge { .. } => Code::ResourceExhausted,
             ObjectError::Internal(_) => Code::Internal,
         }

@@ -3,10 +3,12 @@
 
 pub mod atomic_writer;
 pub mod backend;
+pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod limit;
 pub mod logging;
 pub mod manifest;
 pub mod mount;

@@ -2,15 +2,19 @@
 //! paths → concurrent fetches under one deadline → decoded, versioned files.
 //! All-or-nothing: any failure returns an error and no file at all.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::stream::{self, StreamExt};
+use futures::FutureExt;
 use zeroize::Zeroizing;
 
 use crate::backend::{FetchLimits, Registry};
+use crate::cache::{Cache, Source};
 use crate::error::{Failure, MountError, ObjectError};
+use crate::limit::{Call, Limiter};
 use crate::paths;
 use crate::proto;
 use crate::request::MountContext;
@@ -27,6 +31,9 @@ pub struct MountConfig {
     pub fetch_concurrency: usize,
     /// Backend for objects when neither the SPC nor the object names one.
     pub default_backend: String,
+    /// Serve cached values this old when the backend is unreachable, for
+    /// SPCs that set no `staleIfError` (None = off).
+    pub stale_if_error: Option<Duration>,
 }
 
 impl Default for MountConfig {
@@ -36,20 +43,44 @@ impl Default for MountConfig {
             max_response_bytes: 4 * 1024 * 1024,
             fetch_concurrency: 16,
             default_backend: "file".into(),
+            stale_if_error: None,
         }
     }
 }
 
-/// What a successful Mount produced, plus what the log span wants to know.
-pub struct MountOutcome {
-    pub response: proto::MountResponse,
-    pub context: MountContext,
+/// SPC parameter: default `refreshInterval` of its objects.
+pub const REFRESH_PARAM: &str = "refreshInterval";
+/// SPC parameter: serve cached values this old when the backend is down.
+pub const STALE_PARAM: &str = "staleIfError";
+/// Version reported for an optional object that does not exist.
+pub const ABSENT_VERSION: &str = "absent";
+/// Parsed object lists kept for unchanged SPCs.
+const PARSED_SPCS: usize = 512;
+
+#[derive(Debug, Default)]
+pub struct MountStats {
+    /// Optional objects skipped because they do not exist.
+    pub optional_missing: AtomicU64,
+    /// Objects served from cache, joined flights, stale entries.
+    pub cache_hits: AtomicU64,
+    pub stale_serves: AtomicU64,
 }
 
 pub struct Mounter {
     backends: Registry,
     version_key: VersionKey,
     config: MountConfig,
+    cache: Arc<Cache>,
+    limiter: Arc<Limiter>,
+    /// Rotation polls send the same `objects` text every time: parse once.
+    parsed: Mutex<HashMap<String, Arc<Vec<ObjectSpec>>>>,
+    pub stats: MountStats,
+}
+
+/// SPC-level cache settings of one Mount.
+struct Freshness {
+    ttl: Duration,
+    stale_if_error: Option<Duration>,
 }
 
 /// A fetched, decoded object ready to become a `File`.
@@ -59,19 +90,95 @@ struct Ready {
     /// Zeroized if the Mount fails after this object was fetched.
     contents: Zeroizing<Vec<u8>>,
     version: String,
+    /// An optional object that does not exist: a version, no file.
+    absent: bool,
 }
 
 impl Mounter {
-    pub fn new(backends: Registry, version_key: VersionKey, config: MountConfig) -> Self {
+    pub fn new(
+        backends: Registry,
+        version_key: VersionKey,
+        config: MountConfig,
+        cache: Arc<Cache>,
+        limiter: Arc<Limiter>,
+    ) -> Self {
         Self {
             backends,
             version_key,
             config,
+            cache,
+            limiter,
+            parsed: Mutex::new(HashMap::new()),
+            stats: MountStats::default(),
         }
     }
 
     pub fn config(&self) -> &MountConfig {
         &self.config
+    }
+
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
+    pub fn limiter(&self) -> &Arc<Limiter> {
+        &self.limiter
+    }
+
+    fn freshness(&self, ctx: &MountContext) -> Result<Freshness, MountError> {
+        let param = |name: &str| -> Result<Option<Duration>, MountError> {
+            match ctx
+                .parameters
+                .get(name)
+                .map(|s| s.trim())
+                .filter(|s| !s.is_empty())
+            {
+                None => Ok(None),
+                Some(raw) => spc::parse_duration_param(name, raw)
+                    .map(Some)
+                    .map_err(|e| MountError::Request(format!("parameter {e}"))),
+            }
+        };
+        Ok(Freshness {
+            ttl: param(REFRESH_PARAM)?.unwrap_or(self.cache.default_ttl()),
+            stale_if_error: param(STALE_PARAM)?
+                .or(self.config.stale_if_error)
+                .filter(|d| !d.is_zero()),
+        })
+    }
+
+    /// The object list, parsed once per distinct `objects` text.
+    fn objects(&self, ctx: &MountContext) -> Result<Arc<Vec<ObjectSpec>>, MountError> {
+        let key = format!(
+            "{}\n{}\n{}",
+            self.config.default_backend,
+            ctx.parameters
+                .get(spc::BACKEND_PARAM)
+                .map(String::as_str)
+                .unwrap_or(""),
+            ctx.parameters
+                .get(spc::OBJECTS_PARAM)
+                .map(String::as_str)
+                .unwrap_or("")
+        );
+        if let Some(found) = self.parsed.lock().ok().and_then(|p| p.get(&key).cloned()) {
+            return Ok(found);
+        }
+        let objects = Arc::new(
+            spc::parse_objects(&ctx.parameters, &self.config.default_backend).map_err(
+                |failures| MountError::Objects {
+                    total: failures.len().max(1),
+                    failures,
+                },
+            )?,
+        );
+        if let Ok(mut parsed) = self.parsed.lock() {
+            if parsed.len() >= PARSED_SPCS {
+                parsed.clear();
+            }
+            parsed.insert(key, Arc::clone(&objects));
+        }
+        Ok(objects)
     }
 
     /// Parses only the request, so the caller can label its log span with
@@ -89,7 +196,10 @@ impl Mounter {
     /// Runs a Mount for an already-parsed request.
     pub async fn mount(&self, ctx: &MountContext) -> Result<proto::MountResponse, MountError> {
         let objects = self.validate(ctx)?;
-        let ready = self.fetch_all(ctx, &objects).await?;
+        let freshness = self.freshness(ctx)?;
+        tracing::Span::current().record("objects", objects.len());
+        let ctx = Arc::new(ctx.clone());
+        let ready = self.fetch_all(&ctx, &objects, &freshness).await?;
         // Quick refusal before copying anything into a response.
         let total: u64 = ready.iter().map(|r| r.contents.len() as u64).sum();
         if total > self.config.max_response_bytes {
@@ -104,6 +214,9 @@ impl Mounter {
                 id: r.path.clone(),
                 version: r.version,
             });
+            if r.absent {
+                continue;
+            }
             response.files.push(proto::File {
                 path: r.path,
                 mode: r.mode as i32,
@@ -126,15 +239,10 @@ impl Mounter {
     }
 
     /// Everything that can be checked without fetching, for every object.
-    fn validate(&self, ctx: &MountContext) -> Result<Vec<ObjectSpec>, MountError> {
-        let objects = spc::parse_objects(&ctx.parameters, &self.config.default_backend).map_err(
-            |failures| MountError::Objects {
-                total: failures.len().max(1),
-                failures,
-            },
-        )?;
+    fn validate(&self, ctx: &MountContext) -> Result<Arc<Vec<ObjectSpec>>, MountError> {
+        let objects = self.objects(ctx)?;
         let mut failures = Vec::new();
-        for object in &objects {
+        for object in objects.iter() {
             let checked = paths::validate_path(&object.name)
                 .map_err(|e| ObjectError::Invalid(format!("objectName: {e}")))
                 .and_then(|_| self.backends.get(&object.backend))
@@ -168,9 +276,11 @@ impl Mounter {
 
     async fn fetch_all(
         &self,
-        ctx: &MountContext,
+        ctx: &Arc<MountContext>,
         objects: &[ObjectSpec],
+        freshness: &Freshness,
     ) -> Result<Vec<Ready>, MountError> {
+        let deadline = tokio::time::Instant::now() + self.config.timeout;
         let outstanding: Arc<Mutex<BTreeSet<usize>>> =
             Arc::new(Mutex::new((0..objects.len()).collect()));
         let limits = FetchLimits {
@@ -184,7 +294,9 @@ impl Mounter {
             .map(|(i, object)| {
                 let outstanding = Arc::clone(&outstanding);
                 async move {
-                    let result = self.fetch_one(ctx, object, limits).await;
+                    let result = self
+                        .fetch_one(ctx, object, limits, freshness, deadline)
+                        .await;
                     if let Ok(mut set) = outstanding.lock() {
                         set.remove(&i);
                     }
@@ -229,12 +341,60 @@ impl Mounter {
 
     async fn fetch_one(
         &self,
-        ctx: &MountContext,
+        ctx: &Arc<MountContext>,
         object: &ObjectSpec,
         limits: FetchLimits,
+        freshness: &Freshness,
+        deadline: tokio::time::Instant,
     ) -> Result<Ready, ObjectError> {
-        let backend = self.backends.get(&object.backend)?;
-        let fetched = backend.fetch(object, ctx, limits).await?;
+        let backend = Arc::clone(self.backends.get(&object.backend)?);
+        let call = Call {
+            backend: Arc::clone(&backend),
+            object: Arc::new(object.clone()),
+            ctx: Arc::clone(ctx),
+            limits,
+            deadline,
+        };
+        let limiter = Arc::clone(&self.limiter);
+        let fetch = move || {
+            let (limiter, call) = (Arc::clone(&limiter), call.clone());
+            async move { limiter.call(call).await }.boxed()
+        };
+        let fetched = match backend.cache_key(object, ctx) {
+            Some(key) => {
+                let ttl = object.refresh_interval.unwrap_or(freshness.ttl);
+                self.cache
+                    .get(&key, ttl, freshness.stale_if_error, fetch)
+                    .await
+                    .map(|(entry, source)| {
+                        match source {
+                            Source::Hit | Source::Joined => {
+                                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Source::Stale => {
+                                self.stats.stale_serves.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Source::Miss | Source::Uncached => {}
+                        }
+                        entry.to_fetched()
+                    })
+            }
+            None => fetch().await,
+        };
+        let fetched = match fetched {
+            Err(ObjectError::NotFound(why)) if object.optional => {
+                self.stats.optional_missing.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(object = %object.name, reason = %why, "optional object does not exist; mounting without it");
+                return Ok(Ready {
+                    path: object.name.clone(),
+                    mode: 0,
+                    contents: Zeroizing::new(Vec::new()),
+                    version: ABSENT_VERSION.into(),
+                    absent: true,
+                });
+            }
+            other => other?,
+        };
         let contents = Zeroizing::new(object.encoding.decode(fetched.contents.expose())?);
         if contents.len() as u64 > limits.max_bytes {
             return Err(ObjectError::TooLarge {
@@ -251,6 +411,7 @@ impl Mounter {
             mode: object.mode.unwrap_or(ctx.default_mode),
             contents,
             version,
+            absent: false,
         })
     }
 }

@@ -4,6 +4,7 @@
 //! backend that owns them.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde_yaml_ng::Value;
 
@@ -70,6 +71,12 @@ pub struct ObjectSpec {
     /// `filePermission`, if set.
     pub mode: Option<u32>,
     pub encoding: Encoding,
+    /// `refreshInterval`: how long a cached value serves before it is fetched
+    /// again (overrides the SPC's and the daemon's default; 0 = never cached).
+    pub refresh_interval: Option<Duration>,
+    /// `optional: true`: the Mount succeeds without this object when the
+    /// backend says it does not exist.
+    pub optional: bool,
     /// The remaining, backend-specific fields.
     pub fields: BTreeMap<String, Value>,
 }
@@ -249,13 +256,49 @@ fn parse_object(
         None | Some(Value::Null) => None,
         Some(v) => Some(parse_mode(&v).map_err(|e| (label.clone(), e))?),
     };
+    let refresh_interval = match take_string(&mut fields, "refreshInterval", &label)? {
+        None => None,
+        Some(raw) => {
+            Some(parse_duration_param("refreshInterval", &raw).map_err(|e| (label.clone(), e))?)
+        }
+    };
+    let optional = match fields.remove("optional") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => b,
+        Some(Value::String(s)) if s.eq_ignore_ascii_case("true") => true,
+        Some(Value::String(s)) if s.eq_ignore_ascii_case("false") => false,
+        Some(other) => {
+            return Err((
+                label,
+                ObjectError::Invalid(format!(
+                    "optional must be true or false, got {}",
+                    yaml_kind(&other)
+                )),
+            ))
+        }
+    };
     Ok(ObjectSpec {
         index,
         name,
         backend,
         mode,
         encoding,
+        refresh_interval,
+        optional,
         fields,
+    })
+}
+
+/// Parses a duration parameter such as `30s`, `10m` or `0`.
+pub fn parse_duration_param(name: &str, raw: &str) -> Result<Duration, ObjectError> {
+    let raw = raw.trim();
+    if raw == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(raw).map_err(|_| {
+        ObjectError::Invalid(format!(
+            "{name} {raw:?} is not a duration such as 30s or 10m"
+        ))
     })
 }
 

@@ -141,10 +141,10 @@ impl Backend for SlowBackend {
             .parse()
             .unwrap_or(0);
         tokio::time::sleep(Duration::from_millis(ms)).await;
-        Ok(Fetched {
-            contents: SecretBytes::new(format!("slept {ms}").into_bytes()),
-            version: Some(format!("v{ms}")),
-        })
+        Ok(Fetched::new(
+            SecretBytes::new(format!("slept {ms}").into_bytes()),
+            Some(format!("v{ms}")),
+        ))
     }
 }
 
@@ -161,6 +161,13 @@ fn serve_args(dir: &std::path::Path, timeout: Duration, grace: Duration) -> Serv
         version_key_file: dir.join("version.key"),
         file_backend_root: None,
         file_backend_scope: Default::default(),
+        cache_ttl: Duration::from_secs(60),
+        cache_max_bytes: 64 << 20,
+        stale_if_error: Duration::ZERO,
+        backend_qps: 50.0,
+        backend_burst: 100,
+        backend_max_in_flight: 32,
+        backend_retries: 3,
         vault: Default::default(),
         log: LogArgs {
             log_format: LogFormat::Text,

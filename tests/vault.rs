@@ -22,6 +22,21 @@ path "pki/issue/*" { capabilities = ["create", "update"] }
 path "sys/leases/renew" { capabilities = ["update"] }
 "#;
 
+/// A daemon with the node-wide cache off, so each Mount reaches OpenBao
+/// (the cache has its own tests in tests/cache.rs).
+fn vault_daemon() -> Daemon {
+    vault_daemon_with(&[])
+}
+
+fn vault_daemon_with(extra: &[&str]) -> Daemon {
+    let mut args = vec!["--cache-ttl".to_string(), "0s".to_string()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Daemon::start_with(Options {
+        extra_args: args,
+        ..Default::default()
+    })
+}
+
 fn vault_spc(bao: &Bao, params: &[(&str, &str)], objects: &str) -> SecretProviderClass {
     let mut p = BTreeMap::from([
         ("backend".to_string(), "vault".to_string()),
@@ -94,7 +109,7 @@ async fn kv_v1_and_v2_reads() {
     bao.ok("POST", "kv1/legacy", json!({"apikey": "k1-value"}))
         .await;
     let audit = bao.audit_path();
-    let d = Daemon::start();
+    let d = vault_daemon();
     let spc = vault_spc(
         &bao,
         &[],
@@ -179,7 +194,7 @@ async fn kv_v1_and_v2_reads() {
 async fn jwt_auth_refusals_are_permission_denied_naming_the_object() {
     let (bao, signer) = setup().await;
     bao.put_kv2("app", json!({"password": "pw"})).await;
-    let d = Daemon::start();
+    let d = vault_daemon();
     let mut c = d.client().await;
     let spc = vault_spc(
         &bao,
@@ -261,7 +276,7 @@ async fn kubernetes_auth_calls_token_review_once_and_relogs_after_revocation() {
         }),
     )
     .await;
-    let d = Daemon::start();
+    let d = vault_daemon();
     let mut c = d.client().await;
     let spc = vault_spc(
         &bao,
@@ -330,7 +345,7 @@ async fn approle_and_static_token_from_node_publish_secret() {
         .as_str()
         .unwrap()
         .to_string();
-    let d = Daemon::start();
+    let d = vault_daemon();
     let mut c = d.client().await;
     let spc = vault_spc(
         &bao,
@@ -401,7 +416,7 @@ fn cert_of(pem: &[u8]) -> (String, String) {
 async fn pki_issue_with_put_and_secret_args_returns_a_real_certificate() {
     let (bao, signer) = setup().await;
     setup_pki(&bao, false, "1h").await;
-    let d = Daemon::start();
+    let d = vault_daemon();
     let mut c = d.client().await;
     let spc = vault_spc(
         &bao,
@@ -447,7 +462,7 @@ async fn leased_certificate_is_reused_across_polls_then_reissued() {
     let (bao, signer) = setup().await;
     // A 6 s lease: reused while under 2/3 of it (4 s), re-issued after.
     setup_pki(&bao, true, "6s").await;
-    let d = Daemon::start();
+    let d = vault_daemon();
     let mut c = d.client().await;
     let spc = vault_spc(
         &bao,
@@ -518,7 +533,7 @@ async fn namespace_header_is_sent() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let d = Daemon::start();
+    let d = vault_daemon();
     let mut c = d.client().await;
     let mut drv = driver(Path::new("/t"));
     drv.node_publish_secrets = Some(BTreeMap::from([(
@@ -541,7 +556,7 @@ async fn namespace_header_is_sent() {
 async fn tls_with_ca_server_name_and_skip_verify() {
     let bao = Bao::start_with(true).await;
     bao.put_kv2("app", json!({"password": "tls-pw"})).await;
-    let d = Daemon::start();
+    let d = vault_daemon();
     let mut c = d.client().await;
     let mut drv = driver(Path::new("/t"));
     drv.node_publish_secrets = Some(BTreeMap::from([(
@@ -608,7 +623,7 @@ async fn tls_with_ca_server_name_and_skip_verify() {
 async fn openbao_down_is_unavailable_and_the_daemon_recovers() {
     let (mut bao, signer) = setup().await;
     bao.put_kv2("app", json!({"password": "before"})).await;
-    let d = Daemon::start();
+    let d = vault_daemon();
     let mut c = d.client().await;
     let spc = vault_spc(
         &bao,
@@ -714,7 +729,7 @@ async fn renewable_database_credentials_are_renewed_not_reissued() {
         json!({"db_name": "redis", "creation_statements": "[\"+@read\"]", "default_ttl": "4s", "max_ttl": "12s"}),
     )
     .await;
-    let d = Daemon::start();
+    let d = vault_daemon();
     let mut c = d.client().await;
     let spc = vault_spc(
         &bao,
@@ -786,10 +801,7 @@ async fn vault_logs_hold_no_tokens_or_values_at_trace() {
     let (bao, signer) = setup().await;
     bao.put_kv2("app", json!({"password": "vault-leak-canary-pw"}))
         .await;
-    let d = Daemon::start_with(Options {
-        extra_args: vec!["--log-level".into(), "trace".into()],
-        ..Default::default()
-    });
+    let d = vault_daemon_with(&["--log-level", "trace"]);
     let mut c = d.client().await;
     let jwt = signer.token("shop", "web", "vault", 600);
     let spc = vault_spc(
@@ -832,10 +844,7 @@ async fn oversized_vault_answers_are_refused() {
     let (bao, signer) = setup().await;
     bao.put_kv2("huge", json!({"blob": "x".repeat(200_000), "small": "ok"}))
         .await;
-    let d = Daemon::start_with(Options {
-        extra_args: vec!["--max-response-bytes".into(), "10000".into()],
-        ..Default::default()
-    });
+    let d = vault_daemon_with(&["--max-response-bytes", "10000"]);
     let mut c = d.client().await;
     let spc = vault_spc(
         &bao,

@@ -110,10 +110,7 @@ impl Backend for FileBackend {
             tokio::task::spawn_blocking(move || read_beneath(&root, &relative, limits.max_bytes))
                 .await
                 .map_err(|e| ObjectError::Internal(format!("file read task failed: {e}")))??;
-        Ok(Fetched {
-            contents,
-            version: None,
-        })
+        Ok(Fetched::new(contents, None))
     }
 }
 
@@ -256,6 +253,8 @@ mod tests {
             backend: "file".into(),
             mode: None,
             encoding: Default::default(),
+            refresh_interval: None,
+            optional: false,
             fields,
         }
     }

@@ -22,6 +22,23 @@ pub struct Fetched {
     /// The backend's own version id, when it has one that reveals nothing
     /// about the value; `None` makes coffer derive an HMAC version.
     pub version: Option<String>,
+    /// May this answer serve other callers with the same cache key? (No for
+    /// per-caller answers such as Vault leases.)
+    pub shareable: bool,
+    /// A pinned version that can never change: cached until evicted.
+    pub immutable: bool,
+}
+
+impl Fetched {
+    /// A shareable, mutable answer.
+    pub fn new(contents: SecretBytes, version: Option<String>) -> Self {
+        Self {
+            contents,
+            version,
+            shareable: true,
+            immutable: false,
+        }
+    }
 }
 
 /// Limits a backend must respect while fetching.
@@ -39,6 +56,19 @@ pub trait Backend: Send + Sync {
     /// Checks the object's backend-specific fields (and the SPC parameters it
     /// uses) before anything is fetched for the Mount.
     fn validate(&self, object: &ObjectSpec, ctx: &MountContext) -> Result<(), ObjectError>;
+
+    /// The node-wide cache identity of `object` for this caller. Two callers
+    /// get the same key only when the backend would authorize them
+    /// identically; `None` means never cache.
+    fn cache_key(&self, _object: &ObjectSpec, _ctx: &MountContext) -> Option<String> {
+        None
+    }
+
+    /// Where this caller's calls go, for rate limits (e.g. the Vault
+    /// address); `None` for local backends, which are not limited.
+    fn limit_scope(&self, _ctx: &MountContext) -> Option<String> {
+        None
+    }
 
     /// Fetches one object as the pod described by `ctx`.
     async fn fetch(

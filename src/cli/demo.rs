@@ -162,6 +162,13 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
         version_key_file: dir.join("version.key"),
         file_backend_root: Some(dir.join("secrets")),
         file_backend_scope: Scope::None,
+        cache_ttl: Duration::from_secs(60),
+        cache_max_bytes: 64 << 20,
+        stale_if_error: Duration::ZERO,
+        backend_qps: 50.0,
+        backend_burst: 100,
+        backend_max_in_flight: 32,
+        backend_retries: 3,
         vault: Default::default(),
         log: LogArgs {
             log_format: crate::config::LogFormat::Text,

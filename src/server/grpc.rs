@@ -99,7 +99,6 @@ impl CsiDriverProvider for ProviderService {
         let _entered = span.enter();
         match result {
             Ok(response) => {
-                span.record("objects", response.files.len());
                 tracing::info!(duration_ms, outcome = "ok", "mount served");
                 Ok(Response::new(response))
             }

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::backend::{file::FileBackend, vault::VaultBackend, Registry};
+use crate::cache::Cache;
 use crate::config::{HealthAddr, ServeArgs};
+use crate::limit::{LimitConfig, Limiter};
 use crate::mount::{MountConfig, Mounter};
 use crate::proto::csi_driver_provider_server::CsiDriverProviderServer;
 use crate::version::{VersionKey, VersionKeyError};
@@ -52,6 +54,17 @@ pub fn mount_config(args: &ServeArgs) -> MountConfig {
         max_response_bytes: args.max_response_bytes,
         fetch_concurrency: usize::from(args.fetch_concurrency),
         default_backend: args.default_backend.clone(),
+        stale_if_error: Some(args.stale_if_error).filter(|d| !d.is_zero()),
+    }
+}
+
+pub fn limit_config(args: &ServeArgs) -> LimitConfig {
+    LimitConfig {
+        qps: args.backend_qps,
+        burst: args.backend_burst,
+        max_in_flight: args.backend_max_in_flight as usize,
+        retries: args.backend_retries,
+        ..LimitConfig::default()
     }
 }
 
@@ -69,7 +82,13 @@ pub async fn serve_with_backends(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let version_key = VersionKey::load_or_create(&args.version_key_file)?;
-    let mounter = Arc::new(Mounter::new(registry, version_key, mount_config(args)));
+    let mounter = Arc::new(Mounter::new(
+        registry,
+        version_key,
+        mount_config(args),
+        Cache::new(args.cache_ttl, args.cache_max_bytes),
+        Arc::new(Limiter::new(limit_config(args))),
+    ));
     let in_flight = Arc::new(AtomicUsize::new(0));
     let service = grpc::ProviderService::new(mounter, Arc::clone(&in_flight));
 

@@ -78,6 +78,11 @@ pub struct Tokens {
     slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Cached>>>>>,
 }
 
+/// A short one-way fingerprint of a credential, for cache keys.
+pub fn fingerprint(secret: &str) -> String {
+    digest(&[secret])
+}
+
 fn digest(parts: &[&str]) -> String {
     let mut h = Sha256::new();
     for p in parts {

@@ -184,6 +184,7 @@ pub enum Failure {
     Status {
         code: u16,
         errors: String,
+        retry_after: Option<Duration>,
     },
     Transport(String),
     /// The answer was larger than allowed.
@@ -201,7 +202,11 @@ impl Failure {
                 size: limit.saturating_add(1),
                 limit,
             },
-            Failure::Status { code, errors } => {
+            Failure::Status {
+                code,
+                errors,
+                retry_after,
+            } => {
                 let said = if errors.is_empty() {
                     String::new()
                 } else {
@@ -215,9 +220,10 @@ impl Failure {
                     404 => {
                         ObjectError::NotFound(format!("Vault has nothing at {what} (404){said}"))
                     }
-                    429 => ObjectError::ResourceExhausted(format!(
-                        "Vault rate-limited {what} (429){said}"
-                    )),
+                    429 => ObjectError::Throttled {
+                        message: format!("Vault rate-limited {what} (429){said}"),
+                        retry_after,
+                    },
                     500..=599 | 412 => {
                         ObjectError::Unavailable(format!("Vault failed on {what} ({code}){said}"))
                     }
@@ -308,6 +314,12 @@ pub async fn send(
         .await
         .map_err(|e| Failure::Transport(transport(&e)))?;
     let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
     if response.content_length().is_some_and(|n| n > max_body) {
         return Err(Failure::TooLarge(max_body));
     }
@@ -329,6 +341,7 @@ pub async fn send(
         Err(Failure::Status {
             code: status.as_u16(),
             errors: errors_of(&body),
+            retry_after,
         })
     }
 }

@@ -213,14 +213,45 @@ fn answer_limit(limits: FetchLimits) -> u64 {
     limits.max_bytes.saturating_mul(2).saturating_add(64 * 1024)
 }
 
-/// The bytes of one object from a Vault answer, and the KV v2 version.
-fn extract(
-    answer: &SecretBytes,
+/// What one object takes from a Vault answer.
+#[derive(Debug, PartialEq)]
+struct Extracted {
+    bytes: Vec<u8>,
+    /// The KV v2 metadata version, if the answer is a KV v2 read.
+    version: Option<String>,
+    /// The answer carries a lease: it belongs to one pod volume.
+    leased: bool,
+}
+
+/// The bytes of one object from a Vault answer, with the semantics of
+/// vault-csi-provider: with a key, `data.data[key]` (KV v2) or `data[key]`,
+/// a string raw and anything else as JSON; without, the whole answer.
+fn extract(answer: &SecretBytes, key: Option<&str>, what: &str) -> Result<Extracted, ObjectError> {
+    let mut parsed: Json = serde_json::from_slice(answer.expose())
+        .map_err(|_| ObjectError::Invalid(format!("Vault's answer to {what} is not JSON")))?;
+    let leased = parsed
+        .get("lease_id")
+        .and_then(Json::as_str)
+        .is_some_and(|l| !l.is_empty())
+        && parsed
+            .get("lease_duration")
+            .and_then(Json::as_u64)
+            .unwrap_or(0)
+            > 0;
+    let result = extract_from(&mut parsed, key, what).map(|(bytes, version)| Extracted {
+        bytes,
+        version,
+        leased,
+    });
+    zeroize_json(&mut parsed);
+    result
+}
+
+fn extract_from(
+    parsed: &mut Json,
     key: Option<&str>,
     what: &str,
 ) -> Result<(Vec<u8>, Option<String>), ObjectError> {
-    let mut parsed: Json = serde_json::from_slice(answer.expose())
-        .map_err(|_| ObjectError::Invalid(format!("Vault's answer to {what} is not JSON")))?;
     let data = parsed.get("data");
     let kv2 = data.and_then(|d| d.get("metadata")).filter(|_| {
         data.and_then(|d| d.get("data"))
@@ -236,23 +267,19 @@ fn extract(
         if let Some(obj) = parsed.as_object_mut() {
             obj.remove("request_id");
         }
-        let bytes =
-            serde_json::to_vec(&parsed).map_err(|e| ObjectError::Internal(e.to_string()))?;
-        zeroize_json(&mut parsed);
+        let bytes = serde_json::to_vec(parsed).map_err(|e| ObjectError::Internal(e.to_string()))?;
         return Ok((bytes, version));
     };
     let source = match data {
         Some(d) if kv2.is_some() => d.get("data"),
-        Some(d) => Some(d),
-        None => None,
+        other => other,
     };
     let Some(Json::Object(fields)) = source else {
-        zeroize_json(&mut parsed);
         return Err(ObjectError::NotFound(format!(
             "Vault's answer to {what} has no data"
         )));
     };
-    let result = match fields.get(key) {
+    match fields.get(key) {
         Some(Json::String(s)) => Ok((s.as_bytes().to_vec(), version)),
         Some(other) => serde_json::to_vec(other)
             .map(|b| (b, version))
@@ -265,9 +292,7 @@ fn extract(
                 keys.join(", ")
             )))
         }
-    };
-    zeroize_json(&mut parsed);
-    result
+    }
 }
 
 /// Scrubs the strings of a parsed answer before it is dropped.
@@ -310,11 +335,65 @@ impl Backend for VaultBackend {
             .get_or_init(|| self.answer(&params, &request, ctx, answer_limit(limits)))
             .await
             .clone()?;
-        let (contents, version) = extract(&answer, request.key.as_deref(), &what)?;
+        let extracted = extract(&answer, request.key.as_deref(), &what)?;
+        // A pinned KV v2 version never changes.
+        let immutable =
+            extracted.version.is_some() && request.query.iter().any(|(k, _)| k == "version");
         Ok(Fetched {
-            contents: SecretBytes::new(contents),
-            version,
+            contents: SecretBytes::new(extracted.bytes),
+            version: extracted.version,
+            shareable: !extracted.leased,
+            immutable,
         })
+    }
+
+    /// Pods share cached values only when Vault would authorize them alike:
+    /// same address, namespace, auth mount and role, and the same service
+    /// account (Kubernetes auth roles bind service accounts); AppRole and
+    /// static tokens by the credential itself.
+    fn cache_key(&self, object: &ObjectSpec, ctx: &MountContext) -> Option<String> {
+        let params = VaultParams::from_context(ctx, &self.defaults).ok()?;
+        let request = VaultObject::from_spec(object).ok()?;
+        let who = match &params.auth {
+            params::Auth::Login {
+                mount,
+                role,
+                audience,
+            } => {
+                if ctx.pod.namespace.is_empty() || ctx.pod.service_account.is_empty() {
+                    return None;
+                }
+                format!(
+                    "login {mount} {role} {audience} system:serviceaccount:{}:{}",
+                    ctx.pod.namespace, ctx.pod.service_account
+                )
+            }
+            params::Auth::AppRole {
+                mount,
+                role_id,
+                secret_id,
+            } => {
+                format!(
+                    "approle {mount} {role_id} {}",
+                    auth::fingerprint(secret_id.expose())
+                )
+            }
+            params::Auth::Token(t) => format!("token {}", auth::fingerprint(t.expose())),
+        };
+        Some(auth::fingerprint(&format!(
+            "vault\n{}\n{}\n{who}\n{}\n{}",
+            params.address,
+            params.namespace.as_deref().unwrap_or(""),
+            request.request_id(),
+            request.key.as_deref().unwrap_or("")
+        )))
+    }
+
+    fn limit_scope(&self, ctx: &MountContext) -> Option<String> {
+        let address = VaultParams::from_context(ctx, &self.defaults)
+            .map(|p| p.address)
+            .unwrap_or_default();
+        Some(format!("vault {address}"))
     }
 }
 
@@ -332,12 +411,13 @@ mod tests {
             "request_id": "r1",
             "data": {"data": {"password": "pw", "cfg": {"a": 1}}, "metadata": {"version": 3}}
         }));
+        let pw = extract(&kv2, Some("password"), "x").unwrap();
         assert_eq!(
-            extract(&kv2, Some("password"), "x").unwrap(),
-            (b"pw".to_vec(), Some("3".into()))
+            (pw.bytes, pw.version, pw.leased),
+            (b"pw".to_vec(), Some("3".into()), false)
         );
         assert_eq!(
-            extract(&kv2, Some("cfg"), "x").unwrap().0,
+            extract(&kv2, Some("cfg"), "x").unwrap().bytes,
             br#"{"a":1}"#.to_vec()
         );
         let err = extract(&kv2, Some("nope"), "GET /v1/secret/data/app").unwrap_err();
@@ -345,21 +425,23 @@ mod tests {
             matches!(err, ObjectError::NotFound(ref m) if m.contains("it has: cfg, password")),
             "{err}"
         );
-        let (whole, v) = extract(&kv2, None, "x").unwrap();
-        assert_eq!(v.as_deref(), Some("3"));
-        let whole: Json = serde_json::from_slice(&whole).unwrap();
+        let whole = extract(&kv2, None, "x").unwrap();
+        assert_eq!(whole.version.as_deref(), Some("3"));
+        let whole: Json = serde_json::from_slice(&whole.bytes).unwrap();
         assert!(whole.get("request_id").is_none());
         assert_eq!(whole["data"]["data"]["password"], "pw");
 
         let kv1 = answer(serde_json::json!({"data": {"password": "pw1", "data": "plain"}}));
+        let pw1 = extract(&kv1, Some("password"), "x").unwrap();
+        assert_eq!((pw1.bytes, pw1.version), (b"pw1".to_vec(), None));
         assert_eq!(
-            extract(&kv1, Some("password"), "x").unwrap(),
-            (b"pw1".to_vec(), None)
-        );
-        assert_eq!(
-            extract(&kv1, Some("data"), "x").unwrap().0,
+            extract(&kv1, Some("data"), "x").unwrap().bytes,
             b"plain".to_vec()
         );
+        let leased = answer(
+            serde_json::json!({"lease_id": "db/creds/x/1", "lease_duration": 60, "data": {"u": "a"}}),
+        );
+        assert!(extract(&leased, Some("u"), "x").unwrap().leased);
         let empty = answer(serde_json::json!({"data": null}));
         assert!(matches!(
             extract(&empty, Some("k"), "x"),
