@@ -300,6 +300,64 @@ mod tests {
         assert_eq!(b.take(later), Duration::ZERO, "refilled, capped at burst");
     }
 
+    fn call(deadline_in: Duration) -> Call {
+        let objects = std::collections::BTreeMap::from([(
+            "objects".to_string(),
+            "- objectName: a".to_string(),
+        )]);
+        let object = crate::spc::parse_objects(&objects, "file")
+            .unwrap()
+            .remove(0);
+        Call {
+            backend: Arc::new(crate::backend::file::FileBackend::new(
+                "/nonexistent".into(),
+                Default::default(),
+            )),
+            object: Arc::new(object),
+            ctx: Arc::new(MountContext::parse("{}", "null", "420", "/t").unwrap()),
+            limits: FetchLimits { max_bytes: 1 },
+            deadline: Instant::now() + deadline_in,
+        }
+    }
+
+    #[tokio::test]
+    async fn backoff_honours_hints_deadlines_and_error_kinds() {
+        let mut policy = Backoff {
+            attempt: 0,
+            config: LimitConfig::default(),
+            stats: Arc::new(Stats::default()),
+        };
+        let mut c = call(Duration::from_secs(60));
+        let mut throttled: Result<Fetched, ObjectError> = Err(ObjectError::Throttled {
+            message: "slow down".into(),
+            retry_after: Some(Duration::from_secs(3)),
+        });
+        let sleep = policy.retry(&mut c, &mut throttled).expect("retried");
+        assert!(
+            sleep.deadline() >= Instant::now() + Duration::from_millis(2900),
+            "hint honoured"
+        );
+        let mut refused: Result<Fetched, ObjectError> =
+            Err(ObjectError::PermissionDenied("no".into()));
+        assert!(
+            policy.retry(&mut c, &mut refused).is_none(),
+            "refusals are final"
+        );
+        let mut near = call(Duration::from_millis(100));
+        assert!(
+            policy.retry(&mut near, &mut throttled).is_none(),
+            "never sleeps past the deadline"
+        );
+        let mut down: Result<Fetched, ObjectError> =
+            Err(ObjectError::Unavailable("refused".into()));
+        assert!(policy.retry(&mut c, &mut down).is_some());
+        assert!(policy.retry(&mut c, &mut down).is_some());
+        assert!(
+            policy.retry(&mut c, &mut down).is_none(),
+            "three retries at most"
+        );
+    }
+
     #[test]
     fn jitter_stays_within_half_to_one_and_a_half() {
         for _ in 0..100 {

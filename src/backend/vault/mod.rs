@@ -29,7 +29,8 @@ use lease::{Lease, Leases, Plan};
 use params::{VaultObject, VaultParams};
 
 /// A Vault answer shared by the objects of one Mount that asked for it.
-type Shared = OnceCell<Result<Arc<SecretBytes>, ObjectError>>;
+/// Failures are not kept: a retry of the call asks Vault again.
+type Shared = OnceCell<Arc<SecretBytes>>;
 
 pub struct VaultBackend {
     defaults: VaultArgs,
@@ -332,9 +333,9 @@ impl Backend for VaultBackend {
             request.request_id()
         ));
         let answer = shared
-            .get_or_init(|| self.answer(&params, &request, ctx, answer_limit(limits)))
+            .get_or_try_init(|| self.answer(&params, &request, ctx, answer_limit(limits)))
             .await
-            .clone()?;
+            .cloned()?;
         let extracted = extract(&answer, request.key.as_deref(), &what)?;
         // A pinned KV v2 version never changes.
         let immutable =
