@@ -33,7 +33,10 @@ use coffer::secret::SecretBytes;
 use coffer::spc::ObjectSpec;
 
 fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// A backend that answers after a fixed latency, counting its calls.
@@ -54,15 +57,26 @@ impl Backend for LatencyBackend {
         object.reject_unknown_fields(&[])
     }
     fn cache_key(&self, object: &ObjectSpec, ctx: &MountContext) -> Option<String> {
-        Some(format!("{}/{} {}", ctx.pod.namespace, ctx.pod.service_account, object.name))
+        Some(format!(
+            "{}/{} {}",
+            ctx.pod.namespace, ctx.pod.service_account, object.name
+        ))
     }
     fn limit_scope(&self, _: &MountContext) -> Option<String> {
         Some("latency".into())
     }
-    async fn fetch(&self, _: &ObjectSpec, _: &MountContext, _: FetchLimits) -> Result<Fetched, ObjectError> {
+    async fn fetch(
+        &self,
+        _: &ObjectSpec,
+        _: &MountContext,
+        _: FetchLimits,
+    ) -> Result<Fetched, ObjectError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(self.latency).await;
-        Ok(Fetched::new(SecretBytes::new(self.value.clone()), Some("v1".into())))
+        Ok(Fetched::new(
+            SecretBytes::new(self.value.clone()),
+            Some("v1".into()),
+        ))
     }
 }
 
@@ -89,7 +103,8 @@ async fn run_daemon(args: Vec<String>) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     });
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
     coffer::server::serve_with_backends(&cli.serve, registry, async move {
         term.recv().await;
     })
@@ -102,17 +117,30 @@ async fn run_floor(socket: PathBuf, objects: usize) {
     struct Fixed(proto::MountResponse);
     #[tonic::async_trait]
     impl proto::csi_driver_provider_server::CsiDriverProvider for Fixed {
-        async fn version(&self, _: tonic::Request<proto::VersionRequest>) -> Result<tonic::Response<proto::VersionResponse>, tonic::Status> {
+        async fn version(
+            &self,
+            _: tonic::Request<proto::VersionRequest>,
+        ) -> Result<tonic::Response<proto::VersionResponse>, tonic::Status> {
             Ok(tonic::Response::new(proto::VersionResponse::default()))
         }
-        async fn mount(&self, _: tonic::Request<proto::MountRequest>) -> Result<tonic::Response<proto::MountResponse>, tonic::Status> {
+        async fn mount(
+            &self,
+            _: tonic::Request<proto::MountRequest>,
+        ) -> Result<tonic::Response<proto::MountResponse>, tonic::Status> {
             Ok(tonic::Response::new(self.0.clone()))
         }
     }
     let mut resp = proto::MountResponse::default();
     for i in 0..objects {
-        resp.files.push(proto::File { path: format!("obj-{i}"), mode: 0o644, contents: vec![b's'; 64] });
-        resp.object_version.push(proto::ObjectVersion { id: format!("obj-{i}"), version: "v1".into() });
+        resp.files.push(proto::File {
+            path: format!("obj-{i}"),
+            mode: 0o644,
+            contents: vec![b's'; 64],
+        });
+        resp.object_version.push(proto::ObjectVersion {
+            id: format!("obj-{i}"),
+            version: "v1".into(),
+        });
     }
     let _ = std::fs::remove_file(&socket);
     let listener = tokio::net::UnixListener::bind(&socket).unwrap();
@@ -147,7 +175,11 @@ impl ChildProc {
             assert!(Instant::now() < deadline, "{name} did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        ChildProc { child, socket, count_file }
+        ChildProc {
+            child,
+            socket,
+            count_file,
+        }
     }
 
     fn pid(&self) -> u32 {
@@ -156,7 +188,10 @@ impl ChildProc {
 
     fn calls(&self) -> u64 {
         std::thread::sleep(Duration::from_millis(60));
-        std::fs::read_to_string(&self.count_file).ok().and_then(|s| s.parse().ok()).unwrap_or(0)
+        std::fs::read_to_string(&self.count_file)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
     }
 }
 
@@ -181,22 +216,40 @@ fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
     ticks / hz
 }
 
 fn spc(backend: &str, objects: usize, extra: &[(&str, String)]) -> SecretProviderClass {
-    let list: String = (0..objects).map(|i| format!("- objectName: obj-{i}\n")).collect();
-    let mut parameters = BTreeMap::from([("backend".to_string(), backend.to_string()), ("objects".to_string(), list)]);
+    let list: String = (0..objects)
+        .map(|i| format!("- objectName: obj-{i}\n"))
+        .collect();
+    let mut parameters = BTreeMap::from([
+        ("backend".to_string(), backend.to_string()),
+        ("objects".to_string(), list),
+    ]);
     for (k, v) in extra {
         parameters.insert(k.to_string(), v.clone());
     }
-    SecretProviderClass { name: "bench".into(), namespace: None, provider: "coffer".into(), parameters }
+    SecretProviderClass {
+        name: "bench".into(),
+        namespace: None,
+        provider: "coffer".into(),
+        parameters,
+    }
 }
 
 /// Pod `n`: ten pods per service account.
-fn pod_request(spc: &SecretProviderClass, n: usize, tokens: &[(&str, String)]) -> proto::MountRequest {
+fn pod_request(
+    spc: &SecretProviderClass,
+    n: usize,
+    tokens: &[(&str, String)],
+) -> proto::MountRequest {
     DriverRequest {
         pod: Pod {
             namespace: "bench".into(),
@@ -204,7 +257,10 @@ fn pod_request(spc: &SecretProviderClass, n: usize, tokens: &[(&str, String)]) -
             uid: format!("uid-{n}"),
             service_account: format!("sa-{}", n / 10),
         },
-        tokens: tokens.iter().map(|(a, t)| (a.to_string(), coffer::secret::Credential::new(t.clone()))).collect(),
+        tokens: tokens
+            .iter()
+            .map(|(a, t)| (a.to_string(), coffer::secret::Credential::new(t.clone())))
+            .collect(),
         node_publish_secrets: None,
         volume_attributes: BTreeMap::new(),
         permission: 0o644,
@@ -218,7 +274,11 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 }
 
 /// Sequential Mounts: latency at concurrency 1.
-async fn latency_c1(client: &mut ProviderClient, reqs: &[proto::MountRequest], n: usize) -> (Duration, Duration) {
+async fn latency_c1(
+    client: &mut ProviderClient,
+    reqs: &[proto::MountRequest],
+    n: usize,
+) -> (Duration, Duration) {
     let mut samples = Vec::with_capacity(n);
     for i in 0..n {
         let t = Instant::now();
@@ -230,7 +290,12 @@ async fn latency_c1(client: &mut ProviderClient, reqs: &[proto::MountRequest], n
 }
 
 /// `conc` pods mounting in a loop for `secs`: Mounts/s and latencies.
-async fn throughput(socket: &Path, reqs: Arc<Vec<proto::MountRequest>>, conc: usize, secs: u64) -> (f64, Duration, Duration) {
+async fn throughput(
+    socket: &Path,
+    reqs: Arc<Vec<proto::MountRequest>>,
+    conc: usize,
+    secs: u64,
+) -> (f64, Duration, Duration) {
     let clients: Vec<ProviderClient> = {
         let mut v = Vec::new();
         for _ in 0..4 {
@@ -287,16 +352,29 @@ async fn measure_latency_backend(dir: &Path, label: &str, cache: bool, floor: &F
     let pods = env_num("BENCH_PODS", 200) as usize;
     let objects = env_num("BENCH_OBJECTS", 5) as usize;
     let secs = env_num("BENCH_SECONDS", 3);
-    let mut args: Vec<String> = ["--health-addr", "off", "--backend-qps", "0", "--backend-max-in-flight", "1000"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    args.extend(["--version-key-file".into(), dir.join(format!("{label}.key")).display().to_string()]);
+    let mut args: Vec<String> = [
+        "--health-addr",
+        "off",
+        "--backend-qps",
+        "0",
+        "--backend-max-in-flight",
+        "1000",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend([
+        "--version-key-file".into(),
+        dir.join(format!("{label}.key")).display().to_string(),
+    ]);
     if !cache {
         args.extend(["--cache-ttl".into(), "0s".into()]);
     }
     let mut child_args = args.clone();
-    child_args.extend(["--socket".into(), dir.join(format!("{label}.sock")).display().to_string()]);
+    child_args.extend([
+        "--socket".into(),
+        dir.join(format!("{label}.sock")).display().to_string(),
+    ]);
     let daemon = ChildProc::spawn("daemon", dir, label, &child_args);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let idle_rss = status_kib(daemon.pid(), "VmRSS:");
@@ -315,6 +393,7 @@ async fn measure_latency_backend(dir: &Path, label: &str, cache: bool, floor: &F
     let (rate, tp50, tp99) = throughput(&daemon.socket, Arc::new(reqs.clone()), 64, secs).await;
 
     let mounts = env_num("BENCH_MOUNTS", 10_000) as usize;
+    let rss_warm = status_kib(daemon.pid(), "VmRSS:");
     let cpu0 = cpu_seconds(daemon.pid());
     let reqs = Arc::new(reqs);
     let per_task = mounts / 16;
@@ -324,7 +403,9 @@ async fn measure_latency_backend(dir: &Path, label: &str, cache: bool, floor: &F
         let reqs = Arc::clone(&reqs);
         tasks.spawn(async move {
             for i in 0..per_task {
-                c.mount(reqs[(t * per_task + i) % reqs.len()].clone()).await.unwrap();
+                c.mount(reqs[(t * per_task + i) % reqs.len()].clone())
+                    .await
+                    .unwrap();
             }
         });
     }
@@ -336,26 +417,39 @@ async fn measure_latency_backend(dir: &Path, label: &str, cache: bool, floor: &F
         env_num("BENCH_LATENCY_MS", 2), pods.div_ceil(10), if cache { "on" } else { "off" });
     println!("  backend calls per rotation round: cold {cold}, warm {warm} (pods × objects = {}, distinct keys = {})",
         pods * objects, pods.div_ceil(10) * objects);
-    println!("  concurrency 1: p50 {p50:.1?} p99 {p99:.1?}  ({:.2}x floor p50)", p50.as_secs_f64() / floor.p50_c1.as_secs_f64());
-    println!("  concurrency 64: {rate:.0} Mounts/s ({:.2}x floor), p50 {tp50:.1?} p99 {tp99:.1?}", rate / floor.rate);
-    println!("  daemon RSS: idle {:.1} MiB, after {mounts} more mounts {:.1} MiB, peak {:.1} MiB",
-        idle_rss as f64 / 1024.0, rss_after as f64 / 1024.0, peak as f64 / 1024.0);
-    println!("  daemon CPU: {:.3} s per 1,000 mounts", cpu / (mounts as f64 / 1000.0));
+    println!(
+        "  concurrency 1: p50 {p50:.1?} p99 {p99:.1?}  ({:.2}x floor p50)",
+        p50.as_secs_f64() / floor.p50_c1.as_secs_f64()
+    );
+    println!(
+        "  concurrency 64: {rate:.0} Mounts/s ({:.2}x floor), p50 {tp50:.1?} p99 {tp99:.1?}",
+        rate / floor.rate
+    );
+    println!("  daemon RSS: idle {:.1} MiB, after warm-up {:.1} MiB, after {mounts} more mounts {:.1} MiB, peak {:.1} MiB",
+        idle_rss as f64 / 1024.0, rss_warm as f64 / 1024.0, rss_after as f64 / 1024.0, peak as f64 / 1024.0);
+    println!(
+        "  daemon CPU: {:.3} s per 1,000 mounts",
+        cpu / (mounts as f64 / 1000.0)
+    );
 }
 
 async fn measure_openbao(dir: &Path) {
     let bao = common::bao::Bao::start().await;
     let signer = common::bao::Signer::new();
-    bao.policy("app", "path \"secret/*\" { capabilities = [\"read\"] }").await;
+    bao.policy("app", "path \"secret/*\" { capabilities = [\"read\"] }")
+        .await;
     common::bao::setup_jwt(&bao, &signer, &["app"]).await;
     // The role binds one service account: all bench pods run as it.
     let objects = 3;
     for i in 0..objects {
-        bao.put_kv2(&format!("obj-{i}"), serde_json::json!({"v": "value"})).await;
+        bao.put_kv2(&format!("obj-{i}"), serde_json::json!({"v": "value"}))
+            .await;
     }
     let pods = 50;
     let list: String = (0..objects)
-        .map(|i| format!("- objectName: obj-{i}\n  secretPath: secret/data/obj-{i}\n  secretKey: v\n"))
+        .map(|i| {
+            format!("- objectName: obj-{i}\n  secretPath: secret/data/obj-{i}\n  secretKey: v\n")
+        })
         .collect();
     let spc = SecretProviderClass {
         name: "bench".into(),
@@ -375,7 +469,10 @@ async fn measure_openbao(dir: &Path) {
             let mut r = pod_request(&spc, n, &[("vault", jwt.clone())]);
             let mut attrs: BTreeMap<String, String> = serde_json::from_str(&r.attributes).unwrap();
             attrs.insert("csi.storage.k8s.io/pod.namespace".into(), "shop".into());
-            attrs.insert("csi.storage.k8s.io/serviceAccount.name".into(), "web".into());
+            attrs.insert(
+                "csi.storage.k8s.io/serviceAccount.name".into(),
+                "web".into(),
+            );
             r.attributes = serde_json::to_string(&attrs).unwrap();
             r
         })
@@ -383,19 +480,25 @@ async fn measure_openbao(dir: &Path) {
     for cache in [true, false] {
         let label = if cache { "bao-cache" } else { "bao-nocache" };
         let mut args: Vec<String> = vec![
-            "--health-addr".into(), "off".into(),
-            "--socket".into(), dir.join(format!("{label}.sock")).display().to_string(),
-            "--version-key-file".into(), dir.join(format!("{label}.key")).display().to_string(),
-            "--backend-qps".into(), "0".into(),
+            "--health-addr".into(),
+            "off".into(),
+            "--socket".into(),
+            dir.join(format!("{label}.sock")).display().to_string(),
+            "--version-key-file".into(),
+            dir.join(format!("{label}.key")).display().to_string(),
+            "--backend-qps".into(),
+            "0".into(),
         ];
         if !cache {
             args.extend(["--cache-ttl".into(), "0s".into()]);
         }
         let daemon = ChildProc::spawn("daemon", dir, label, &args);
         let audit = bao.audit_path();
-        let count = || common::bao::audited_requests(&audit, "read", "secret/data/obj-0")
-            + common::bao::audited_requests(&audit, "read", "secret/data/obj-1")
-            + common::bao::audited_requests(&audit, "read", "secret/data/obj-2");
+        let count = || {
+            common::bao::audited_requests(&audit, "read", "secret/data/obj-0")
+                + common::bao::audited_requests(&audit, "read", "secret/data/obj-1")
+                + common::bao::audited_requests(&audit, "read", "secret/data/obj-2")
+        };
         round(&daemon.socket, &reqs).await;
         let before = count();
         let t = Instant::now();
@@ -408,12 +511,17 @@ async fn measure_openbao(dir: &Path) {
         println!("\n[{label}] OpenBao, {pods} pods × {objects} KV v2 objects, one service account, cache {}",
             if cache { "on" } else { "off" });
         println!("  Vault reads per rotation round: {warm} (pods × objects = {}); round took {elapsed:.1?}", pods * objects);
-        println!("  concurrency 1: p50 {p50:.1?} p99 {p99:.1?}; concurrency 32: {rate:.0} Mounts/s");
+        println!(
+            "  concurrency 1: p50 {p50:.1?} p99 {p99:.1?}; concurrency 32: {rate:.0} Mounts/s"
+        );
     }
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     match std::env::var("BENCH_ROLE").as_deref() {
         Ok("daemon") => {
             let args: Vec<String> = std::env::var("BENCH_DAEMON_ARGS")
@@ -441,7 +549,13 @@ fn main() {
         let mut client = coffer::client::connect(&floor_proc.socket).await.unwrap();
         latency_c1(&mut client, &reqs, 200).await;
         let (p50, p99) = latency_c1(&mut client, &reqs, 2000).await;
-        let (rate, tp50, tp99) = throughput(&floor_proc.socket, Arc::new(reqs), 64, env_num("BENCH_SECONDS", 3)).await;
+        let (rate, tp50, tp99) = throughput(
+            &floor_proc.socket,
+            Arc::new(reqs),
+            64,
+            env_num("BENCH_SECONDS", 3),
+        )
+        .await;
         drop(floor_proc);
         println!("[floor] bare tonic server, fixed {objects}-file MountResponse");
         println!("  concurrency 1: p50 {p50:.1?} p99 {p99:.1?}");

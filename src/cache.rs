@@ -23,6 +23,7 @@ use lru::LruCache;
 
 use crate::backend::Fetched;
 use crate::error::ObjectError;
+use crate::metrics::METRICS;
 use crate::secret::SecretBytes;
 
 /// Bookkeeping bytes charged per entry on top of its value and key.
@@ -174,14 +175,17 @@ impl Cache {
             if let Some(e) = state.lru.get(key) {
                 if e.immutable || e.fetched_at.elapsed() < ttl {
                     self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                    METRICS.cache_hits.inc();
                     return Ok((Arc::clone(e), Source::Hit));
                 }
             }
             if let Some(f) = state.inflight.get(key) {
                 self.stats.joins.fetch_add(1, Ordering::Relaxed);
+                METRICS.singleflight_joins.inc();
                 (f.clone(), true)
             } else {
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                METRICS.cache_misses.inc();
                 let flight = self.launch(key.to_string(), fetch());
                 state.inflight.insert(key.to_string(), flight.clone());
                 (flight, false)
@@ -201,6 +205,7 @@ impl Cache {
                     match stale.filter(|e| e.fetched_at.elapsed() <= bound) {
                         Some(e) => {
                             self.stats.stale_serves.fetch_add(1, Ordering::Relaxed);
+                            METRICS.stale_serves.inc();
                             tracing::warn!(
                                 age_s = e.fetched_at.elapsed().as_secs(),
                                 error = %err,
@@ -259,6 +264,7 @@ impl Cache {
             };
             state.bytes = state.bytes.saturating_sub(entry_size(&k, &old));
             self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+            METRICS.cache_evictions.inc();
         }
         if state.last_sweep.elapsed() > Duration::from_secs(30) {
             state.last_sweep = Instant::now();
@@ -273,9 +279,13 @@ impl Cache {
                 if let Some(old) = state.lru.pop(&k) {
                     state.bytes = state.bytes.saturating_sub(entry_size(&k, &old));
                     self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+                    METRICS.cache_evictions.inc();
                 }
             }
         }
+        METRICS
+            .cache_bytes
+            .set(i64::try_from(state.bytes).unwrap_or(i64::MAX));
     }
 }
 

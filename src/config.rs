@@ -124,6 +124,17 @@ pub struct ServeArgs {
     /// Retries of a backend call that failed for want of the backend.
     #[arg(long, env = "COFFER_BACKEND_RETRIES", default_value_t = 3)]
     pub backend_retries: u32,
+    /// Audit records (one JSON line per object per Mount): a file path,
+    /// `stderr`, or `off`.
+    #[arg(long, env = "COFFER_AUDIT_LOG", default_value = "stderr")]
+    pub audit_log: crate::audit::Sink,
+    /// Fail Mounts when the audit log cannot record them (default: serve and
+    /// count the loss).
+    #[arg(long, env = "COFFER_AUDIT_FAIL_CLOSED")]
+    pub audit_fail_closed: bool,
+    /// Peer uids allowed to call besides root (the driver runs as root).
+    #[arg(long, env = "COFFER_ALLOWED_UIDS", value_delimiter = ',')]
+    pub allowed_uids: Vec<u32>,
     #[command(flatten)]
     pub vault: VaultArgs,
     #[command(flatten)]

@@ -127,6 +127,9 @@ pub enum MountError {
         timeout: Duration,
         outstanding: Vec<String>,
     },
+    /// The audit log cannot record the Mount and the daemon fails closed.
+    #[error("{0}")]
+    Audit(String),
     #[error("mount response would be {size} bytes; the limit is {limit} (--max-response-bytes, and the driver's gRPC receive limit)")]
     ResponseTooLarge { size: u64, limit: u64 },
 }
@@ -152,6 +155,7 @@ impl MountError {
                 .unwrap_or(Code::Internal),
             MountError::Deadline { .. } => Code::DeadlineExceeded,
             MountError::ResponseTooLarge { .. } => Code::ResourceExhausted,
+            MountError::Audit(_) => Code::Unavailable,
         }
     }
 }

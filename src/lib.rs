@@ -2,6 +2,7 @@
 //! module map and how a Mount request flows through it.
 
 pub mod atomic_writer;
+pub mod audit;
 pub mod backend;
 pub mod cache;
 pub mod cli;
@@ -11,6 +12,7 @@ pub mod error;
 pub mod limit;
 pub mod logging;
 pub mod manifest;
+pub mod metrics;
 pub mod mount;
 pub mod paths;
 pub mod request;

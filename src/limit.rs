@@ -151,10 +151,7 @@ impl Limiter {
         let scope = self.scope(&scope);
         let fetch = tower::service_fn(move |c: Call| {
             let stats = Arc::clone(&stats);
-            async move {
-                stats.calls.fetch_add(1, Ordering::Relaxed);
-                c.backend.fetch(&c.object, &c.ctx, c.limits).await
-            }
+            async move { timed(&stats, &c).await }
         });
         let service = ServiceBuilder::new()
             .layer(RetryLayer::new(Backoff {
@@ -172,6 +169,20 @@ impl Limiter {
             .service(fetch);
         service.oneshot(call).await
     }
+}
+
+/// One backend call, counted and timed.
+async fn timed(stats: &Stats, c: &Call) -> Result<Fetched, ObjectError> {
+    stats.calls.fetch_add(1, Ordering::Relaxed);
+    let started = std::time::Instant::now();
+    let result = c.backend.fetch(&c.object, &c.ctx, c.limits).await;
+    crate::metrics::backend_call(
+        c.backend.name(),
+        "fetch",
+        result.is_ok(),
+        started.elapsed().as_secs_f64(),
+    );
+    result
 }
 
 /// Waits for a token of the scope's bucket before each call.
@@ -221,6 +232,7 @@ where
             };
             if !wait.is_zero() {
                 layer.stats.rate_limit_waits.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::METRICS.rate_limit_waits.inc();
                 tokio::time::sleep(wait).await;
             }
             inner.oneshot(call).await
@@ -270,6 +282,7 @@ impl Policy<Call, Fetched, ObjectError> for Backoff {
         }
         self.attempt += 1;
         self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::METRICS.backend_retries.inc();
         Some(tokio::time::sleep(wait))
     }
 

@@ -11,6 +11,7 @@ use futures::stream::{self, StreamExt};
 use futures::FutureExt;
 use zeroize::Zeroizing;
 
+use crate::audit::{self, Auditor, Record};
 use crate::backend::{FetchLimits, Registry};
 use crate::cache::{Cache, Source};
 use crate::error::{Failure, MountError, ObjectError};
@@ -72,9 +73,36 @@ pub struct Mounter {
     config: MountConfig,
     cache: Arc<Cache>,
     limiter: Arc<Limiter>,
+    auditor: Arc<Auditor>,
     /// Rotation polls send the same `objects` text every time: parse once.
     parsed: Mutex<HashMap<String, Arc<Vec<ObjectSpec>>>>,
     pub stats: MountStats,
+}
+
+/// An audit record about one object of this Mount, failed until told otherwise.
+fn record<'a>(
+    ctx: &'a MountContext,
+    time: &str,
+    object: &'a str,
+    backend: &'a str,
+    address: &'a str,
+) -> Record<'a> {
+    Record {
+        time: time.to_string(),
+        audit: "mount",
+        pod_namespace: &ctx.pod.namespace,
+        pod_name: &ctx.pod.name,
+        pod_uid: &ctx.pod.uid,
+        service_account: &ctx.pod.service_account,
+        spc: &ctx.spc_name,
+        backend,
+        object,
+        address,
+        version: None,
+        source: "none",
+        outcome: "error",
+        code: "",
+    }
 }
 
 /// SPC-level cache settings of one Mount.
@@ -92,6 +120,10 @@ struct Ready {
     version: String,
     /// An optional object that does not exist: a version, no file.
     absent: bool,
+    /// For the audit log.
+    backend: &'static str,
+    address: String,
+    source: &'static str,
 }
 
 impl Mounter {
@@ -101,6 +133,7 @@ impl Mounter {
         config: MountConfig,
         cache: Arc<Cache>,
         limiter: Arc<Limiter>,
+        auditor: Arc<Auditor>,
     ) -> Self {
         Self {
             backends,
@@ -108,6 +141,7 @@ impl Mounter {
             config,
             cache,
             limiter,
+            auditor,
             parsed: Mutex::new(HashMap::new()),
             stats: MountStats::default(),
         }
@@ -193,8 +227,53 @@ impl Mounter {
         .map_err(|e| MountError::Request(e.to_string()))
     }
 
-    /// Runs a Mount for an already-parsed request.
+    /// Runs a Mount for an already-parsed request and audits it.
     pub async fn mount(&self, ctx: &MountContext) -> Result<proto::MountResponse, MountError> {
+        self.auditor
+            .check()
+            .map_err(|e| MountError::Audit(e.to_string()))?;
+        let result = self.mount_inner(ctx).await;
+        let time = audit::now_rfc3339();
+        let base = |object, backend, address| record(ctx, &time, object, backend, address);
+        let mut audited = Ok(());
+        match &result {
+            Ok((_, ready)) => {
+                for r in ready {
+                    let mut rec = base(&r.path, r.backend, &r.address);
+                    rec.version = Some(&r.version);
+                    rec.source = r.source;
+                    rec.outcome = "ok";
+                    rec.code = "OK";
+                    audited = audited.and(self.auditor.record(&rec));
+                }
+            }
+            Err(err) => {
+                let code = err.code().as_str();
+                let objects: Vec<(String, &'static str)> = match err {
+                    MountError::Objects { failures, .. } => failures
+                        .iter()
+                        .map(|f| (f.object.clone(), f.error.code().as_str()))
+                        .collect(),
+                    MountError::Deadline { outstanding, .. } => {
+                        outstanding.iter().map(|o| (o.clone(), code)).collect()
+                    }
+                    _ => vec![(String::new(), code)],
+                };
+                for (object, code) in &objects {
+                    let mut rec = base(object, "", "");
+                    rec.code = code;
+                    audited = audited.and(self.auditor.record(&rec));
+                }
+            }
+        }
+        audited.map_err(|e| MountError::Audit(e.to_string()))?;
+        result.map(|(response, _)| response)
+    }
+
+    async fn mount_inner(
+        &self,
+        ctx: &MountContext,
+    ) -> Result<(proto::MountResponse, Vec<Ready>), MountError> {
         let objects = self.validate(ctx)?;
         let freshness = self.freshness(ctx)?;
         tracing::Span::current().record("objects", objects.len());
@@ -209,16 +288,17 @@ impl Mounter {
             });
         }
         let mut response = proto::MountResponse::default();
-        for mut r in ready {
+        let mut ready = ready;
+        for r in &mut ready {
             response.object_version.push(proto::ObjectVersion {
                 id: r.path.clone(),
-                version: r.version,
+                version: r.version.clone(),
             });
             if r.absent {
                 continue;
             }
             response.files.push(proto::File {
-                path: r.path,
+                path: r.path.clone(),
                 mode: r.mode as i32,
                 contents: std::mem::take(&mut *r.contents),
             });
@@ -235,7 +315,7 @@ impl Mounter {
                 limit: self.config.max_response_bytes,
             });
         }
-        Ok(response)
+        Ok((response, ready))
     }
 
     /// Everything that can be checked without fetching, for every object.
@@ -360,14 +440,21 @@ impl Mounter {
             let (limiter, call) = (Arc::clone(&limiter), call.clone());
             async move { limiter.call(call).await }.boxed()
         };
+        let mut source = "backend";
         let fetched = match backend.cache_key(object, ctx) {
             Some(key) => {
                 let ttl = object.refresh_interval.unwrap_or(freshness.ttl);
                 self.cache
                     .get(&key, ttl, freshness.stale_if_error, fetch)
                     .await
-                    .map(|(entry, source)| {
-                        match source {
+                    .map(|(entry, from)| {
+                        source = match from {
+                            Source::Hit => "cache",
+                            Source::Joined => "joined",
+                            Source::Stale => "stale",
+                            Source::Miss | Source::Uncached => "backend",
+                        };
+                        match from {
                             Source::Hit | Source::Joined => {
                                 self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
                             }
@@ -384,6 +471,7 @@ impl Mounter {
         let fetched = match fetched {
             Err(ObjectError::NotFound(why)) if object.optional => {
                 self.stats.optional_missing.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::METRICS.optional_missing.inc();
                 tracing::info!(object = %object.name, reason = %why, "optional object does not exist; mounting without it");
                 return Ok(Ready {
                     path: object.name.clone(),
@@ -391,6 +479,9 @@ impl Mounter {
                     contents: Zeroizing::new(Vec::new()),
                     version: ABSENT_VERSION.into(),
                     absent: true,
+                    backend: backend.name(),
+                    address: backend.describe(object),
+                    source: "absent",
                 });
             }
             other => other?,
@@ -412,6 +503,9 @@ impl Mounter {
             contents,
             version,
             absent: false,
+            backend: backend.name(),
+            address: backend.describe(object),
+            source,
         })
     }
 }

@@ -168,6 +168,9 @@ fn serve_args(dir: &std::path::Path, timeout: Duration, grace: Duration) -> Serv
         backend_burst: 100,
         backend_max_in_flight: 32,
         backend_retries: 3,
+        audit_log: coffer::audit::Sink::Off,
+        audit_fail_closed: false,
+        allowed_uids: Vec::new(),
         vault: Default::default(),
         log: LogArgs {
             log_format: LogFormat::Text,

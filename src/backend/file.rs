@@ -93,6 +93,15 @@ impl Backend for FileBackend {
         "file"
     }
 
+    fn describe(&self, object: &ObjectSpec) -> String {
+        let path = object
+            .str_field("path")
+            .ok()
+            .flatten()
+            .unwrap_or(&object.name);
+        format!("file:{path}")
+    }
+
     fn validate(&self, object: &ObjectSpec, ctx: &MountContext) -> Result<(), ObjectError> {
         object.reject_unknown_fields(FIELDS)?;
         self.relative_path(object, ctx).map(|_| ())

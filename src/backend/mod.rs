@@ -64,6 +64,12 @@ pub trait Backend: Send + Sync {
         None
     }
 
+    /// Where the backend holds `object`, for the audit log (a path, never a
+    /// value).
+    fn describe(&self, object: &ObjectSpec) -> String {
+        object.name.clone()
+    }
+
     /// Where this caller's calls go, for rate limits (e.g. the Vault
     /// address); `None` for local backends, which are not limited.
     fn limit_scope(&self, _ctx: &MountContext) -> Option<String> {

@@ -169,6 +169,9 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
         backend_burst: 100,
         backend_max_in_flight: 32,
         backend_retries: 3,
+        audit_log: crate::audit::Sink::Off,
+        audit_fail_closed: false,
+        allowed_uids: Vec::new(),
         vault: Default::default(),
         log: LogArgs {
             log_format: crate::config::LogFormat::Text,

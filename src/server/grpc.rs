@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 use tracing::{field, Instrument};
 
 use crate::error::{Code, MountError};
+use crate::metrics::{MountLabels, METRICS};
 use crate::mount::Mounter;
 use crate::proto::csi_driver_provider_server::CsiDriverProvider;
 use crate::proto::{MountRequest, MountResponse, VersionRequest, VersionResponse};
@@ -50,6 +51,7 @@ struct InFlight(Arc<AtomicUsize>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+        METRICS.mounts_in_flight.dec();
     }
 }
 
@@ -72,6 +74,7 @@ impl CsiDriverProvider for ProviderService {
         request: Request<MountRequest>,
     ) -> Result<Response<MountResponse>, Status> {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
+        METRICS.mounts_in_flight.inc();
         let _guard = InFlight(Arc::clone(&self.in_flight));
         let started = Instant::now();
         let span = tracing::info_span!(
@@ -95,10 +98,19 @@ impl CsiDriverProvider for ProviderService {
         }
         .instrument(span.clone())
         .await;
-        let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let elapsed = started.elapsed().as_secs_f64();
+        METRICS.mount_duration.observe(elapsed);
+        let duration_ms = elapsed * 1000.0;
         let _entered = span.enter();
         match result {
             Ok(response) => {
+                METRICS
+                    .mounts
+                    .get_or_create(&MountLabels {
+                        outcome: "ok",
+                        code: "OK",
+                    })
+                    .inc();
                 tracing::info!(duration_ms, outcome = "ok", "mount served");
                 Ok(Response::new(response))
             }
@@ -107,6 +119,13 @@ impl CsiDriverProvider for ProviderService {
                     span.record("objects", *total);
                 }
                 let status = to_status(&err);
+                METRICS
+                    .mounts
+                    .get_or_create(&MountLabels {
+                        outcome: "error",
+                        code: err.code().as_str(),
+                    })
+                    .inc();
                 tracing::warn!(
                     duration_ms,
                     outcome = "error",

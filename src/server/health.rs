@@ -1,5 +1,6 @@
-//! HTTP health endpoints for the DaemonSet's probes: `/healthz` says the
-//! process runs, `/readyz` proves the provider socket accepts connections.
+//! HTTP endpoints for the DaemonSet's probes and for Prometheus: `/healthz`
+//! says the process runs, `/readyz` proves the provider socket accepts
+//! connections, `/metrics` is the OpenMetrics exposition.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -24,9 +25,20 @@ async fn readyz(State(socket): State<PathBuf>) -> (StatusCode, &'static str) {
     }
 }
 
+async fn metrics() -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        crate::metrics::METRICS.encode(),
+    )
+}
+
 pub fn router(socket: PathBuf) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .route("/readyz", get(readyz))
         .with_state(socket)
 }

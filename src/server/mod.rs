@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::StreamExt;
 
+use crate::audit::Auditor;
 use crate::backend::{file::FileBackend, vault::VaultBackend, Registry};
 use crate::cache::Cache;
 use crate::config::{HealthAddr, ServeArgs};
@@ -17,6 +19,7 @@ use crate::version::{VersionKey, VersionKeyError};
 
 pub mod grpc;
 pub mod health;
+pub mod peer;
 pub mod socket;
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +91,7 @@ pub async fn serve_with_backends(
         mount_config(args),
         Cache::new(args.cache_ttl, args.cache_max_bytes),
         Arc::new(Limiter::new(limit_config(args))),
+        Auditor::start(args.audit_log.clone(), args.audit_fail_closed),
     ));
     let in_flight = Arc::new(AtomicUsize::new(0));
     let service = grpc::ProviderService::new(mounter, Arc::clone(&in_flight));
@@ -119,8 +123,9 @@ pub async fn serve_with_backends(
     };
 
     let mut rx = stop_rx.clone();
-    let incoming = UnixListenerStream::new(listener);
+    let incoming = UnixListenerStream::new(listener).map(|s| s.map(peer::PeerStream::new));
     let server = tonic::transport::Server::builder()
+        .layer(peer::GuardLayer::new(&args.allowed_uids))
         .add_service(CsiDriverProviderServer::new(service))
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = rx.wait_for(|s| *s).await;

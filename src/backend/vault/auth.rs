@@ -195,7 +195,14 @@ impl Tokens {
         }
         *cached = None;
         let started = Instant::now();
-        let fresh = login(endpoint, params, ctx).await?;
+        let fresh = login(endpoint, params, ctx).await;
+        crate::metrics::METRICS
+            .vault_logins
+            .get_or_create(&crate::metrics::Outcome {
+                outcome: if fresh.is_ok() { "ok" } else { "error" },
+            })
+            .inc();
+        let fresh = fresh?;
         tracing::debug!(
             vault = %endpoint.address,
             method = match params.auth { Auth::AppRole { .. } => "approle", _ => "login" },

@@ -134,6 +134,12 @@ impl VaultBackend {
                         .ok()
                         .and_then(|b| serde_json::from_slice::<Json>(&b).ok())
                         .and_then(|v| v.get("lease_duration").and_then(Json::as_u64));
+                    crate::metrics::METRICS
+                        .vault_lease_renewals
+                        .get_or_create(&crate::metrics::Outcome {
+                            outcome: if renewed.is_some() { "ok" } else { "error" },
+                        })
+                        .inc();
                     if let Some(granted) = renewed {
                         lease.renewed(Duration::from_secs(granted), Instant::now());
                         if lease.plan(Instant::now(), fraction) != Plan::Reissue {
@@ -388,6 +394,22 @@ impl Backend for VaultBackend {
             request.request_id(),
             request.key.as_deref().unwrap_or("")
         )))
+    }
+
+    fn describe(&self, object: &ObjectSpec) -> String {
+        match VaultObject::from_spec(object) {
+            Ok(r) => {
+                let query: Vec<String> = r.query.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let query = if query.is_empty() {
+                    String::new()
+                } else {
+                    format!("?{}", query.join("&"))
+                };
+                let key = r.key.map(|k| format!("#{k}")).unwrap_or_default();
+                format!("{} {}{query}{key}", r.method, r.path)
+            }
+            Err(_) => object.name.clone(),
+        }
     }
 
     fn limit_scope(&self, ctx: &MountContext) -> Option<String> {
