@@ -142,11 +142,7 @@ impl Limiter {
         let stats = Arc::clone(&self.stats);
         let Some(scope) = call.backend.limit_scope(&call.ctx) else {
             // Local backends: no bucket, no bound, no retries.
-            stats.calls.fetch_add(1, Ordering::Relaxed);
-            return call
-                .backend
-                .fetch(&call.object, &call.ctx, call.limits)
-                .await;
+            return timed(&stats, &call).await;
         };
         let scope = self.scope(&scope);
         let fetch = tower::service_fn(move |c: Call| {

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use coffer::cli::{demo, mount};
+use coffer::cli::{check, demo, mount};
 use coffer::config::{LogArgs, LogFormat, ServeArgs};
 use coffer::logging;
 
@@ -24,6 +24,8 @@ enum Command {
     Mount(mount::MountArgs),
     /// Start a daemon with example secrets, mount, rotate, and show the result.
     Demo(demo::DemoArgs),
+    /// Validate SecretProviderClass manifests as Mount would, fetching nothing.
+    Check(check::CheckArgs),
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
@@ -75,6 +77,14 @@ fn main() -> ExitCode {
                     eprintln!("coffer mount: {e}");
                     ExitCode::FAILURE
                 }
+            }
+        }
+        Command::Check(args) => {
+            let _ = logging::init(&quiet_logs());
+            if check::run(args) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
             }
         }
         Command::Demo(args) => {

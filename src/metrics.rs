@@ -197,6 +197,11 @@ impl Metrics {
             m.refused_peers.clone(),
         );
         r.register("build_info", "Build information", m.build_info.clone());
+        // Series that exist from the start, so dashboards see zeros.
+        for outcome in ["ok", "error"] {
+            m.vault_logins.get_or_create(&Outcome { outcome });
+            m.vault_lease_renewals.get_or_create(&Outcome { outcome });
+        }
         m.build_info
             .get_or_create(&VersionLabel {
                 version: env!("CARGO_PKG_VERSION"),

@@ -79,6 +79,60 @@ pub struct Mounter {
     pub stats: MountStats,
 }
 
+/// Every problem of `objects` that shows without fetching: output paths,
+/// unknown backends, backend-specific fields. Shared by Mount and
+/// `coffer check`, so both judge an SPC the same way.
+pub fn check_objects(
+    backends: &Registry,
+    objects: &[ObjectSpec],
+    ctx: &MountContext,
+) -> Vec<Failure> {
+    let mut failures = Vec::new();
+    for object in objects {
+        let checked = paths::validate_path(&object.name)
+            .map_err(|e| ObjectError::Invalid(format!("objectName: {e}")))
+            .and_then(|_| backends.get(&object.backend))
+            .and_then(|backend| backend.validate(object, ctx));
+        if let Err(error) = checked {
+            failures.push(Failure {
+                object: object.label(),
+                error,
+            });
+        }
+    }
+    for e in paths::validate_path_set(objects.iter().map(|o| o.name.as_str())) {
+        let object = match &e {
+            paths::PathSetError::Duplicate(p) => p.clone(),
+            paths::PathSetError::FileIsDirectory { file, .. } => file.clone(),
+        };
+        failures.push(Failure {
+            object,
+            error: ObjectError::Invalid(e.to_string()),
+        });
+    }
+    failures
+}
+
+/// The SPC-level parameters checked before any object: `refreshInterval`
+/// and `staleIfError` must be durations.
+pub fn check_parameters(ctx: &MountContext) -> Vec<Failure> {
+    [REFRESH_PARAM, STALE_PARAM]
+        .iter()
+        .filter_map(|name| {
+            let raw = ctx.parameters.get(*name)?.trim();
+            if raw.is_empty() {
+                return None;
+            }
+            spc::parse_duration_param(name, raw)
+                .err()
+                .map(|error| Failure {
+                    object: format!("parameters.{name}"),
+                    error,
+                })
+        })
+        .collect()
+}
+
 /// An audit record about one object of this Mount, failed until told otherwise.
 fn record<'a>(
     ctx: &'a MountContext,
@@ -321,29 +375,7 @@ impl Mounter {
     /// Everything that can be checked without fetching, for every object.
     fn validate(&self, ctx: &MountContext) -> Result<Arc<Vec<ObjectSpec>>, MountError> {
         let objects = self.objects(ctx)?;
-        let mut failures = Vec::new();
-        for object in objects.iter() {
-            let checked = paths::validate_path(&object.name)
-                .map_err(|e| ObjectError::Invalid(format!("objectName: {e}")))
-                .and_then(|_| self.backends.get(&object.backend))
-                .and_then(|backend| backend.validate(object, ctx));
-            if let Err(error) = checked {
-                failures.push(Failure {
-                    object: object.label(),
-                    error,
-                });
-            }
-        }
-        for e in paths::validate_path_set(objects.iter().map(|o| o.name.as_str())) {
-            let object = match &e {
-                paths::PathSetError::Duplicate(p) => p.clone(),
-                paths::PathSetError::FileIsDirectory { file, .. } => file.clone(),
-            };
-            failures.push(Failure {
-                object,
-                error: ObjectError::Invalid(e.to_string()),
-            });
-        }
+        let failures = check_objects(&self.backends, &objects, ctx);
         if failures.is_empty() {
             Ok(objects)
         } else {

@@ -141,6 +141,30 @@ pub fn parse_objects(
     parameters: &BTreeMap<String, String>,
     default_backend: &str,
 ) -> Result<Vec<ObjectSpec>, Vec<Failure>> {
+    let (objects, failures) = parse_objects_partial(parameters, default_backend);
+    if failures.is_empty() {
+        Ok(objects)
+    } else {
+        Err(failures)
+    }
+}
+
+/// Like [`parse_objects`], but also returns the entries that did parse, so
+/// `coffer check` can judge them further.
+pub fn parse_objects_partial(
+    parameters: &BTreeMap<String, String>,
+    default_backend: &str,
+) -> (Vec<ObjectSpec>, Vec<Failure>) {
+    match parse_all(parameters, default_backend) {
+        Ok(pair) => pair,
+        Err(failures) => (Vec::new(), failures),
+    }
+}
+
+fn parse_all(
+    parameters: &BTreeMap<String, String>,
+    default_backend: &str,
+) -> Result<(Vec<ObjectSpec>, Vec<Failure>), Vec<Failure>> {
     let doc_failure = |reason: String| {
         vec![Failure {
             object: OBJECTS_PARAM.to_string(),
@@ -186,11 +210,7 @@ pub fn parse_objects(
             Err((object, error)) => failures.push(Failure { object, error }),
         }
     }
-    if failures.is_empty() {
-        Ok(objects)
-    } else {
-        Err(failures)
-    }
+    Ok((objects, failures))
 }
 
 fn parse_object(

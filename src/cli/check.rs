@@ -1,0 +1,165 @@
+//! `coffer check`: pre-flight validation of SecretProviderClass manifests,
+//! judged exactly as Mount judges them (object list, paths, modes,
+//! encodings, every backend's parameters), without fetching anything. Users
+//! of the peers only learn of a typo from a FailedMount event on a stuck pod.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+
+use crate::backend::file::{FileBackend, Scope};
+use crate::backend::vault::VaultBackend;
+use crate::backend::Registry;
+use crate::config::VaultArgs;
+use crate::error::Failure;
+use crate::manifest::{DriverRequest, Pod, SecretProviderClass};
+use crate::mount::{check_objects, check_parameters};
+use crate::request::MountContext;
+use crate::secret::Credential;
+use crate::spc;
+
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    /// SecretProviderClass manifests (YAML, several documents allowed).
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// The daemon's --default-backend.
+    #[arg(long, default_value = "file")]
+    pub default_backend: String,
+    /// The daemon's --vault-addr, if SPCs rely on it.
+    #[arg(long = "vault-addr", env = "VAULT_ADDR")]
+    pub vault_addr: Option<String>,
+}
+
+/// Problems found in one SPC.
+#[derive(Debug)]
+pub struct Finding {
+    pub file: PathBuf,
+    pub spc: String,
+    pub objects: usize,
+    pub problems: Vec<String>,
+}
+
+fn registry(args: &CheckArgs) -> Registry {
+    let mut r = Registry::new();
+    r.register(Arc::new(FileBackend::new("/".into(), Scope::None)));
+    r.register(Arc::new(VaultBackend::new(VaultArgs {
+        // Only the parameters are judged: a placeholder stands in for the
+        // daemon's default address when none is given.
+        address: Some(
+            args.vault_addr
+                .clone()
+                .unwrap_or_else(|| "https://vault.invalid:8200".into()),
+        ),
+        ..VaultArgs::default()
+    })));
+    r
+}
+
+/// The context Mount would see for a pod using `spc`, with a placeholder
+/// token for the audiences it names (tokens come from the driver at run time).
+fn context(spc: &SecretProviderClass) -> Result<MountContext, String> {
+    let mut tokens = BTreeMap::new();
+    let audience = spc
+        .parameters
+        .get("audience")
+        .cloned()
+        .unwrap_or_else(|| "vault".into());
+    tokens.insert(audience, Credential::new("placeholder".into()));
+    let req = DriverRequest {
+        pod: Pod {
+            namespace: spc.namespace.clone().unwrap_or_else(|| "default".into()),
+            name: "check".into(),
+            uid: "check".into(),
+            service_account: "default".into(),
+        },
+        tokens,
+        node_publish_secrets: None,
+        volume_attributes: BTreeMap::new(),
+        permission: 0o644,
+        target_path: "/check".into(),
+    }
+    .to_proto(spc);
+    MountContext::parse(
+        &req.attributes,
+        &req.secrets,
+        &req.permission,
+        &req.target_path,
+    )
+    .map_err(|e| e.to_string())
+}
+
+pub fn check(args: &CheckArgs) -> Vec<Finding> {
+    let registry = registry(args);
+    let mut findings = Vec::new();
+    for file in &args.files {
+        let spcs = std::fs::read_to_string(file)
+            .map_err(|e| format!("cannot read: {e}"))
+            .and_then(|text| SecretProviderClass::all_from_yaml(&text).map_err(|e| e.to_string()));
+        let spcs = match spcs {
+            Ok(s) => s,
+            Err(problem) => {
+                findings.push(Finding {
+                    file: file.clone(),
+                    spc: String::new(),
+                    objects: 0,
+                    problems: vec![problem],
+                });
+                continue;
+            }
+        };
+        for spc_doc in spcs {
+            let mut problems = Vec::new();
+            if spc_doc.provider != "coffer" {
+                problems.push(format!(
+                    "spec.provider is {:?}: the driver will not send it to coffer",
+                    spc_doc.provider
+                ));
+            }
+            let mut objects = 0;
+            match context(&spc_doc) {
+                Err(e) => problems.push(e),
+                Ok(ctx) => {
+                    let show = |f: &Failure| f.to_string();
+                    problems.extend(check_parameters(&ctx).iter().map(show));
+                    let (list, failures) =
+                        spc::parse_objects_partial(&ctx.parameters, &args.default_backend);
+                    objects = list.len() + failures.len();
+                    problems.extend(failures.iter().map(show));
+                    problems.extend(check_objects(&registry, &list, &ctx).iter().map(show));
+                }
+            }
+            findings.push(Finding {
+                file: file.clone(),
+                spc: spc_doc.name,
+                objects,
+                problems,
+            });
+        }
+    }
+    findings
+}
+
+/// Prints the findings; returns true when there is no problem.
+pub fn run(args: CheckArgs) -> bool {
+    let findings = check(&args);
+    let mut clean = true;
+    for f in &findings {
+        let name = if f.spc.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", f.spc)
+        };
+        if f.problems.is_empty() {
+            println!("{}:{name}: ok ({} objects)", f.file.display(), f.objects);
+        } else {
+            clean = false;
+            for p in &f.problems {
+                println!("{}:{name}: {p}", f.file.display());
+            }
+        }
+    }
+    clean
+}
