@@ -199,8 +199,10 @@ impl Metrics {
         r.register("build_info", "Build information", m.build_info.clone());
         // Series that exist from the start, so dashboards see zeros.
         for outcome in ["ok", "error"] {
-            m.vault_logins.get_or_create(&Outcome { outcome });
-            m.vault_lease_renewals.get_or_create(&Outcome { outcome });
+            m.vault_logins.get_or_create(&Outcome { outcome }).inc_by(0);
+            m.vault_lease_renewals
+                .get_or_create(&Outcome { outcome })
+                .inc_by(0);
         }
         m.build_info
             .get_or_create(&VersionLabel {
