@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use clap::Parser;
 use coffer::backend::{Backend, FetchLimits, Fetched};
 use coffer::client::ProviderClient;
 use coffer::error::ObjectError;
@@ -80,17 +79,11 @@ impl Backend for LatencyBackend {
     }
 }
 
-#[derive(Parser)]
-struct ServeCli {
-    #[command(flatten)]
-    serve: coffer::config::ServeArgs,
-}
-
 /// Child role: the daemon, with the latency backend added.
 async fn run_daemon(args: Vec<String>) {
-    let cli = ServeCli::parse_from(std::iter::once("coffer".to_string()).chain(args));
+    let serve = coffer::config::ServeArgs::from_args(args).unwrap();
     let calls = Arc::new(AtomicU64::new(0));
-    let mut registry = coffer::server::backends(&cli.serve);
+    let mut registry = coffer::server::backends(&serve);
     registry.register(Arc::new(LatencyBackend {
         latency: Duration::from_millis(env_num("BENCH_LATENCY_MS", 2)),
         value: vec![b's'; 64],
@@ -105,7 +98,7 @@ async fn run_daemon(args: Vec<String>) {
     });
     let mut term =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
-    coffer::server::serve_with_backends(&cli.serve, registry, async move {
+    coffer::server::serve_with_backends(&serve, registry, async move {
         term.recv().await;
     })
     .await

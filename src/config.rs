@@ -141,6 +141,27 @@ pub struct ServeArgs {
     pub log: LogArgs,
 }
 
+/// Parses only the `serve` flags (for embedding the server: the demo, tests,
+/// benchmarks), so every default lives in one place.
+#[derive(clap::Parser)]
+struct ServeOnly {
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+impl ServeArgs {
+    pub fn from_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::Parser;
+        let argv = std::iter::once(std::ffi::OsString::from("coffer"))
+            .chain(args.into_iter().map(Into::into));
+        ServeOnly::try_parse_from(argv).map(|s| s.serve)
+    }
+}
+
 fn parse_fraction(raw: &str) -> Result<f64, String> {
     match raw.parse::<f64>() {
         Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),

@@ -8,14 +8,13 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use coffer::backend::{Backend, FetchLimits, Fetched, Registry};
-use coffer::config::{HealthAddr, LogArgs, LogFormat, ServeArgs};
+use coffer::config::ServeArgs;
 use coffer::error::ObjectError;
 use coffer::request::MountContext;
 use coffer::secret::SecretBytes;
 use coffer::spc::ObjectSpec;
 use common::*;
 use nix::sys::signal::Signal;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
 async fn sigterm_when_idle_exits_zero_and_removes_the_socket() {
@@ -87,16 +86,6 @@ async fn a_live_socket_is_not_stolen() {
     d.client().await; // the first daemon still answers
 }
 
-async fn http_get(addr: &str, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
 #[tokio::test]
 async fn health_and_readiness_endpoints() {
     let d = Daemon::start_with(Options {
@@ -149,34 +138,23 @@ impl Backend for SlowBackend {
 }
 
 fn serve_args(dir: &std::path::Path, timeout: Duration, grace: Duration) -> ServeArgs {
-    ServeArgs {
-        socket: dir.join("coffer.sock"),
-        socket_mode: 0o600,
-        health_addr: HealthAddr::Off,
-        mount_timeout: timeout,
-        shutdown_grace: grace,
-        max_response_bytes: 4 << 20,
-        fetch_concurrency: 16,
-        default_backend: "slow".into(),
-        version_key_file: dir.join("version.key"),
-        file_backend_root: None,
-        file_backend_scope: Default::default(),
-        cache_ttl: Duration::from_secs(60),
-        cache_max_bytes: 64 << 20,
-        stale_if_error: Duration::ZERO,
-        backend_qps: 50.0,
-        backend_burst: 100,
-        backend_max_in_flight: 32,
-        backend_retries: 3,
-        audit_log: coffer::audit::Sink::Off,
-        audit_fail_closed: false,
-        allowed_uids: Vec::new(),
-        vault: Default::default(),
-        log: LogArgs {
-            log_format: LogFormat::Text,
-            log_level: "info".into(),
-        },
-    }
+    ServeArgs::from_args([
+        "--socket".to_string(),
+        dir.join("coffer.sock").display().to_string(),
+        "--health-addr".into(),
+        "off".into(),
+        "--mount-timeout".into(),
+        format!("{}ms", timeout.as_millis()),
+        "--shutdown-grace".into(),
+        format!("{}ms", grace.as_millis()),
+        "--default-backend".into(),
+        "slow".into(),
+        "--version-key-file".into(),
+        dir.join("version.key").display().to_string(),
+        "--audit-log".into(),
+        "off".into(),
+    ])
+    .unwrap()
 }
 
 struct InProcess {

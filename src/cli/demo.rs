@@ -12,9 +12,8 @@ use std::time::Duration;
 use clap::Args;
 
 use super::mount::{mount_once, print_report, CliError};
-use crate::backend::file::Scope;
 use crate::client;
-use crate::config::{HealthAddr, LogArgs, ServeArgs};
+use crate::config::ServeArgs;
 use crate::manifest::{DriverRequest, Pod, SecretProviderClass};
 
 #[derive(Debug, Clone, Args)]
@@ -150,34 +149,23 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
     prepare(&dir)?;
     let socket = dir.join("coffer.sock");
     let target = dir.join("pod-volume");
-    let serve = ServeArgs {
-        socket: socket.clone(),
-        socket_mode: 0o600,
-        health_addr: HealthAddr::Off,
-        mount_timeout: Duration::from_secs(100),
-        shutdown_grace: Duration::from_secs(5),
-        max_response_bytes: 4 * 1024 * 1024,
-        fetch_concurrency: 16,
-        default_backend: "file".into(),
-        version_key_file: dir.join("version.key"),
-        file_backend_root: Some(dir.join("secrets")),
-        file_backend_scope: Scope::None,
-        cache_ttl: Duration::from_secs(60),
-        cache_max_bytes: 64 << 20,
-        stale_if_error: Duration::ZERO,
-        backend_qps: 50.0,
-        backend_burst: 100,
-        backend_max_in_flight: 32,
-        backend_retries: 3,
-        audit_log: crate::audit::Sink::Off,
-        audit_fail_closed: false,
-        allowed_uids: Vec::new(),
-        vault: Default::default(),
-        log: LogArgs {
-            log_format: crate::config::LogFormat::Text,
-            log_level: "info".into(),
-        },
-    };
+    let serve = ServeArgs::from_args([
+        "--socket".into(),
+        socket.clone().into_os_string(),
+        "--health-addr".into(),
+        "off".into(),
+        "--shutdown-grace".into(),
+        "5s".into(),
+        "--default-backend".into(),
+        "file".into(),
+        "--version-key-file".into(),
+        dir.join("version.key").into_os_string(),
+        "--file-backend-root".into(),
+        dir.join("secrets").into_os_string(),
+        "--audit-log".into(),
+        "off".into(),
+    ])
+    .map_err(|e| DemoError::Daemon(e.to_string()))?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let daemon = tokio::spawn(async move {
         crate::server::serve(&serve, async {

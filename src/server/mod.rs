@@ -85,13 +85,14 @@ pub async fn serve_with_backends(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let version_key = VersionKey::load_or_create(&args.version_key_file)?;
+    let auditor = Auditor::start(args.audit_log.clone(), args.audit_fail_closed);
     let mounter = Arc::new(Mounter::new(
         registry,
         version_key,
         mount_config(args),
         Cache::new(args.cache_ttl, args.cache_max_bytes),
         Arc::new(Limiter::new(limit_config(args))),
-        Auditor::start(args.audit_log.clone(), args.audit_fail_closed),
+        Arc::clone(&auditor),
     ));
     let in_flight = Arc::new(AtomicUsize::new(0));
     let service = grpc::ProviderService::new(mounter, Arc::clone(&in_flight));
@@ -158,6 +159,7 @@ pub async fn serve_with_backends(
     if let Some(h) = health {
         let _ = h.await;
     }
+    auditor.flush(std::time::Duration::from_secs(2)).await;
     drop(bound);
     tracing::info!("coffer stopped");
     result

@@ -230,3 +230,15 @@ pub async fn mount_err(
         Err(s) => (s.code(), s.message().to_string()),
     }
 }
+
+/// A plain HTTP/1.1 GET on loopback, returning the whole answer.
+pub async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
