@@ -42,8 +42,26 @@ async fn main() {
     bao.put_kv2("bench", json!({"password": "bench-password-value"}))
         .await;
 
-    let daemon = Daemon::start();
+    // Cache off: every Mount reaches Vault, so the difference to a direct
+    // read is what coffer adds. A second daemon with the cache on shows
+    // what a warm rotation poll costs.
+    let daemon = Daemon::start_with(common::Options {
+        extra_args: vec![
+            "--cache-ttl".into(),
+            "0s".into(),
+            "--audit-log".into(),
+            "off".into(),
+            "--backend-qps".into(),
+            "0".into(),
+        ],
+        ..Default::default()
+    });
+    let cached = Daemon::start_with(common::Options {
+        extra_args: vec!["--audit-log".into(), "off".into()],
+        ..Default::default()
+    });
     let mut client = daemon.client().await;
+    let mut cached_client = cached.client().await;
     let spc = coffer::manifest::SecretProviderClass {
         name: "bench".into(),
         namespace: None,
@@ -77,9 +95,11 @@ async fn main() {
     // Warm up both paths (coffer logs in once here).
     for _ in 0..50 {
         client.mount(request.clone()).await.unwrap();
+        cached_client.mount(request.clone()).await.unwrap();
         let _: serde_json::Value = vaultrs::kv2::read(&vault, "secret", "bench").await.unwrap();
     }
     let mut through_coffer = Vec::with_capacity(ROUNDS);
+    let mut through_cache = Vec::with_capacity(ROUNDS);
     let mut direct = Vec::with_capacity(ROUNDS);
     // Interleave so both see the same machine state.
     for _ in 0..ROUNDS {
@@ -90,10 +110,14 @@ async fn main() {
         let t = Instant::now();
         let _: serde_json::Value = vaultrs::kv2::read(&vault, "secret", "bench").await.unwrap();
         direct.push(t.elapsed());
+        let t = Instant::now();
+        cached_client.mount(request.clone()).await.unwrap();
+        through_cache.push(t.elapsed());
     }
     println!("Mount latency, 1 KV v2 object, warm Vault token, concurrency 1, {ROUNDS} rounds:");
-    let a = summary("coffer Mount over socket", through_coffer);
+    let a = summary("coffer Mount, cache off", through_coffer);
     let b = summary("direct vaultrs kv2::read", direct);
+    summary("coffer Mount, warm cache", through_cache);
     println!(
         "coffer overhead at p50: {:.1?} ({:.2}x the direct read)",
         a.saturating_sub(b),
