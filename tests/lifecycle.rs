@@ -290,3 +290,65 @@ async fn the_deadline_names_the_objects_still_outstanding() {
     server.stop.take().unwrap().send(()).unwrap();
     server.task.await.unwrap().unwrap();
 }
+
+/// A loopback stand-in for a Vault that takes `delay` to answer a read
+/// (the real binary needs a slow backend to prove it drains on SIGTERM).
+async fn slow_vault(delay: Duration) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = vec![0u8; 8192];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                tokio::time::sleep(delay).await;
+                let body = r#"{"request_id":"r","lease_id":"","renewable":false,"lease_duration":0,"data":{"k":"slow-value"}}"#;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_an_in_flight_mount_in_the_real_binary() {
+    let vault = slow_vault(Duration::from_millis(1500)).await;
+    let mut d = Daemon::start_with(Options {
+        extra_args: vec!["--cache-ttl".into(), "0s".into()],
+        ..Default::default()
+    });
+    let mut spc = spc("- objectName: k\n  secretPath: kv/slow\n  secretKey: k");
+    spc.parameters.insert("backend".into(), "vault".into());
+    spc.parameters.insert("vaultAddress".into(), vault);
+    let mut drv = driver(std::path::Path::new("/t"));
+    drv.node_publish_secrets = Some(std::collections::BTreeMap::from([(
+        "token".to_string(),
+        coffer::secret::Credential::new("static-token".into()),
+    )]));
+    let mut client = d.client().await;
+    let req = drv.to_proto(&spc);
+    let in_flight = tokio::spawn(async move { client.mount(req).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    d.signal(Signal::SIGTERM);
+    let resp = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight Mount completes")
+        .into_inner();
+    assert_eq!(resp.files[0].contents, b"slow-value");
+    let status = d.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "{status}: {}", d.logs());
+    assert!(!d.socket.exists());
+    assert!(d.logs().contains("draining in-flight mounts"));
+}
