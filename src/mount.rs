@@ -3,7 +3,6 @@
 //! All-or-nothing: any failure returns an error and no file at all.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -58,15 +57,6 @@ pub const ABSENT_VERSION: &str = "absent";
 /// Parsed object lists kept for unchanged SPCs.
 const PARSED_SPCS: usize = 512;
 
-#[derive(Debug, Default)]
-pub struct MountStats {
-    /// Optional objects skipped because they do not exist.
-    pub optional_missing: AtomicU64,
-    /// Objects served from cache, joined flights, stale entries.
-    pub cache_hits: AtomicU64,
-    pub stale_serves: AtomicU64,
-}
-
 pub struct Mounter {
     backends: Registry,
     version_key: VersionKey,
@@ -76,7 +66,6 @@ pub struct Mounter {
     auditor: Arc<Auditor>,
     /// Rotation polls send the same `objects` text every time: parse once.
     parsed: Mutex<HashMap<String, Arc<Vec<ObjectSpec>>>>,
-    pub stats: MountStats,
 }
 
 /// Every problem of `objects` that shows without fetching: output paths,
@@ -197,7 +186,6 @@ impl Mounter {
             limiter,
             auditor,
             parsed: Mutex::new(HashMap::new()),
-            stats: MountStats::default(),
         }
     }
 
@@ -486,15 +474,6 @@ impl Mounter {
                             Source::Stale => "stale",
                             Source::Miss | Source::Uncached => "backend",
                         };
-                        match from {
-                            Source::Hit | Source::Joined => {
-                                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Source::Stale => {
-                                self.stats.stale_serves.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Source::Miss | Source::Uncached => {}
-                        }
                         entry.to_fetched()
                     })
             }
@@ -502,7 +481,6 @@ impl Mounter {
         };
         let fetched = match fetched {
             Err(ObjectError::NotFound(why)) if object.optional => {
-                self.stats.optional_missing.fetch_add(1, Ordering::Relaxed);
                 crate::metrics::METRICS.optional_missing.inc();
                 tracing::info!(object = %object.name, reason = %why, "optional object does not exist; mounting without it");
                 return Ok(Ready {
