@@ -260,7 +260,13 @@ async fn throttled_calls_wait_for_the_retry_hint_and_succeed() {
     )
     .await;
     let d = Daemon::start_with(Options {
-        extra_args: vec!["--cache-ttl".into(), "0s".into()],
+        // Enough retries that even the shortest jitter outlasts the 1 s quota window.
+        extra_args: vec![
+            "--cache-ttl".into(),
+            "0s".into(),
+            "--backend-retries".into(),
+            "6".into(),
+        ],
         ..Default::default()
     });
     let mut c = d.client().await;
