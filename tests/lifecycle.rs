@@ -106,6 +106,32 @@ async fn health_and_readiness_endpoints() {
         .starts_with("HTTP/1.1 200"));
 }
 
+#[tokio::test]
+async fn a_taken_health_port_does_not_stop_the_provider() {
+    let first = Daemon::start_with(Options {
+        health: true,
+        ..Default::default()
+    });
+    let taken = first.health.clone().unwrap();
+    let second = Daemon::start_with(Options {
+        extra_args: vec!["--health-addr".into(), taken],
+        ..Default::default()
+    });
+    second.write_secret("a", "still served");
+    let resp = second
+        .client()
+        .await
+        .mount(request("- objectName: a"))
+        .await
+        .unwrap();
+    assert_eq!(resp.into_inner().files[0].contents, b"still served");
+    assert!(
+        second.logs().contains("serving without health endpoints"),
+        "{}",
+        second.logs()
+    );
+}
+
 /// A backend whose objects take `delayMs` to fetch: stands in for a slow
 /// remote store in the in-process tests below.
 struct SlowBackend;

@@ -102,25 +102,31 @@ pub async fn serve_with_backends(
 
     let health = match args.health_addr {
         HealthAddr::Off => None,
-        HealthAddr::On(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServeError::Health { addr, source })?;
-            let mut rx = stop_rx.clone();
-            let app = health::router(bound.path().to_path_buf());
-            tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "health endpoints listening");
-            Some(tokio::spawn(async move {
-                let stop = async move {
-                    let _ = rx.wait_for(|s| *s).await;
-                };
-                if let Err(e) = axum::serve(listener, app)
-                    .with_graceful_shutdown(stop)
-                    .await
-                {
-                    tracing::error!(error = %e, "health server failed");
-                }
-            }))
-        }
+        // The provider socket is the product; the health port is an aid. A
+        // taken port must not keep pods from getting their secrets: say so
+        // loudly (the DaemonSet's probes will then fail visibly) and serve.
+        HealthAddr::On(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Err(source) => {
+                tracing::error!(error = %ServeError::Health { addr, source }, "serving without health endpoints");
+                None
+            }
+            Ok(listener) => {
+                let mut rx = stop_rx.clone();
+                let app = health::router(bound.path().to_path_buf());
+                tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "health endpoints listening");
+                Some(tokio::spawn(async move {
+                    let stop = async move {
+                        let _ = rx.wait_for(|s| *s).await;
+                    };
+                    if let Err(e) = axum::serve(listener, app)
+                        .with_graceful_shutdown(stop)
+                        .await
+                    {
+                        tracing::error!(error = %e, "health server failed");
+                    }
+                }))
+            }
+        },
     };
 
     let mut rx = stop_rx.clone();

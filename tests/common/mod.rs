@@ -75,9 +75,11 @@ impl Daemon {
             self.secrets.display().to_string(),
             "--version-key-file".into(),
             self.dir.path().join("version.key").display().to_string(),
-            "--health-addr".into(),
-            self.health.clone().unwrap_or_else(|| "off".into()),
         ];
+        if !extra.iter().any(|a| a == "--health-addr") {
+            args.push("--health-addr".into());
+            args.push(self.health.clone().unwrap_or_else(|| "off".into()));
+        }
         args.extend(extra.iter().cloned());
         args
     }
