@@ -84,7 +84,17 @@ pub async fn serve_with_backends(
     registry: Registry,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let version_key = VersionKey::load_or_create(&args.version_key_file)?;
+    let version_key = match VersionKey::load_or_create(&args.version_key_file) {
+        Ok(key) => key,
+        // A key file that exists but is damaged needs the admin.
+        Err(e @ VersionKeyError::BadLength { .. }) => return Err(e.into()),
+        // Unwritable or unreadable location: serve with a key of this run
+        // only; the cost is one rewrite of unchanged files after a restart.
+        Err(e) => {
+            tracing::warn!(error = %e, "using a version key for this run only; versions will change once after a restart");
+            VersionKey::random()?
+        }
+    };
     let auditor = Auditor::start(args.audit_log.clone(), args.audit_fail_closed);
     let mounter = Arc::new(Mounter::new(
         registry,
