@@ -176,11 +176,10 @@ fn parse_all(
             "the SecretProviderClass has no \"objects\" parameter".into(),
         ));
     };
-    let backend = parameters
+    let spc_backend = parameters
         .get(BACKEND_PARAM)
         .map(|s| s.trim())
-        .filter(|s| !s.is_empty())
-        .unwrap_or(default_backend);
+        .filter(|s| !s.is_empty());
     let doc: Value = serde_yaml_ng::from_str(raw).map_err(|e| {
         // Location only: a YAML error message can quote the offending text.
         let at = e
@@ -205,7 +204,7 @@ fn parse_all(
     let mut objects = Vec::with_capacity(entries.len());
     let mut failures = Vec::new();
     for (index, entry) in entries.into_iter().enumerate() {
-        match parse_object(index, entry, backend) {
+        match parse_object(index, entry, spc_backend, default_backend) {
             Ok(o) => objects.push(o),
             Err((object, error)) => failures.push(Failure { object, error }),
         }
@@ -216,6 +215,7 @@ fn parse_all(
 fn parse_object(
     index: usize,
     entry: Value,
+    spc_backend: Option<&str>,
     default_backend: &str,
 ) -> Result<ObjectSpec, (String, ObjectError)> {
     let position = format!("objects[{index}]");
@@ -259,10 +259,20 @@ fn parse_object(
         ));
     }
     let label = name.clone();
+    // The object's own backend, else the SPC's, else — for an SPC moved
+    // from vault-csi-provider by changing only its provider — `vault` when
+    // the object has a `secretPath`, else the daemon's default.
     let backend = take_string(&mut fields, "backend", &label)?
         .map(|b| b.trim().to_string())
         .filter(|b| !b.is_empty())
-        .unwrap_or_else(|| default_backend.to_string());
+        .or_else(|| spc_backend.map(str::to_string))
+        .unwrap_or_else(|| {
+            if fields.contains_key("secretPath") {
+                "vault".to_string()
+            } else {
+                default_backend.to_string()
+            }
+        });
     let encoding = match take_string(&mut fields, "encoding", &label)? {
         None => Encoding::default(),
         Some(raw) => Encoding::parse(&raw).ok_or_else(|| {

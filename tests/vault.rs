@@ -862,3 +862,43 @@ async fn oversized_vault_answers_are_refused() {
         "{msg}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vault_csi_provider_spc_works_with_only_the_provider_changed() {
+    let (bao, signer) = setup().await;
+    bao.put_kv2("db-pass", json!({"password": "peer-compatible"}))
+        .await;
+    // As in vault-csi-provider's documentation, with `provider: vault` → `coffer`
+    // and nothing else changed (no `backend` parameter; the daemon's default
+    // backend is `file`).
+    let manifest = format!(
+        r#"apiVersion: secrets-store.csi.x-k8s.io/v1
+kind: SecretProviderClass
+metadata:
+  name: vault-database
+spec:
+  provider: coffer
+  parameters:
+    vaultAddress: "{}"
+    roleName: "app"
+    vaultAuthMountPath: "jwt"
+    objects: |
+      - objectName: "db-password"
+        secretPath: "secret/data/db-pass"
+        secretKey: "password"
+"#,
+        bao.addr()
+    );
+    let spc = SecretProviderClass::from_yaml(&manifest).unwrap();
+    assert!(!spc.parameters.contains_key("backend"));
+    let d = vault_daemon();
+    let mut c = d.client().await;
+    let resp = c
+        .mount(pod_request(
+            &spc,
+            &signer.token("shop", "web", "vault", 600),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(files(&resp.into_inner())["db-password"], b"peer-compatible");
+}
