@@ -138,7 +138,64 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub vault: VaultArgs,
     #[command(flatten)]
+    pub gcp: GcpArgs,
+    #[command(flatten)]
     pub log: LogArgs,
+}
+
+/// Node-wide settings of the `gcp` backend (Google Secret Manager).
+#[derive(Debug, Clone, Args)]
+pub struct GcpArgs {
+    /// Project for Workload Identity when the SPC sets no `gcpProject`.
+    #[arg(long = "gcp-project", env = "COFFER_GCP_PROJECT")]
+    pub project: Option<String>,
+    /// GKE cluster location, for the default Workload Identity provider.
+    #[arg(long = "gcp-cluster-location", env = "COFFER_GCP_CLUSTER_LOCATION")]
+    pub cluster_location: Option<String>,
+    /// GKE cluster name, for the default Workload Identity provider.
+    #[arg(long = "gcp-cluster-name", env = "COFFER_GCP_CLUSTER_NAME")]
+    pub cluster_name: Option<String>,
+    /// Secret Manager endpoint (regional secrets use
+    /// `https://secretmanager.<location>.rep.googleapis.com` unless this is set).
+    #[arg(
+        long = "gcp-secretmanager-endpoint",
+        env = "COFFER_GCP_SECRETMANAGER_ENDPOINT"
+    )]
+    pub secretmanager_endpoint: Option<String>,
+    /// Security Token Service endpoint.
+    #[arg(
+        long = "gcp-sts-endpoint",
+        env = "COFFER_GCP_STS_ENDPOINT",
+        default_value = "https://sts.googleapis.com"
+    )]
+    pub sts_endpoint: String,
+    /// IAM Credentials endpoint (service-account impersonation).
+    #[arg(
+        long = "gcp-iam-credentials-endpoint",
+        env = "COFFER_GCP_IAM_CREDENTIALS_ENDPOINT",
+        default_value = "https://iamcredentials.googleapis.com"
+    )]
+    pub iam_credentials_endpoint: String,
+    /// Accept service-account keys from nodePublishSecretRef `key.json`.
+    #[arg(
+        long = "gcp-allow-node-publish-secret",
+        env = "COFFER_GCP_ALLOW_NODE_PUBLISH_SECRET"
+    )]
+    pub allow_node_publish_secret: bool,
+}
+
+impl Default for GcpArgs {
+    fn default() -> Self {
+        Self {
+            project: None,
+            cluster_location: None,
+            cluster_name: None,
+            secretmanager_endpoint: None,
+            sts_endpoint: "https://sts.googleapis.com".into(),
+            iam_credentials_endpoint: "https://iamcredentials.googleapis.com".into(),
+            allow_node_publish_secret: false,
+        }
+    }
 }
 
 /// Parses only the `serve` flags (for embedding the server: the demo, tests,

@@ -225,17 +225,13 @@ impl Mounter {
 
     /// The object list, parsed once per distinct `objects` text.
     fn objects(&self, ctx: &MountContext) -> Result<Arc<Vec<ObjectSpec>>, MountError> {
+        let param = |k: &str| ctx.parameters.get(k).map(String::as_str).unwrap_or("");
         let key = format!(
-            "{}\n{}\n{}",
+            "{}\n{}\n{}\n{}",
             self.config.default_backend,
-            ctx.parameters
-                .get(spc::BACKEND_PARAM)
-                .map(String::as_str)
-                .unwrap_or(""),
-            ctx.parameters
-                .get(spc::OBJECTS_PARAM)
-                .map(String::as_str)
-                .unwrap_or("")
+            param(spc::BACKEND_PARAM),
+            param(spc::OBJECTS_PARAM),
+            param(spc::GCP_SECRETS_PARAM)
         );
         if let Some(found) = self.parsed.lock().ok().and_then(|p| p.get(&key).cloned()) {
             return Ok(found);

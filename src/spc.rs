@@ -12,6 +12,31 @@ use crate::error::{Failure, ObjectError};
 
 /// SPC parameter holding the YAML list of objects.
 pub const OBJECTS_PARAM: &str = "objects";
+/// SPC parameter of Google's provider holding its list of secrets.
+pub const GCP_SECRETS_PARAM: &str = "secrets";
+
+/// Rewrites an entry of Google's `secrets` list (`resourceName`, `path` or
+/// `fileName`, `mode`, `extractJSONKey`/`extractYAMLKey`) into coffer's
+/// object form for the `gcp` backend. `path` wins over `fileName`.
+fn from_gcp_form(entry: Value) -> Value {
+    let Value::Mapping(mut map) = entry else {
+        return entry;
+    };
+    let take = |map: &mut serde_yaml_ng::Mapping, k: &str| map.remove(Value::String(k.into()));
+    let path = take(&mut map, "path");
+    let file_name = take(&mut map, "fileName");
+    let name = path.filter(|v| !matches!(v, Value::Null)).or(file_name);
+    if let Some(name) = name {
+        map.insert(Value::String("objectName".into()), name);
+    }
+    if let Some(mode) = take(&mut map, "mode") {
+        map.insert(Value::String("filePermission".into()), mode);
+    }
+    map.entry(Value::String("backend".into()))
+        .or_insert_with(|| Value::String("gcp".into()));
+    Value::Mapping(map)
+}
+
 /// SPC parameter naming the default backend of every object.
 pub const BACKEND_PARAM: &str = "backend";
 
@@ -171,7 +196,13 @@ fn parse_all(
             error: ObjectError::Invalid(reason),
         }]
     };
-    let Some(raw) = parameters.get(OBJECTS_PARAM) else {
+    // Google's provider lists objects under `secrets` in its own shape.
+    let gcp_form =
+        !parameters.contains_key(OBJECTS_PARAM) && parameters.contains_key(GCP_SECRETS_PARAM);
+    let Some(raw) = parameters
+        .get(OBJECTS_PARAM)
+        .or_else(|| parameters.get(GCP_SECRETS_PARAM))
+    else {
         return Err(doc_failure(
             "the SecretProviderClass has no \"objects\" parameter".into(),
         ));
@@ -204,6 +235,11 @@ fn parse_all(
     let mut objects = Vec::with_capacity(entries.len());
     let mut failures = Vec::new();
     for (index, entry) in entries.into_iter().enumerate() {
+        let entry = if gcp_form {
+            from_gcp_form(entry)
+        } else {
+            entry
+        };
         match parse_object(index, entry, spc_backend, default_backend) {
             Ok(o) => objects.push(o),
             Err((object, error)) => failures.push(Failure { object, error }),

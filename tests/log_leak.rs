@@ -27,6 +27,7 @@ async fn no_secret_or_token_bytes_in_any_log_output() {
                 "400".into(),
             ],
             health: true,
+            ..Default::default()
         });
         d.write_secret("plain", SECRET_FILE);
         d.write_secret("encoded", SECRET_B64);

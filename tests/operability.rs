@@ -150,6 +150,7 @@ async fn a_failing_audit_sink_is_counted_and_can_fail_closed() {
         let d = Daemon::start_with(Options {
             extra_args: extra,
             health: true,
+            ..Default::default()
         });
         d.write_secret("a", "v");
         let mut c = d.client().await;

@@ -12,6 +12,7 @@ use crate::secret::SecretBytes;
 use crate::spc::ObjectSpec;
 
 pub mod file;
+pub mod gcp;
 pub mod vault;
 
 /// What a backend returns for one object.

@@ -10,9 +10,10 @@ use std::sync::Arc;
 use clap::Args;
 
 use crate::backend::file::{FileBackend, Scope};
+use crate::backend::gcp::GcpBackend;
 use crate::backend::vault::VaultBackend;
 use crate::backend::Registry;
-use crate::config::VaultArgs;
+use crate::config::{GcpArgs, VaultArgs};
 use crate::error::Failure;
 use crate::manifest::{DriverRequest, Pod, SecretProviderClass};
 use crate::mount::{check_objects, check_parameters};
@@ -31,6 +32,9 @@ pub struct CheckArgs {
     /// The daemon's --vault-addr, if SPCs rely on it.
     #[arg(long = "vault-addr", env = "VAULT_ADDR")]
     pub vault_addr: Option<String>,
+    /// The daemon's --gcp-project, if SPCs rely on it.
+    #[arg(long = "gcp-project", env = "COFFER_GCP_PROJECT")]
+    pub gcp_project: Option<String>,
 }
 
 /// Problems found in one SPC.
@@ -55,6 +59,20 @@ fn registry(args: &CheckArgs) -> Registry {
         ),
         ..VaultArgs::default()
     })));
+    r.register(Arc::new(GcpBackend::new(
+        GcpArgs {
+            project: Some(
+                args.gcp_project
+                    .clone()
+                    .unwrap_or_else(|| "placeholder-project".into()),
+            ),
+            cluster_location: Some("placeholder".into()),
+            cluster_name: Some("placeholder".into()),
+            allow_node_publish_secret: true,
+            ..GcpArgs::default()
+        },
+        std::time::Duration::from_secs(30),
+    )));
     r
 }
 

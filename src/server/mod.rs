@@ -9,7 +9,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tokio_stream::StreamExt;
 
 use crate::audit::Auditor;
-use crate::backend::{file::FileBackend, vault::VaultBackend, Registry};
+use crate::backend::{file::FileBackend, gcp::GcpBackend, vault::VaultBackend, Registry};
 use crate::cache::Cache;
 use crate::config::{HealthAddr, ServeArgs};
 use crate::limit::{LimitConfig, Limiter};
@@ -48,6 +48,10 @@ pub fn backends(args: &ServeArgs) -> Registry {
     }
     // Always on: it does nothing until an SPC (or --vault-addr) names a Vault.
     registry.register(Arc::new(VaultBackend::new(args.vault.clone())));
+    registry.register(Arc::new(GcpBackend::new(
+        args.gcp.clone(),
+        args.vault.request_timeout,
+    )));
     registry
 }
 

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod bao;
+pub mod google;
 pub mod python;
 
 use std::collections::BTreeMap;
@@ -27,12 +28,15 @@ pub struct Daemon {
     pub log: PathBuf,
     pub health: Option<String>,
     pub child: Option<Child>,
+    env: Vec<(String, String)>,
 }
 
 #[derive(Default)]
 pub struct Options {
     pub extra_args: Vec<String>,
     pub health: bool,
+    /// Extra environment of the daemon process.
+    pub env: Vec<(String, String)>,
 }
 
 /// A free loopback port (bound then released).
@@ -60,6 +64,7 @@ impl Daemon {
             health: opts.health.then(|| format!("127.0.0.1:{}", free_port())),
             dir,
             child: None,
+            env: opts.env.clone(),
         };
         d.spawn(&opts.extra_args);
         d.wait_ready();
@@ -94,6 +99,7 @@ impl Daemon {
         let child = Command::new(BIN)
             .args(self.args(extra))
             .env("RUST_BACKTRACE", "0")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -1,0 +1,389 @@
+//! Credentials for Secret Manager calls, always as the pod unless the SPC
+//! asks for the daemon's own: Workload Identity Federation done by coffer
+//! (the pod's token exchanged at STS, then optionally an access token of a
+//! Google service account from IAM Credentials), cached until shortly before
+//! expiry; or the daemon's ADC; or a key from nodePublishSecretRef.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use google_cloud_auth::credentials::{
+    CacheableResource, Credentials, CredentialsProvider, EntityTag,
+};
+use google_cloud_auth::errors::CredentialsError;
+use serde_json::Value as Json;
+use sha2::{Digest, Sha256};
+
+use super::params::Auth;
+use crate::config::GcpArgs;
+use crate::error::ObjectError;
+use crate::request::MountContext;
+use crate::secret::Credential;
+
+const SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
+
+/// An access token handed to the Google client as a bearer header.
+#[derive(Clone)]
+pub struct Bearer(pub Credential);
+
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Bearer([REDACTED])")
+    }
+}
+
+impl CredentialsProvider for Bearer {
+    fn headers(
+        &self,
+        _extensions: http::Extensions,
+    ) -> impl std::future::Future<
+        Output = Result<CacheableResource<http::HeaderMap>, CredentialsError>,
+    > + Send {
+        let token = self.0.clone();
+        async move {
+            let mut value = http::HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+                .map_err(|_| {
+                    CredentialsError::from_msg(
+                        false,
+                        "the access token is not a valid header value",
+                    )
+                })?;
+            value.set_sensitive(true);
+            let mut headers = http::HeaderMap::new();
+            headers.insert(http::header::AUTHORIZATION, value);
+            Ok(CacheableResource::New {
+                entity_tag: EntityTag::new(),
+                data: headers,
+            })
+        }
+    }
+
+    async fn universe_domain(&self) -> Option<String> {
+        None
+    }
+}
+
+pub fn fingerprint(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p.as_bytes());
+    }
+    hex::encode(&h.finalize()[..16])
+}
+
+#[derive(Clone)]
+struct Cached {
+    token: Credential,
+    use_until: Instant,
+}
+
+/// Credentials plus the identity they stand for (the cache key).
+pub struct Resolved {
+    pub credentials: Credentials,
+    pub identity: String,
+}
+
+pub struct Tokens {
+    http: reqwest::Client,
+    slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Cached>>>>>,
+    adc: tokio::sync::OnceCell<Credentials>,
+    /// STS exchanges made (for tests and metrics).
+    pub exchanges: std::sync::atomic::AtomicU64,
+}
+
+impl Tokens {
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            http: reqwest::Client::builder()
+                .timeout(timeout)
+                .connect_timeout(Duration::from_secs(5).min(timeout))
+                .no_proxy()
+                .build()
+                .unwrap_or_default(),
+            slots: Mutex::new(HashMap::new()),
+            adc: tokio::sync::OnceCell::new(),
+            exchanges: Default::default(),
+        }
+    }
+
+    /// The credentials for `auth`, as the caller described by `ctx`.
+    pub async fn resolve(
+        &self,
+        auth: &Auth,
+        ctx: &MountContext,
+        defaults: &GcpArgs,
+    ) -> Result<Resolved, ObjectError> {
+        match auth {
+            Auth::ProviderAdc => {
+                let creds = self
+                    .adc
+                    .get_or_try_init(|| async {
+                        google_cloud_auth::credentials::Builder::default()
+                            .build()
+                            .map_err(|e| {
+                                ObjectError::FailedPrecondition(format!(
+                                    "the daemon's Application Default Credentials: {e}"
+                                ))
+                            })
+                    })
+                    .await?;
+                Ok(Resolved {
+                    credentials: creds.clone(),
+                    identity: "provider-adc".into(),
+                })
+            }
+            Auth::KeyJson(key) => {
+                let json: Json = serde_json::from_str(key.expose()).map_err(|_| {
+                    ObjectError::Invalid(
+                        "nodePublishSecretRef key.json is not a JSON service-account key".into(),
+                    )
+                })?;
+                let credentials =
+                    google_cloud_auth::credentials::service_account::Builder::new(json)
+                        .build()
+                        .map_err(|_| {
+                            ObjectError::Invalid(
+                                "nodePublishSecretRef key.json is not a usable service-account key"
+                                    .into(),
+                            )
+                        })?;
+                Ok(Resolved {
+                    credentials,
+                    identity: format!("key {}", fingerprint(&[key.expose()])),
+                })
+            }
+            Auth::PodAdc {
+                audience,
+                sts_audience,
+                impersonate,
+            } => {
+                let jwt = ctx.token_for(audience).ok_or_else(|| {
+                    ObjectError::FailedPrecondition(format!(
+                        "no service-account token for audience {audience:?}"
+                    ))
+                })?;
+                let key = fingerprint(&[
+                    jwt.token.expose(),
+                    sts_audience,
+                    impersonate.as_deref().unwrap_or(""),
+                ]);
+                let token = self
+                    .pod_token(
+                        &key,
+                        jwt.token.expose(),
+                        sts_audience,
+                        impersonate.as_deref(),
+                        defaults,
+                    )
+                    .await?;
+                Ok(Resolved {
+                    identity: format!("token {}", fingerprint(&[token.expose()])),
+                    credentials: Credentials::from(Bearer(token)),
+                })
+            }
+        }
+    }
+
+    async fn pod_token(
+        &self,
+        key: &str,
+        jwt: &str,
+        sts_audience: &str,
+        impersonate: Option<&str>,
+        defaults: &GcpArgs,
+    ) -> Result<Credential, ObjectError> {
+        let slot = {
+            let mut slots = match self.slots.lock() {
+                Ok(s) => s,
+                Err(p) => p.into_inner(),
+            };
+            if slots.len() > 1024 {
+                let now = Instant::now();
+                slots.retain(|_, s| {
+                    s.try_lock()
+                        .map(|c| c.as_ref().is_some_and(|c| now < c.use_until))
+                        .unwrap_or(true)
+                });
+            }
+            slots.entry(key.to_string()).or_default().clone()
+        };
+        let mut cached = slot.lock().await;
+        if let Some(c) = cached.as_ref().filter(|c| Instant::now() < c.use_until) {
+            return Ok(c.token.clone());
+        }
+        let started = Instant::now();
+        let (federated, ttl) = self.exchange(jwt, sts_audience, defaults).await?;
+        let (token, ttl) = match impersonate {
+            None => (federated, ttl),
+            Some(gsa) => self.impersonate(&federated, gsa, defaults).await?,
+        };
+        let margin = (ttl / 10).max(Duration::from_secs(30));
+        let fresh = Cached {
+            token,
+            use_until: started + ttl.saturating_sub(margin),
+        };
+        *cached = Some(fresh.clone());
+        Ok(fresh.token)
+    }
+
+    /// `POST {sts}/v1/token`: the pod's JWT for a federated access token.
+    async fn exchange(
+        &self,
+        jwt: &str,
+        audience: &str,
+        defaults: &GcpArgs,
+    ) -> Result<(Credential, Duration), ObjectError> {
+        self.exchanges
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let url = format!("{}/v1/token", defaults.sts_endpoint.trim_end_matches('/'));
+        let form = [
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+            (
+                "requested_token_type",
+                "urn:ietf:params:oauth:token-type:access_token",
+            ),
+            ("scope", SCOPE),
+            ("audience", audience),
+            ("subject_token", jwt),
+        ];
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form)
+            .finish();
+        let resp = self
+            .http
+            .post(&url)
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| {
+                ObjectError::Unavailable(format!(
+                    "cannot reach STS at {}: {}",
+                    defaults.sts_endpoint,
+                    cause(&e)
+                ))
+            })?;
+        let (status, json) = read(resp).await?;
+        if !status.is_success() {
+            let said = json
+                .get("error_description")
+                .or_else(|| json.get("error").and_then(|e| e.get("message")))
+                .and_then(Json::as_str)
+                .unwrap_or("")
+                .to_string();
+            return Err(token_error(
+                "STS refused to exchange the pod's token",
+                status.as_u16(),
+                &said,
+            ));
+        }
+        let token = json
+            .get("access_token")
+            .and_then(Json::as_str)
+            .unwrap_or("");
+        if token.is_empty() {
+            return Err(ObjectError::Unavailable(
+                "STS answered without an access_token".into(),
+            ));
+        }
+        let ttl = json
+            .get("expires_in")
+            .and_then(Json::as_u64)
+            .unwrap_or(3600);
+        Ok((Credential::new(token.to_string()), Duration::from_secs(ttl)))
+    }
+
+    /// `generateAccessToken` for `gsa`, authorized by the federated token.
+    async fn impersonate(
+        &self,
+        federated: &Credential,
+        gsa: &str,
+        defaults: &GcpArgs,
+    ) -> Result<(Credential, Duration), ObjectError> {
+        let url = format!(
+            "{}/v1/projects/-/serviceAccounts/{gsa}:generateAccessToken",
+            defaults.iam_credentials_endpoint.trim_end_matches('/')
+        );
+        let resp = self
+            .http
+            .post(&url)
+            .bearer_auth(federated.expose())
+            .json(&serde_json::json!({ "scope": [SCOPE] }))
+            .send()
+            .await
+            .map_err(|e| {
+                ObjectError::Unavailable(format!("cannot reach IAM Credentials: {}", cause(&e)))
+            })?;
+        let (status, json) = read(resp).await?;
+        if !status.is_success() {
+            let said = json
+                .get("error")
+                .and_then(|e| e.get("message"))
+                .and_then(Json::as_str)
+                .unwrap_or("")
+                .to_string();
+            return Err(token_error(
+                &format!("IAM Credentials refused to impersonate {gsa}"),
+                status.as_u16(),
+                &said,
+            ));
+        }
+        let token = json.get("accessToken").and_then(Json::as_str).unwrap_or("");
+        if token.is_empty() {
+            return Err(ObjectError::Unavailable(
+                "IAM Credentials answered without an accessToken".into(),
+            ));
+        }
+        let ttl = json
+            .get("expireTime")
+            .and_then(Json::as_str)
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+            .and_then(|t| t.duration_since(SystemTime::now()).ok())
+            .unwrap_or(Duration::from_secs(3600));
+        Ok((Credential::new(token.to_string()), ttl))
+    }
+}
+
+async fn read(resp: reqwest::Response) -> Result<(reqwest::StatusCode, Json), ObjectError> {
+    let status = resp.status();
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| ObjectError::Unavailable(format!("reading a token answer: {}", cause(&e))))?;
+    Ok((status, serde_json::from_slice(&bytes).unwrap_or(Json::Null)))
+}
+
+fn token_error(what: &str, code: u16, said: &str) -> ObjectError {
+    let msg = if said.is_empty() {
+        format!("{what} ({code})")
+    } else {
+        format!("{what} ({code}): {said}")
+    };
+    match code {
+        400 | 401 | 403 => ObjectError::PermissionDenied(msg),
+        429 => ObjectError::Throttled {
+            message: msg,
+            retry_after: None,
+        },
+        _ => ObjectError::Unavailable(msg),
+    }
+}
+
+fn cause(e: &reqwest::Error) -> String {
+    let mut cause = e.to_string();
+    let mut s = std::error::Error::source(e);
+    while let Some(inner) = s {
+        cause = inner.to_string();
+        s = inner.source();
+    }
+    cause
+}

@@ -1,0 +1,219 @@
+//! The `gcp` backend's parameters, compatible with Google's
+//! secrets-store-csi-driver-provider-gcp: SPC-level `auth`, project and
+//! Workload Identity settings, and per object `resourceName` with at most one
+//! of `extractJSONKey` / `extractYAMLKey`.
+
+use crate::config::GcpArgs;
+use crate::error::ObjectError;
+use crate::request::MountContext;
+use crate::secret::Credential;
+use crate::spc::ObjectSpec;
+
+/// Object fields this backend reads.
+pub const OBJECT_FIELDS: &[&str] = &["resourceName", "extractJSONKey", "extractYAMLKey"];
+
+/// How the pod's calls to Secret Manager are authorized.
+#[derive(Debug, Clone)]
+pub enum Auth {
+    /// Workload Identity Federation as the pod: its service-account token for
+    /// `audience` exchanged at STS for `sts_audience`, then optionally an
+    /// access token of `impersonate` from IAM Credentials.
+    PodAdc {
+        audience: String,
+        sts_audience: String,
+        impersonate: Option<String>,
+    },
+    /// The daemon's own Application Default Credentials.
+    ProviderAdc,
+    /// A service-account key from nodePublishSecretRef `key.json`.
+    KeyJson(Credential),
+}
+
+#[derive(Debug, Clone)]
+pub struct GcpParams {
+    pub auth: Auth,
+}
+
+fn param<'a>(ctx: &'a MountContext, key: &str) -> Option<&'a str> {
+    ctx.parameters
+        .get(key)
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+}
+
+impl GcpParams {
+    pub fn from_context(ctx: &MountContext, defaults: &GcpArgs) -> Result<Self, ObjectError> {
+        if let Some(key) = ctx
+            .node_publish_secrets
+            .as_ref()
+            .and_then(|s| s.get("key.json"))
+        {
+            if !defaults.allow_node_publish_secret {
+                return Err(ObjectError::FailedPrecondition(
+                    "the volume's nodePublishSecretRef has key.json, but this node's coffer does not accept \
+                     service-account keys (start it with --gcp-allow-node-publish-secret)"
+                        .into(),
+                ));
+            }
+            return Ok(Self {
+                auth: Auth::KeyJson(key.clone()),
+            });
+        }
+        let auth = match param(ctx, "auth").unwrap_or("pod-adc") {
+            "provider-adc" => Auth::ProviderAdc,
+            "pod-adc" => {
+                let project = param(ctx, "gcpProject")
+                    .map(str::to_string)
+                    .or_else(|| defaults.project.clone())
+                    .ok_or_else(|| {
+                        ObjectError::FailedPrecondition(
+                            "pod-adc needs a project: set the SPC parameter gcpProject or start coffer with --gcp-project"
+                                .into(),
+                        )
+                    })?;
+                let audience = param(ctx, "audience")
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("{project}.svc.id.goog"));
+                let sts_audience = match param(ctx, "gcpWorkloadIdentityProvider") {
+                    Some(p) => p.to_string(),
+                    None => match (&defaults.cluster_location, &defaults.cluster_name) {
+                        (Some(loc), Some(name)) => format!(
+                            "identitynamespace:{project}.svc.id.goog:https://container.googleapis.com/v1/projects/{project}/locations/{loc}/clusters/{name}"
+                        ),
+                        _ => {
+                            return Err(ObjectError::FailedPrecondition(
+                                "pod-adc needs the Workload Identity provider: set gcpWorkloadIdentityProvider, or start \
+                                 coffer with --gcp-cluster-location and --gcp-cluster-name"
+                                    .into(),
+                            ))
+                        }
+                    },
+                };
+                if ctx.token_for(&audience).is_none() {
+                    return Err(ObjectError::FailedPrecondition(format!(
+                        "the driver passed no service-account token for audience {audience:?}: add \
+                         {{audience: {audience}}} to the CSIDriver's tokenRequests"
+                    )));
+                }
+                Auth::PodAdc {
+                    audience,
+                    sts_audience,
+                    impersonate: param(ctx, "gcpServiceAccount").map(str::to_string),
+                }
+            }
+            other => {
+                return Err(ObjectError::Invalid(format!(
+                    "auth {other:?} is not pod-adc or provider-adc"
+                )))
+            }
+        };
+        Ok(Self { auth })
+    }
+}
+
+/// Which key of the payload to extract.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Extract {
+    Json(String),
+    Yaml(String),
+}
+
+/// One object's request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GcpObject {
+    pub resource: String,
+    /// `Some(location)` for regional secrets.
+    pub location: Option<String>,
+    /// The version is a number (immutable), not `latest` or an alias.
+    pub pinned: bool,
+    pub extract: Option<Extract>,
+}
+
+impl GcpObject {
+    pub fn from_spec(object: &ObjectSpec) -> Result<Self, ObjectError> {
+        object.reject_unknown_fields(OBJECT_FIELDS)?;
+        let resource = object
+            .str_field("resourceName")?
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+            .ok_or_else(|| ObjectError::Invalid("resourceName is missing".into()))?
+            .to_string();
+        let parts: Vec<&str> = resource.split('/').collect();
+        let bad = || {
+            ObjectError::Invalid(format!(
+                "resourceName {resource:?} is not projects/*/secrets/*/versions/* or \
+                 projects/*/locations/*/secrets/*/versions/*"
+            ))
+        };
+        fn valid(s: &&&str) -> bool {
+            !s.is_empty() && !s.contains(['?', '#', ':']) && **s != "." && **s != ".."
+        }
+        let (location, version) = match parts.as_slice() {
+            ["projects", p, "secrets", s, "versions", v] if [p, s, v].iter().all(valid) => {
+                (None, *v)
+            }
+            ["projects", p, "locations", l, "secrets", s, "versions", v]
+                if [p, l, s, v].iter().all(valid) =>
+            {
+                (Some(l.to_string()), *v)
+            }
+            _ => return Err(bad()),
+        };
+        let json = object
+            .str_field("extractJSONKey")?
+            .filter(|k| !k.is_empty());
+        let yaml = object
+            .str_field("extractYAMLKey")?
+            .filter(|k| !k.is_empty());
+        let extract = match (json, yaml) {
+            (Some(_), Some(_)) => {
+                return Err(ObjectError::Invalid(
+                    "set at most one of extractJSONKey and extractYAMLKey".into(),
+                ))
+            }
+            (Some(k), None) => Some(Extract::Json(k.to_string())),
+            (None, Some(k)) => Some(Extract::Yaml(k.to_string())),
+            (None, None) => None,
+        };
+        Ok(Self {
+            pinned: version.bytes().all(|b| b.is_ascii_digit()),
+            resource,
+            location,
+            extract,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn object(yaml: &str) -> Result<GcpObject, ObjectError> {
+        let params = BTreeMap::from([("objects".to_string(), yaml.to_string())]);
+        GcpObject::from_spec(&crate::spc::parse_objects(&params, "gcp").unwrap()[0])
+    }
+
+    #[test]
+    fn resource_names() {
+        let o = object("- objectName: a\n  resourceName: projects/p/secrets/s/versions/3").unwrap();
+        assert_eq!((o.location, o.pinned), (None, true));
+        let o = object("- objectName: a\n  resourceName: projects/p/locations/europe-west3/secrets/s/versions/latest").unwrap();
+        assert_eq!(
+            (o.location.as_deref(), o.pinned),
+            (Some("europe-west3"), false)
+        );
+        for bad in [
+            "projects/p/secrets/s",
+            "projects/p/secrets/s/versions/",
+            "p/s/v",
+            "projects/p/secrets/../versions/1",
+        ] {
+            assert!(
+                object(&format!("- objectName: a\n  resourceName: {bad}")).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(object("- objectName: a\n  resourceName: projects/p/secrets/s/versions/1\n  extractJSONKey: a\n  extractYAMLKey: b").is_err());
+    }
+}
