@@ -163,6 +163,8 @@ struct Ready {
     version: String,
     /// An optional object that does not exist: a version, no file.
     absent: bool,
+    /// The ObjectVersion id.
+    id: String,
     /// For the audit log.
     backend: &'static str,
     address: String,
@@ -327,9 +329,17 @@ impl Mounter {
         }
         let mut response = proto::MountResponse::default();
         let mut ready = ready;
+        let mut ids = std::collections::HashSet::new();
         for r in &mut ready {
+            // Ids must be unique in a response: a second object with the
+            // same backend id (one secret, two extracted keys) gets its path.
+            let id = if ids.insert(r.id.clone()) {
+                r.id.clone()
+            } else {
+                format!("{}#{}", r.id, r.path)
+            };
             response.object_version.push(proto::ObjectVersion {
-                id: r.path.clone(),
+                id,
                 version: r.version.clone(),
             });
             if r.absent {
@@ -485,6 +495,7 @@ impl Mounter {
                     contents: Zeroizing::new(Vec::new()),
                     version: ABSENT_VERSION.into(),
                     absent: true,
+                    id: backend.object_id(object),
                     backend: backend.name(),
                     address: backend.describe(object),
                     source: "absent",
@@ -509,6 +520,7 @@ impl Mounter {
             contents,
             version,
             absent: false,
+            id: backend.object_id(object),
             backend: backend.name(),
             address: backend.describe(object),
             source,

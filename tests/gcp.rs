@@ -172,6 +172,22 @@ async fn gcp_provider_format_global_regional_pinned_latest_and_keys() {
     );
     assert_eq!(versions["db-v1"], "projects/proj/secrets/db/versions/1");
 
+    // One secret, two keys: the ids stay unique.
+    let twice = gcp_spc(&[(
+        "secrets",
+        "- resourceName: projects/proj/secrets/yaml/versions/1\n  fileName: a\n  extractYAMLKey: user\n\
+         - resourceName: projects/proj/secrets/yaml/versions/1\n  fileName: b\n",
+    )]);
+    let r = c.mount(pod(&twice, &signer)).await.unwrap().into_inner();
+    let ids: Vec<&str> = r.object_version.iter().map(|v| v.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "projects/proj/secrets/yaml/versions/1",
+            "projects/proj/secrets/yaml/versions/1#b"
+        ]
+    );
+
     // coffer's own `objects` form works for this backend too.
     let own = gcp_spc(&[
         ("backend", "gcp"),

@@ -71,6 +71,12 @@ pub trait Backend: Send + Sync {
         object.name.clone()
     }
 
+    /// The `ObjectVersion` id the driver sees for `object` (the file path
+    /// unless the peer provider used something else).
+    fn object_id(&self, object: &ObjectSpec) -> String {
+        object.name.clone()
+    }
+
     /// Where this caller's calls go, for rate limits (e.g. the Vault
     /// address); `None` for local backends, which are not limited.
     fn limit_scope(&self, _ctx: &MountContext) -> Option<String> {

@@ -125,13 +125,27 @@ fn map_error(e: &google_cloud_gax::error::Error, resource: &str) -> ObjectError 
     }
 }
 
-/// `Retry-After` (seconds) if the answer carried one.
+/// The server's retry hint: `google.rpc.RetryInfo` in the status details,
+/// else a `Retry-After` header (seconds).
 fn retry_hint(e: &google_cloud_gax::error::Error) -> Option<Duration> {
-    e.http_headers()
-        .and_then(|h| h.get(http::header::RETRY_AFTER))
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs)
+    let from_details = e.status().and_then(|s| {
+        s.details.iter().find_map(|d| match d {
+            google_cloud_gax::error::rpc::StatusDetails::RetryInfo(info) => {
+                info.retry_delay.as_ref().map(|d| {
+                    Duration::from_secs(d.seconds().max(0) as u64)
+                        + Duration::from_nanos(d.nanos().max(0) as u64)
+                })
+            }
+            _ => None,
+        })
+    });
+    from_details.or_else(|| {
+        e.http_headers()
+            .and_then(|h| h.get(http::header::RETRY_AFTER))
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs)
+    })
 }
 
 /// The value of a top-level key of a JSON or YAML payload; it must be a string.
