@@ -146,10 +146,13 @@ async fn gcp_provider_format_global_regional_pinned_latest_and_keys() {
         .map(|v| (v.id.clone(), v.version.clone()))
         .collect();
     assert_eq!(
-        versions["db/password"], "projects/proj/secrets/db/versions/2",
+        versions["projects/proj/secrets/db/versions/latest"], "projects/proj/secrets/db/versions/2",
         "the resolved version name"
     );
-    assert_eq!(versions["db-v1"], "projects/proj/secrets/db/versions/1");
+    assert_eq!(
+        versions["projects/proj/secrets/db/versions/1"],
+        "projects/proj/secrets/db/versions/1"
+    );
 
     // A new version under `latest` is a rotation; the pinned one stays.
     g.world
@@ -167,10 +170,13 @@ async fn gcp_provider_format_global_regional_pinned_latest_and_keys() {
         .map(|v| (v.id.clone(), v.version.clone()))
         .collect();
     assert_eq!(
-        versions["db/password"],
+        versions["projects/proj/secrets/db/versions/latest"],
         "projects/proj/secrets/db/versions/3"
     );
-    assert_eq!(versions["db-v1"], "projects/proj/secrets/db/versions/1");
+    assert_eq!(
+        versions["projects/proj/secrets/db/versions/1"],
+        "projects/proj/secrets/db/versions/1"
+    );
 
     // One secret, two keys: the ids stay unique.
     let twice = gcp_spc(&[(

@@ -205,6 +205,11 @@ impl Backend for GcpBackend {
             .to_string()
     }
 
+    /// As Google's provider: the object's id is its resourceName.
+    fn object_id(&self, object: &ObjectSpec) -> String {
+        self.describe(object)
+    }
+
     fn cache_key(&self, object: &ObjectSpec, ctx: &MountContext) -> Option<String> {
         let params = GcpParams::from_context(ctx, &self.defaults).ok()?;
         let request = GcpObject::from_spec(object).ok()?;
