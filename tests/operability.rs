@@ -286,6 +286,7 @@ fn check_validates_spcs_like_mount_without_fetching() {
         .args([
             "daemonset/examples/vault.yaml",
             "daemonset/examples/file.yaml",
+            "daemonset/examples/gcp.yaml",
         ])
         .current_dir(root)
         .output()
@@ -293,6 +294,7 @@ fn check_validates_spcs_like_mount_without_fetching() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("shop-vault: ok (3 objects)"), "{stdout}");
+    assert!(stdout.contains("shop-gcp: ok (3 objects)"), "{stdout}");
 
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.yaml");
@@ -393,6 +395,7 @@ fn manifests_validate_against_the_kubernetes_schemas() {
         "csidriver-token-requests.yaml",
         "examples/vault.yaml",
         "examples/file.yaml",
+        "examples/gcp.yaml",
     ];
     for version in ["1.30", "1.34"] {
         let out = Command::new(venv.join("bin/kubernetes-validate"))

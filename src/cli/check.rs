@@ -80,12 +80,19 @@ fn registry(args: &CheckArgs) -> Registry {
 /// token for the audiences it names (tokens come from the driver at run time).
 fn context(spc: &SecretProviderClass) -> Result<MountContext, String> {
     let mut tokens = BTreeMap::new();
-    let audience = spc
+    let project = spc
         .parameters
-        .get("audience")
+        .get("gcpProject")
         .cloned()
-        .unwrap_or_else(|| "vault".into());
-    tokens.insert(audience, Credential::new("placeholder".into()));
+        .unwrap_or_else(|| "placeholder-project".into());
+    let audiences = [
+        spc.parameters.get("audience").cloned(),
+        Some("vault".to_string()),
+        Some(format!("{project}.svc.id.goog")),
+    ];
+    for audience in audiences.into_iter().flatten() {
+        tokens.insert(audience, Credential::new("placeholder".into()));
+    }
     let req = DriverRequest {
         pod: Pod {
             namespace: spc.namespace.clone().unwrap_or_else(|| "default".into()),
