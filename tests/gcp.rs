@@ -453,7 +453,7 @@ async fn one_volume_mixes_gcp_and_vault_objects() {
     common::bao::setup_jwt(&bao, &signer, &["app"]).await;
     bao.put_kv2("app", serde_json::json!({"password": "from-vault"}))
         .await;
-    let d = daemon(&g, &[]);
+    let d = daemon(&g, &["--log-level", "trace"]);
     let spc = gcp_spc(&[
         ("vaultAddress", &bao.addr()),
         ("roleName", "app"),
@@ -465,10 +465,11 @@ async fn one_volume_mixes_gcp_and_vault_objects() {
         ),
     ]);
     let gcp_aud = format!("{PROJECT}.svc.id.goog");
+    let gcp_jwt = signer.token("shop", "web", &gcp_aud, 600);
     let req = with_tokens(
         driver(Path::new("/t")),
         &[
-            (&gcp_aud, &signer.token("shop", "web", &gcp_aud, 600)),
+            (&gcp_aud, &gcp_jwt),
             ("vault", &signer.token("shop", "web", "vault", 600)),
         ],
     )
