@@ -33,6 +33,20 @@ pub struct PodInfo {
     pub service_account: String,
 }
 
+impl PodInfo {
+    /// `system:serviceaccount:<ns>:<name>`, the identity Kubernetes-bound
+    /// backend roles authorize; `None` without pod info.
+    pub fn service_account_id(&self) -> Option<String> {
+        if self.namespace.is_empty() || self.service_account.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "system:serviceaccount:{}:{}",
+            self.namespace, self.service_account
+        ))
+    }
+}
+
 /// A projected service-account token the driver obtained for one audience.
 #[derive(Debug, Clone)]
 pub struct ServiceAccountToken {

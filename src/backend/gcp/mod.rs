@@ -218,17 +218,11 @@ impl Backend for GcpBackend {
                 sts_audience,
                 impersonate,
                 ..
-            } => {
-                if ctx.pod.namespace.is_empty() || ctx.pod.service_account.is_empty() {
-                    return None;
-                }
-                format!(
-                    "pod {}:{} {sts_audience} {}",
-                    ctx.pod.namespace,
-                    ctx.pod.service_account,
-                    impersonate.as_deref().unwrap_or("")
-                )
-            }
+            } => format!(
+                "pod {} {sts_audience} {}",
+                ctx.pod.service_account_id()?,
+                impersonate.as_deref().unwrap_or("")
+            ),
             params::Auth::ProviderAdc => "provider-adc".into(),
             params::Auth::KeyJson(k) => format!("key {}", auth::fingerprint(&[k.expose()])),
         };

@@ -366,15 +366,10 @@ impl Backend for VaultBackend {
                 mount,
                 role,
                 audience,
-            } => {
-                if ctx.pod.namespace.is_empty() || ctx.pod.service_account.is_empty() {
-                    return None;
-                }
-                format!(
-                    "login {mount} {role} {audience} system:serviceaccount:{}:{}",
-                    ctx.pod.namespace, ctx.pod.service_account
-                )
-            }
+            } => format!(
+                "login {mount} {role} {audience} {}",
+                ctx.pod.service_account_id()?
+            ),
             params::Auth::AppRole {
                 mount,
                 role_id,
