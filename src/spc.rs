@@ -128,6 +128,14 @@ impl ObjectSpec {
         }
     }
 
+    /// A backend-specific string field that must be present and non-blank.
+    pub fn required_str(&self, key: &str) -> Result<&str, ObjectError> {
+        self.str_field(key)?
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| ObjectError::Invalid(format!("{key} is missing")))
+    }
+
     /// Fails on fields that `known` does not list, so typos are caught early.
     pub fn reject_unknown_fields(&self, known: &[&str]) -> Result<(), ObjectError> {
         let unknown: Vec<&str> = self

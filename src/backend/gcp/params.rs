@@ -132,12 +132,7 @@ pub struct GcpObject {
 impl GcpObject {
     pub fn from_spec(object: &ObjectSpec) -> Result<Self, ObjectError> {
         object.reject_unknown_fields(OBJECT_FIELDS)?;
-        let resource = object
-            .str_field("resourceName")?
-            .map(str::trim)
-            .filter(|r| !r.is_empty())
-            .ok_or_else(|| ObjectError::Invalid("resourceName is missing".into()))?
-            .to_string();
+        let resource = object.required_str("resourceName")?.to_string();
         let parts: Vec<&str> = resource.split('/').collect();
         let bad = || {
             ObjectError::Invalid(format!(

@@ -192,11 +192,7 @@ pub struct VaultObject {
 impl VaultObject {
     pub fn from_spec(object: &ObjectSpec) -> Result<Self, ObjectError> {
         object.reject_unknown_fields(OBJECT_FIELDS)?;
-        let raw = object
-            .str_field("secretPath")?
-            .map(str::trim)
-            .filter(|p| !p.is_empty())
-            .ok_or_else(|| ObjectError::Invalid("secretPath is missing".into()))?;
+        let raw = object.required_str("secretPath")?;
         let (path, query) = raw.split_once('?').unwrap_or((raw, ""));
         let path = path.trim_start_matches('/');
         let path = path.strip_prefix("v1/").unwrap_or(path);
