@@ -23,6 +23,7 @@ use lru::LruCache;
 
 use crate::backend::Fetched;
 use crate::error::ObjectError;
+use crate::key::Key;
 use crate::metrics::METRICS;
 use crate::secret::SecretBytes;
 
@@ -89,9 +90,9 @@ pub struct Stats {
 type Flight = Shared<BoxFuture<'static, Result<Arc<Entry>, ObjectError>>>;
 
 struct State {
-    lru: LruCache<String, Arc<Entry>>,
+    lru: LruCache<Key, Arc<Entry>>,
     bytes: u64,
-    inflight: HashMap<String, Flight>,
+    inflight: HashMap<Key, Flight>,
     last_sweep: Instant,
 }
 
@@ -105,8 +106,8 @@ pub struct Cache {
     pub stats: Stats,
 }
 
-fn entry_size(key: &str, e: &Entry) -> u64 {
-    e.contents.len() as u64 + key.len() as u64 + ENTRY_OVERHEAD
+fn entry_size(e: &Entry) -> u64 {
+    e.contents.len() as u64 + Key::SIZE + ENTRY_OVERHEAD
 }
 
 impl Cache {
@@ -159,7 +160,7 @@ impl Cache {
     /// `ttl` zero bypasses the cache for this call.
     pub async fn get(
         self: &Arc<Self>,
-        key: &str,
+        key: &Key,
         ttl: Duration,
         stale_if_error: Option<Duration>,
         fetch: impl Fn() -> BoxFuture<'static, Result<Fetched, ObjectError>>,
@@ -186,8 +187,8 @@ impl Cache {
             } else {
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
                 METRICS.cache_misses.inc();
-                let flight = self.launch(key.to_string(), fetch());
-                state.inflight.insert(key.to_string(), flight.clone());
+                let flight = self.launch(*key, fetch());
+                state.inflight.insert(*key, flight.clone());
                 (flight, false)
             }
         };
@@ -224,7 +225,7 @@ impl Cache {
     /// Runs the backend call as its own task and stores its answer.
     fn launch(
         self: &Arc<Self>,
-        key: String,
+        key: Key,
         fetch: BoxFuture<'static, Result<Fetched, ObjectError>>,
     ) -> Flight {
         let cache = Arc::clone(self);
@@ -241,7 +242,7 @@ impl Cache {
         .shared()
     }
 
-    fn complete(&self, key: &str, result: &Result<Arc<Entry>, ObjectError>) {
+    fn complete(&self, key: &Key, result: &Result<Arc<Entry>, ObjectError>) {
         let mut state = self.lock();
         state.inflight.remove(key);
         let Ok(entry) = result else {
@@ -250,34 +251,34 @@ impl Cache {
         if !entry.shareable {
             return;
         }
-        let size = entry_size(key, entry);
+        let size = entry_size(entry);
         if size > self.max_bytes {
             return;
         }
-        if let Some(old) = state.lru.put(key.to_string(), Arc::clone(entry)) {
-            state.bytes = state.bytes.saturating_sub(entry_size(key, &old));
+        if let Some(old) = state.lru.put(*key, Arc::clone(entry)) {
+            state.bytes = state.bytes.saturating_sub(entry_size(&old));
         }
         state.bytes += size;
         while state.bytes > self.max_bytes {
-            let Some((k, old)) = state.lru.pop_lru() else {
+            let Some((_, old)) = state.lru.pop_lru() else {
                 break;
             };
-            state.bytes = state.bytes.saturating_sub(entry_size(&k, &old));
+            state.bytes = state.bytes.saturating_sub(entry_size(&old));
             self.stats.evictions.fetch_add(1, Ordering::Relaxed);
             METRICS.cache_evictions.inc();
         }
         if state.last_sweep.elapsed() > Duration::from_secs(30) {
             state.last_sweep = Instant::now();
             let retain = Duration::from_secs(self.retain_secs.load(Ordering::Relaxed));
-            let expired: Vec<String> = state
+            let expired: Vec<Key> = state
                 .lru
                 .iter()
                 .filter(|(_, e)| !e.immutable && e.fetched_at.elapsed() > retain)
-                .map(|(k, _)| k.clone())
+                .map(|(k, _)| *k)
                 .collect();
             for k in expired {
                 if let Some(old) = state.lru.pop(&k) {
-                    state.bytes = state.bytes.saturating_sub(entry_size(&k, &old));
+                    state.bytes = state.bytes.saturating_sub(entry_size(&old));
                     self.stats.evictions.fetch_add(1, Ordering::Relaxed);
                     METRICS.cache_evictions.inc();
                 }
@@ -293,6 +294,10 @@ impl Cache {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
+
+    fn k(name: &str) -> Key {
+        Key::of("test", &[name])
+    }
 
     fn counting_fetch(
         calls: Arc<AtomicUsize>,
@@ -331,24 +336,24 @@ mod tests {
         let calls = Arc::new(AtomicUsize::new(0));
         let f = counting_fetch(calls.clone(), "v", 0, ok);
         let (_, s1) = cache
-            .get("k", Duration::from_millis(200), None, &f)
+            .get(&k("k"), Duration::from_millis(200), None, &f)
             .await
             .unwrap();
         let (e, s2) = cache
-            .get("k", Duration::from_millis(200), None, &f)
+            .get(&k("k"), Duration::from_millis(200), None, &f)
             .await
             .unwrap();
         assert_eq!((s1, s2), (Source::Miss, Source::Hit));
         assert_eq!(e.contents.expose(), b"v");
         tokio::time::sleep(Duration::from_millis(250)).await;
         let (_, s3) = cache
-            .get("k", Duration::from_millis(200), None, &f)
+            .get(&k("k"), Duration::from_millis(200), None, &f)
             .await
             .unwrap();
         assert_eq!(s3, Source::Miss);
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         // TTL zero bypasses.
-        let (_, s4) = cache.get("k", Duration::ZERO, None, &f).await.unwrap();
+        let (_, s4) = cache.get(&k("k"), Duration::ZERO, None, &f).await.unwrap();
         assert_eq!(s4, Source::Uncached);
     }
 
@@ -362,7 +367,7 @@ mod tests {
             let (cache, f) = (cache.clone(), f.clone());
             tokio::spawn(async move {
                 cache
-                    .get("k", Duration::from_secs(60), None, &*f)
+                    .get(&k("k"), Duration::from_secs(60), None, &*f)
                     .await
                     .map(|r| r.1)
             })
@@ -373,7 +378,7 @@ mod tests {
             let (cache, f) = (cache.clone(), f.clone());
             joiners.push(tokio::spawn(async move {
                 cache
-                    .get("k", Duration::from_secs(60), None, &*f)
+                    .get(&k("k"), Duration::from_secs(60), None, &*f)
                     .await
                     .map(|r| r.1)
             }));
@@ -396,13 +401,13 @@ mod tests {
         let calls = Arc::new(AtomicUsize::new(0));
         let ttl = Duration::from_millis(10);
         cache
-            .get("k", ttl, None, &counting_fetch(calls.clone(), "old", 0, ok))
+            .get(&k("k"), ttl, None, &counting_fetch(calls.clone(), "old", 0, ok))
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
         let (e, s) = cache
             .get(
-                "k",
+                &k("k"),
                 ttl,
                 Some(Duration::from_secs(600)),
                 &counting_fetch(calls.clone(), "x", 0, down),
@@ -413,7 +418,7 @@ mod tests {
         assert_eq!(cache.stats.stale_serves.load(Ordering::SeqCst), 1);
         let err = cache
             .get(
-                "k",
+                &k("k"),
                 ttl,
                 Some(Duration::from_secs(600)),
                 &counting_fetch(calls.clone(), "x", 0, denied),
@@ -425,12 +430,12 @@ mod tests {
             "a refusal is never masked"
         );
         let err = cache
-            .get("k", ttl, None, &counting_fetch(calls.clone(), "x", 0, down))
+            .get(&k("k"), ttl, None, &counting_fetch(calls.clone(), "x", 0, down))
             .await;
         assert!(err.is_err(), "not opted in");
         let err = cache
             .get(
-                "k",
+                &k("k"),
                 ttl,
                 Some(Duration::from_millis(1)),
                 &counting_fetch(calls, "x", 0, down),
@@ -441,34 +446,34 @@ mod tests {
 
     #[tokio::test]
     async fn bytes_are_bounded_with_lru_eviction() {
-        let cache = Cache::new(Duration::from_secs(60), 3 * (100 + 2 + ENTRY_OVERHEAD));
+        let cache = Cache::new(Duration::from_secs(60), 3 * (100 + Key::SIZE + ENTRY_OVERHEAD));
         let calls = Arc::new(AtomicUsize::new(0));
         let value: &'static str = Box::leak("x".repeat(100).into_boxed_str());
         let f = counting_fetch(calls.clone(), value, 0, ok);
-        for k in ["k1", "k2", "k3"] {
+        for name in ["k1", "k2", "k3"] {
             cache
-                .get(k, Duration::from_secs(60), None, &f)
+                .get(&k(name), Duration::from_secs(60), None, &f)
                 .await
                 .unwrap();
         }
         cache
-            .get("k1", Duration::from_secs(60), None, &f)
+            .get(&k("k1"), Duration::from_secs(60), None, &f)
             .await
             .unwrap(); // k1 is now recent
         cache
-            .get("k4", Duration::from_secs(60), None, &f)
+            .get(&k("k4"), Duration::from_secs(60), None, &f)
             .await
             .unwrap(); // evicts k2
         assert_eq!(cache.len(), 3);
-        assert!(cache.bytes() <= 3 * (100 + 2 + ENTRY_OVERHEAD));
+        assert!(cache.bytes() <= 3 * (100 + Key::SIZE + ENTRY_OVERHEAD));
         assert_eq!(cache.stats.evictions.load(Ordering::SeqCst), 1);
         let (_, s) = cache
-            .get("k2", Duration::from_secs(60), None, &f)
+            .get(&k("k2"), Duration::from_secs(60), None, &f)
             .await
             .unwrap();
         assert_eq!(s, Source::Miss);
         let (_, s) = cache
-            .get("k1", Duration::from_secs(60), None, &f)
+            .get(&k("k1"), Duration::from_secs(60), None, &f)
             .await
             .unwrap();
         assert_eq!(s, Source::Hit);

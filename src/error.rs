@@ -92,6 +92,24 @@ impl ObjectError {
     }
 }
 
+/// Longest piece of caller input (a name, a path, a key) echoed in a message.
+const SHOWN_CHARS: usize = 96;
+/// Failures listed one by one in a message; the rest are counted.
+pub const LISTED_FAILURES: usize = 20;
+
+/// Caller input as it appears in messages: quoted and escaped (no newline or
+/// terminal escape can reach a log line or an event), and cut short, so a
+/// 3 MB object name costs a 3 MB status nowhere.
+pub fn shown(input: &str) -> String {
+    let mut chars = input.chars();
+    let head: String = chars.by_ref().take(SHOWN_CHARS).collect();
+    if chars.next().is_none() {
+        format!("{head:?}")
+    } else {
+        format!("{head:?}… ({} bytes)", input.len())
+    }
+}
+
 /// A failure tied to one object of the SPC, named by its label (its output
 /// path, or its position in the list when it has none).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,7 +120,7 @@ pub struct Failure {
 
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "object {:?}: {}", self.object, self.error)
+        write!(f, "object {}: {}", shown(&self.object), self.error)
     }
 }
 
@@ -121,7 +139,7 @@ pub enum MountError {
     #[error(
         "mount timed out after {}; objects still outstanding: {}",
         humantime::format_duration(*.timeout),
-        .outstanding.join(", ")
+        list(.outstanding)
     )]
     Deadline {
         timeout: Duration,
@@ -135,13 +153,32 @@ pub enum MountError {
 }
 
 fn describe_failures(total: &usize, failures: &[Failure]) -> String {
-    let list: Vec<String> = failures.iter().map(ToString::to_string).collect();
+    let mut listed: Vec<String> = failures
+        .iter()
+        .take(LISTED_FAILURES)
+        .map(ToString::to_string)
+        .collect();
+    if failures.len() > LISTED_FAILURES {
+        listed.push(format!("and {} more", failures.len() - LISTED_FAILURES));
+    }
     format!(
         "{} of {} objects failed, nothing was mounted: {}",
         failures.len(),
         total,
-        list.join("; ")
+        listed.join("; ")
     )
+}
+
+fn list(labels: &[String]) -> String {
+    let mut listed: Vec<String> = labels
+        .iter()
+        .take(LISTED_FAILURES)
+        .map(|l| shown(l))
+        .collect();
+    if labels.len() > LISTED_FAILURES {
+        listed.push(format!("and {} more", labels.len() - LISTED_FAILURES));
+    }
+    listed.join(", ")
 }
 
 impl MountError {
@@ -187,6 +224,33 @@ mod tests {
     }
 
     #[test]
+    fn echoed_input_is_escaped_cut_and_summarised() {
+        assert_eq!(shown("a\nb\u{1b}[31m"), "\"a\\nb\\u{1b}[31m\"");
+        let long = "x".repeat(3_000_000);
+        let s = shown(&long);
+        assert!(s.len() < 200 && s.ends_with("(3000000 bytes)"), "{s}");
+        let failures: Vec<Failure> = (0..100_000)
+            .map(|i| Failure {
+                object: format!("{i}-{}", "y".repeat(500)),
+                error: ObjectError::Invalid("bad".into()),
+            })
+            .collect();
+        let msg = MountError::Objects {
+            total: 100_000,
+            failures,
+        }
+        .to_string();
+        assert!(msg.len() < 8 * 1024, "{} bytes", msg.len());
+        assert!(msg.contains("and 99980 more"), "{msg}");
+        let msg = MountError::Deadline {
+            timeout: Duration::from_secs(1),
+            outstanding: (0..50).map(|i| format!("o{i}")).collect(),
+        }
+        .to_string();
+        assert!(msg.contains("and 30 more"), "{msg}");
+    }
+
+    #[test]
     fn deadline_names_outstanding_objects() {
         let err = MountError::Deadline {
             timeout: Duration::from_secs(100),
@@ -194,7 +258,7 @@ mod tests {
         };
         assert_eq!(
             err.to_string(),
-            "mount timed out after 1m 40s; objects still outstanding: db/pass, api"
+            "mount timed out after 1m 40s; objects still outstanding: \"db/pass\", \"api\""
         );
     }
 }

@@ -3,7 +3,6 @@
 //! never past the Mount deadline) over a per-address token bucket and a
 //! per-address bound on in-flight calls.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +17,9 @@ use tower::retry::{Policy, RetryLayer};
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 use crate::backend::{Backend, FetchLimits, Fetched};
+use crate::bounded_map::{BoundedMap, Bounds};
 use crate::error::ObjectError;
+use crate::key::Key;
 use crate::request::MountContext;
 use crate::spc::ObjectSpec;
 
@@ -89,9 +90,17 @@ struct Scope {
     in_flight: Arc<Semaphore>,
 }
 
+/// Scopes kept: one per backend address in use. A scope idle this long has
+/// a full bucket and no calls, so forgetting it changes nothing.
+const SCOPES: Bounds = Bounds {
+    max_entries: 1024,
+    max_weight: 0,
+    idle: Duration::from_secs(600),
+};
+
 pub struct Limiter {
     config: LimitConfig,
-    scopes: Mutex<HashMap<String, Arc<Scope>>>,
+    scopes: BoundedMap<Arc<Scope>>,
     pub stats: Arc<Stats>,
 }
 
@@ -110,31 +119,29 @@ impl Limiter {
     pub fn new(config: LimitConfig) -> Self {
         Self {
             config,
-            scopes: Mutex::new(HashMap::new()),
+            scopes: BoundedMap::new(SCOPES),
             stats: Arc::new(Stats::default()),
         }
     }
 
-    fn scope(&self, name: &str) -> Arc<Scope> {
-        let mut scopes = match self.scopes.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
-        scopes
-            .entry(name.to_string())
-            .or_insert_with(|| {
-                let burst = f64::from(self.config.burst.max(1));
-                Arc::new(Scope {
-                    bucket: Mutex::new(Bucket {
-                        rate: self.config.qps,
-                        burst,
-                        tokens: burst,
-                        updated: Instant::now(),
-                    }),
-                    in_flight: Arc::new(Semaphore::new(self.config.max_in_flight.max(1))),
-                })
+    fn scope(&self, key: Key) -> Arc<Scope> {
+        self.scopes.get_or_insert_with(key, || {
+            let burst = f64::from(self.config.burst.max(1));
+            Arc::new(Scope {
+                bucket: Mutex::new(Bucket {
+                    rate: self.config.qps,
+                    burst,
+                    tokens: burst,
+                    updated: Instant::now(),
+                }),
+                in_flight: Arc::new(Semaphore::new(self.config.max_in_flight.max(1))),
             })
-            .clone()
+        })
+    }
+
+    /// Scopes currently kept (for tests).
+    pub fn scopes(&self) -> usize {
+        self.scopes.len()
     }
 
     /// Makes the call through retry → token bucket → in-flight bound.
@@ -144,7 +151,7 @@ impl Limiter {
             // Local backends: no bucket, no bound, no retries.
             return timed(&stats, &call).await;
         };
-        let scope = self.scope(&scope);
+        let scope = self.scope(scope);
         let fetch = tower::service_fn(move |c: Call| {
             let stats = Arc::clone(&stats);
             async move { timed(&stats, &c).await }

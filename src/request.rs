@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
+use crate::key::Key;
 use crate::secret::Credential;
 
 /// Attribute keys the driver fills in from the pod (with `podInfoOnMount`).
@@ -74,14 +75,15 @@ pub struct MountContext {
     pub memo: Memo,
 }
 
-/// Per-Mount shared values, keyed by a backend-chosen string.
+/// Per-Mount shared values, keyed by a backend-built [`Key`]. At most one
+/// entry per object, and objects per Mount are capped.
 #[derive(Clone, Default)]
-pub struct Memo(Arc<Mutex<HashMap<String, Arc<dyn Any + Send + Sync>>>>);
+pub struct Memo(Arc<Mutex<HashMap<Key, Arc<dyn Any + Send + Sync>>>>);
 
 impl Memo {
     /// The value stored under `key`, created with `Default` on first use.
     /// A key reused with another type gets a fresh value.
-    pub fn get_or_default<T: Default + Send + Sync + 'static>(&self, key: &str) -> Arc<T> {
+    pub fn get_or_default<T: Default + Send + Sync + 'static>(&self, key: &Key) -> Arc<T> {
         let Ok(mut map) = self.0.lock() else {
             return Arc::new(T::default());
         };
@@ -92,7 +94,7 @@ impl Memo {
             return existing;
         }
         let fresh = Arc::new(T::default());
-        map.insert(key.to_string(), fresh.clone());
+        map.insert(*key, fresh.clone());
         fresh
     }
 }

@@ -1,22 +1,23 @@
 //! The `file` backend: objects are files under a directory on the node
 //! (development, air-gapped nodes, the demo). The daemon reads them with its
 //! own authority, so the only thing standing between a pod and the node's
-//! files is this module's confinement: every open is resolved *beneath* the
-//! root by the kernel (`openat2(RESOLVE_BENEATH)`), which is not racy the way
-//! a check-then-open would be. Symlinks that stay inside the root work.
+//! files is this module's confinement, done by `nodefs`: every open is
+//! resolved *beneath* the root (or, namespace-scoped, beneath
+//! `<root>/<namespace>`) by the kernel. Symlinks that stay inside work.
+//!
+//! A hard link inside the root to a file elsewhere is served: links are made
+//! by whoever can write the root, which is the operator. Where tenants can
+//! write below the root, `--file-backend-refuse-hardlinks` refuses files
+//! with more than one link.
 
-use std::fs::File;
-use std::io::{self, Read};
-use std::os::fd::AsFd;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
-use nix::errno::Errno;
-use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
 
 use super::{Backend, FetchLimits, Fetched};
 use crate::error::ObjectError;
+use crate::nodefs::{self, NodeFileError};
 use crate::request::MountContext;
 use crate::secret::SecretBytes;
 use crate::spc::ObjectSpec;
@@ -39,39 +40,68 @@ pub enum Scope {
 pub struct FileBackend {
     root: PathBuf,
     scope: Scope,
+    refuse_hardlinks: bool,
+}
+
+/// A Kubernetes namespace name: a DNS-1123 label. Anything else (`.`, `..`,
+/// names with `/`) is refused before it can become a path.
+pub fn is_dns1123_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
 }
 
 impl FileBackend {
     pub fn new(root: PathBuf, scope: Scope) -> Self {
-        Self { root, scope }
+        Self {
+            root,
+            scope,
+            refuse_hardlinks: false,
+        }
     }
 
-    /// The object's path relative to the root, checked lexically first so
-    /// obvious mistakes get a clear message before the kernel is asked.
-    fn relative_path(
+    /// Refuse files with more than one hard link.
+    pub fn refuse_hardlinks(mut self, refuse: bool) -> Self {
+        self.refuse_hardlinks = refuse;
+        self
+    }
+
+    /// The directory the pod's paths resolve beneath (relative to the
+    /// root) and the path inside it, checked lexically first so obvious
+    /// mistakes get a clear message before the kernel is asked.
+    fn locate<'a>(
         &self,
-        object: &ObjectSpec,
-        ctx: &MountContext,
-    ) -> Result<PathBuf, ObjectError> {
+        object: &'a ObjectSpec,
+        ctx: &'a MountContext,
+    ) -> Result<(Option<&'a str>, &'a str), ObjectError> {
         let path = object.str_field("path")?.unwrap_or(&object.name);
         check_relative(path)?;
         match self.scope {
-            Scope::None => Ok(PathBuf::from(path)),
+            Scope::None => Ok((None, path)),
             Scope::Namespace => {
-                let ns = &ctx.pod.namespace;
-                if ns.is_empty() || check_relative(ns).is_err() || ns.contains('/') {
+                let ns = ctx.pod.namespace.as_str();
+                if !is_dns1123_label(ns) {
                     return Err(ObjectError::PermissionDenied(
                         "the file backend is namespace-scoped but the request names no valid pod namespace".into(),
                     ));
                 }
-                Ok(Path::new(ns).join(path))
+                Ok((Some(ns), path))
             }
         }
     }
 }
 
 fn check_relative(path: &str) -> Result<(), ObjectError> {
-    let invalid = |why: &str| Err(ObjectError::Invalid(format!("path {path:?} {why}")));
+    let invalid = |why: &str| {
+        Err(ObjectError::Invalid(format!(
+            "path {} {why}",
+            crate::error::shown(path)
+        )))
+    };
     if path.is_empty() {
         return invalid("is empty");
     }
@@ -104,7 +134,7 @@ impl Backend for FileBackend {
 
     fn validate(&self, object: &ObjectSpec, ctx: &MountContext) -> Result<(), ObjectError> {
         object.reject_unknown_fields(FIELDS)?;
-        self.relative_path(object, ctx).map(|_| ())
+        self.locate(object, ctx).map(|_| ())
     }
 
     async fn fetch(
@@ -113,131 +143,85 @@ impl Backend for FileBackend {
         ctx: &MountContext,
         limits: FetchLimits,
     ) -> Result<Fetched, ObjectError> {
-        let relative = self.relative_path(object, ctx)?;
+        let (scope, path) = self.locate(object, ctx)?;
+        let (scope, path) = (scope.map(str::to_string), path.to_string());
         let root = self.root.clone();
-        let contents =
-            tokio::task::spawn_blocking(move || read_beneath(&root, &relative, limits.max_bytes))
-                .await
-                .map_err(|e| ObjectError::Internal(format!("file read task failed: {e}")))??;
+        let refuse_hardlinks = self.refuse_hardlinks;
+        let contents = tokio::task::spawn_blocking(move || {
+            read(
+                &root,
+                scope.as_deref(),
+                Path::new(&path),
+                limits.max_bytes,
+                refuse_hardlinks,
+            )
+        })
+        .await
+        .map_err(|e| ObjectError::Internal(format!("file read task failed: {e}")))??;
         Ok(Fetched::new(contents, None))
     }
 }
 
-/// Opens `relative` beneath `root` and reads it whole, refusing anything that
-/// is not a regular file (a FIFO would hang the Mount) or is over `max_bytes`.
-fn read_beneath(root: &Path, relative: &Path, max_bytes: u64) -> Result<SecretBytes, ObjectError> {
-    let shown = relative.display().to_string();
-    let root_dir = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc_o_directory())
-        .open(root)
-        .map_err(|e| {
-            ObjectError::Unavailable(format!(
-                "cannot open the file backend root {}: {}",
-                root.display(),
-                e.kind()
-            ))
-        })?;
-    let file = open_beneath(&root_dir, relative).map_err(|errno| match errno {
-        Errno::ENOENT | Errno::ENOTDIR => ObjectError::NotFound(format!(
-            "{shown:?} does not exist under the file backend root"
-        )),
-        Errno::EXDEV => ObjectError::PermissionDenied(format!(
-            "{shown:?} resolves outside the file backend root"
-        )),
-        Errno::ELOOP => ObjectError::PermissionDenied(format!(
-            "{shown:?} goes through a symlink, which this kernel cannot confine to the root"
-        )),
-        Errno::EACCES | Errno::EPERM => {
-            ObjectError::PermissionDenied(format!("{shown:?} is not readable by coffer"))
-        }
-        other => ObjectError::Unavailable(format!("cannot open {shown:?}: {}", other.desc())),
+/// Reads `relative` beneath the root, or beneath `<root>/<scope>`.
+fn read(
+    root: &Path,
+    scope: Option<&str>,
+    relative: &Path,
+    max_bytes: u64,
+    refuse_hardlinks: bool,
+) -> Result<SecretBytes, ObjectError> {
+    let shown = crate::error::shown(&relative.to_string_lossy());
+    let root_dir = nodefs::open_dir(root).map_err(|e| {
+        ObjectError::Unavailable(format!(
+            "cannot open the file backend root {}: {e}",
+            root.display()
+        ))
     })?;
-    let meta = file
-        .metadata()
-        .map_err(|e| ObjectError::Unavailable(format!("cannot stat {shown:?}: {}", e.kind())))?;
-    let kind = meta.file_type();
-    if !kind.is_file() {
-        let what = if kind.is_dir() {
-            "a directory"
-        } else if kind.is_fifo() {
-            "a FIFO"
-        } else if kind.is_socket() {
-            "a socket"
-        } else {
-            "not a regular file"
-        };
-        return Err(ObjectError::Invalid(format!("{shown:?} is {what}")));
+    let dir = match scope {
+        None => root_dir,
+        Some(ns) => nodefs::open_dir_beneath(&root_dir, Path::new(ns)).map_err(|e| match e {
+            NodeFileError::NotFound => ObjectError::NotFound(format!(
+                "{shown} does not exist: the file backend has no directory for namespace {ns}"
+            )),
+            other => ObjectError::PermissionDenied(format!(
+                "the file backend directory of namespace {ns} {other}"
+            )),
+        })?,
+    };
+    let below = if scope.is_some() {
+        "the pod's namespace directory"
+    } else {
+        "the file backend root"
+    };
+    let map = |e: NodeFileError| match e {
+        NodeFileError::NotFound => {
+            ObjectError::NotFound(format!("{shown} does not exist under {below}"))
+        }
+        NodeFileError::Outside => {
+            ObjectError::PermissionDenied(format!("{shown} resolves outside {below}"))
+        }
+        NodeFileError::Symlink | NodeFileError::Denied => {
+            ObjectError::PermissionDenied(format!("{shown} {e}"))
+        }
+        NodeFileError::NotRegular(kind) => ObjectError::Invalid(format!("{shown} is {kind}")),
+        NodeFileError::TooLarge { size, limit } => ObjectError::TooLarge { size, limit },
+        NodeFileError::Io(_) => ObjectError::Unavailable(format!("{shown} {e}")),
+    };
+    let file = nodefs::open_beneath(&dir, relative).map_err(map)?;
+    if refuse_hardlinks {
+        let links = file
+            .metadata()
+            .map_err(|e| ObjectError::Unavailable(format!("cannot stat {shown}: {}", e.kind())))?
+            .nlink();
+        if links > 1 {
+            return Err(ObjectError::PermissionDenied(format!(
+                "{shown} has {links} hard links (--file-backend-refuse-hardlinks)"
+            )));
+        }
     }
-    if meta.len() > max_bytes {
-        return Err(ObjectError::TooLarge {
-            size: meta.len(),
-            limit: max_bytes,
-        });
-    }
-    // The file may grow between fstat and read: read at most one byte past
-    // the limit to notice without reading it all.
-    let mut buf = Vec::with_capacity(meta.len() as usize);
-    let read = (&file).take(max_bytes + 1).read_to_end(&mut buf);
-    if let Err(e) = read {
-        zeroize::Zeroize::zeroize(&mut buf);
-        return Err(ObjectError::Unavailable(format!(
-            "cannot read {shown:?}: {}",
-            e.kind()
-        )));
-    }
-    if buf.len() as u64 > max_bytes {
-        let size = buf.len() as u64;
-        zeroize::Zeroize::zeroize(&mut buf);
-        return Err(ObjectError::TooLarge {
-            size,
-            limit: max_bytes,
-        });
-    }
-    Ok(SecretBytes::new(buf))
-}
-
-fn libc_o_directory() -> i32 {
-    OFlag::O_DIRECTORY.bits()
-}
-
-fn open_beneath(root: &File, relative: &Path) -> Result<File, Errno> {
-    let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NONBLOCK;
-    let how = OpenHow::new()
-        .flags(flags)
-        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-    match nix::fcntl::openat2(root.as_fd(), relative, how) {
-        Ok(fd) => Ok(File::from(fd)),
-        // Kernels before 5.6 lack openat2: walk the path refusing every
-        // symlink, which is stricter but equally safe.
-        Err(Errno::ENOSYS) => open_without_symlinks(root, relative, flags),
-        Err(e) => Err(e),
-    }
-}
-
-fn open_without_symlinks(root: &File, relative: &Path, flags: OFlag) -> Result<File, Errno> {
-    let mut dir = root.try_clone().map_err(|e| io_errno(&e))?;
-    let components: Vec<_> = relative.components().collect();
-    for (i, component) in components.iter().enumerate() {
-        let last = i + 1 == components.len();
-        let extra = if last {
-            OFlag::empty()
-        } else {
-            OFlag::O_DIRECTORY
-        };
-        let fd = nix::fcntl::openat(
-            dir.as_fd(),
-            component.as_os_str(),
-            flags | OFlag::O_NOFOLLOW | extra,
-            nix::sys::stat::Mode::empty(),
-        )?;
-        dir = File::from(fd);
-    }
-    Ok(dir)
-}
-
-fn io_errno(e: &io::Error) -> Errno {
-    e.raw_os_error().map(Errno::from_raw).unwrap_or(Errno::EIO)
+    nodefs::read_regular(&file, max_bytes)
+        .map(SecretBytes::new)
+        .map_err(map)
 }
 
 #[cfg(test)]
@@ -350,26 +334,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn fallback_walk_refuses_every_symlink() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("d")).unwrap();
-        std::fs::write(dir.path().join("d/f"), "v").unwrap();
-        symlink("d/f", dir.path().join("link")).unwrap();
-        let root = File::open(dir.path()).unwrap();
-        let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC;
-        let mut s = String::new();
-        open_without_symlinks(&root, Path::new("d/f"), flags)
-            .unwrap()
-            .read_to_string(&mut s)
-            .unwrap();
-        assert_eq!(s, "v");
-        assert_eq!(
-            open_without_symlinks(&root, Path::new("link"), flags).unwrap_err(),
-            Errno::ELOOP
-        );
-    }
-
-    #[tokio::test]
     async fn namespace_scope_confines_pods_to_their_namespace() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("shop")).unwrap();
@@ -391,7 +355,42 @@ mod tests {
         assert!(matches!(err, ObjectError::Invalid(_)));
         let err = fetch(&b, &object("key", None), "").await.unwrap_err();
         assert!(matches!(err, ObjectError::PermissionDenied(_)), "{err}");
-        let err = fetch(&b, &object("key", None), "..").await.unwrap_err();
-        assert!(matches!(err, ObjectError::PermissionDenied(_)), "{err}");
+        for bad_ns in ["..", ".", "a/b", "Shop", "-x", &"a".repeat(64)] {
+            let err = fetch(&b, &object("key", None), bad_ns).await.unwrap_err();
+            assert!(matches!(err, ObjectError::PermissionDenied(_)), "{bad_ns}: {err}");
+        }
+        // A symlink in one namespace's directory (which a tenant's sync tool
+        // may write) cannot reach another namespace: resolution is beneath
+        // <root>/<namespace>, not beneath the root.
+        symlink("../bank/key", dir.path().join("shop/steal")).unwrap();
+        symlink("bank", dir.path().join("shop/bank-dir")).unwrap();
+        symlink("../bank", dir.path().join("shop/up")).unwrap();
+        for escape in ["steal", "up/key"] {
+            let err = fetch(&b, &object("x", Some(escape)), "shop")
+                .await
+                .unwrap_err();
+            assert!(matches!(err, ObjectError::PermissionDenied(_)), "{escape}: {err}");
+        }
+        let err = fetch(&b, &object("x", Some("bank-dir/key")), "shop")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ObjectError::NotFound(_)), "{err}");
+        let err = fetch(&b, &object("key", None), "nobody").await.unwrap_err();
+        assert!(matches!(err, ObjectError::NotFound(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn hard_links_can_be_refused() {
+        let outside = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("host"), "host").unwrap();
+        if std::fs::hard_link(outside.path().join("host"), dir.path().join("link")).is_err() {
+            return; // different file systems: nothing to test
+        }
+        let lenient = FileBackend::new(dir.path().to_path_buf(), Scope::None);
+        assert_eq!(fetch(&lenient, &object("link", None), "").await.unwrap(), b"host");
+        let strict = FileBackend::new(dir.path().to_path_buf(), Scope::None).refuse_hardlinks(true);
+        let err = fetch(&strict, &object("link", None), "").await.unwrap_err();
+        assert!(err.to_string().contains("2 hard links"), "{err}");
     }
 }

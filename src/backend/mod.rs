@@ -7,6 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::error::ObjectError;
+use crate::key::Key;
 use crate::request::MountContext;
 use crate::secret::SecretBytes;
 use crate::spc::ObjectSpec;
@@ -61,7 +62,7 @@ pub trait Backend: Send + Sync {
     /// The node-wide cache identity of `object` for this caller. Two callers
     /// get the same key only when the backend would authorize them
     /// identically; `None` means never cache.
-    fn cache_key(&self, _object: &ObjectSpec, _ctx: &MountContext) -> Option<String> {
+    fn cache_key(&self, _object: &ObjectSpec, _ctx: &MountContext) -> Option<Key> {
         None
     }
 
@@ -79,7 +80,7 @@ pub trait Backend: Send + Sync {
 
     /// Where this caller's calls go, for rate limits (e.g. the Vault
     /// address); `None` for local backends, which are not limited.
-    fn limit_scope(&self, _ctx: &MountContext) -> Option<String> {
+    fn limit_scope(&self, _ctx: &MountContext) -> Option<Key> {
         None
     }
 

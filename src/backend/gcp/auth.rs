@@ -4,8 +4,7 @@
 //! Google service account from IAM Credentials), cached until shortly before
 //! expiry; or the daemon's ADC; or a key from nodePublishSecretRef.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use google_cloud_auth::credentials::{
@@ -13,10 +12,11 @@ use google_cloud_auth::credentials::{
 };
 use google_cloud_auth::errors::CredentialsError;
 use serde_json::Value as Json;
-use sha2::{Digest, Sha256};
 
 use super::params::Auth;
+use crate::bounded_map::{BoundedMap, Bounds};
 use crate::config::GcpArgs;
+use crate::key::{fingerprint, Key, KeyBuilder};
 use crate::error::ObjectError;
 use crate::request::MountContext;
 use crate::secret::Credential;
@@ -64,30 +64,34 @@ impl CredentialsProvider for Bearer {
     }
 }
 
-pub fn fingerprint(parts: &[&str]) -> String {
-    let mut h = Sha256::new();
-    for p in parts {
-        h.update((p.len() as u64).to_be_bytes());
-        h.update(p.as_bytes());
-    }
-    hex::encode(&h.finalize()[..16])
-}
-
 #[derive(Clone)]
 struct Cached {
     token: Credential,
     use_until: Instant,
 }
 
-/// Credentials plus the identity they stand for (the cache key).
+/// Credentials plus the identity they stand for (the client cache key).
 pub struct Resolved {
     pub credentials: Credentials,
-    pub identity: String,
+    pub identity: Key,
 }
+
+type Slot = Arc<tokio::sync::Mutex<Option<Cached>>>;
+
+/// Pod identities whose access tokens are kept; an identity unused this
+/// long has no pod polling with it any more.
+const SLOTS: Bounds = Bounds {
+    max_entries: 4096,
+    max_weight: 0,
+    idle: Duration::from_secs(1800),
+};
+
+/// Largest token-service answer read (they are a few KB).
+const MAX_TOKEN_ANSWER: usize = 64 * 1024;
 
 pub struct Tokens {
     http: reqwest::Client,
-    slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Cached>>>>>,
+    slots: BoundedMap<Slot>,
     adc: tokio::sync::OnceCell<Credentials>,
     /// STS exchanges made (for tests and metrics).
     pub exchanges: std::sync::atomic::AtomicU64,
@@ -102,7 +106,7 @@ impl Tokens {
                 .no_proxy()
                 .build()
                 .unwrap_or_default(),
-            slots: Mutex::new(HashMap::new()),
+            slots: BoundedMap::new(SLOTS),
             adc: tokio::sync::OnceCell::new(),
             exchanges: Default::default(),
         }
@@ -131,7 +135,7 @@ impl Tokens {
                     .await?;
                 Ok(Resolved {
                     credentials: creds.clone(),
-                    identity: "provider-adc".into(),
+                    identity: Key::of("gcp-identity", &["provider-adc"]),
                 })
             }
             Auth::KeyJson(key) => {
@@ -151,7 +155,10 @@ impl Tokens {
                         })?;
                 Ok(Resolved {
                     credentials,
-                    identity: format!("key {}", fingerprint(&[key.expose()])),
+                    identity: KeyBuilder::new("gcp-identity")
+                        .field("key")
+                        .key(&fingerprint(key.expose()))
+                        .finish(),
                 })
             }
             Auth::PodAdc {
@@ -164,14 +171,14 @@ impl Tokens {
                         "no service-account token for audience {audience:?}"
                     ))
                 })?;
-                let key = fingerprint(&[
-                    jwt.token.expose(),
-                    sts_audience,
-                    impersonate.as_deref().unwrap_or(""),
-                ]);
+                let key = KeyBuilder::new("gcp-token")
+                    .key(&fingerprint(jwt.token.expose()))
+                    .field(sts_audience)
+                    .opt(impersonate.as_deref())
+                    .finish();
                 let token = self
                     .pod_token(
-                        &key,
+                        key,
                         jwt.token.expose(),
                         sts_audience,
                         impersonate.as_deref(),
@@ -179,7 +186,10 @@ impl Tokens {
                     )
                     .await?;
                 Ok(Resolved {
-                    identity: format!("token {}", fingerprint(&[token.expose()])),
+                    identity: KeyBuilder::new("gcp-identity")
+                        .field("token")
+                        .key(&fingerprint(token.expose()))
+                        .finish(),
                     credentials: Credentials::from(Bearer(token)),
                 })
             }
@@ -188,27 +198,13 @@ impl Tokens {
 
     async fn pod_token(
         &self,
-        key: &str,
+        key: Key,
         jwt: &str,
         sts_audience: &str,
         impersonate: Option<&str>,
         defaults: &GcpArgs,
     ) -> Result<Credential, ObjectError> {
-        let slot = {
-            let mut slots = match self.slots.lock() {
-                Ok(s) => s,
-                Err(p) => p.into_inner(),
-            };
-            if slots.len() > 1024 {
-                let now = Instant::now();
-                slots.retain(|_, s| {
-                    s.try_lock()
-                        .map(|c| c.as_ref().is_some_and(|c| now < c.use_until))
-                        .unwrap_or(true)
-                });
-            }
-            slots.entry(key.to_string()).or_default().clone()
-        };
+        let slot = self.slots.get_or_insert_with(key, Slot::default);
         let mut cached = slot.lock().await;
         if let Some(c) = cached.as_ref().filter(|c| Instant::now() < c.use_until) {
             return Ok(c.token.clone());
@@ -353,13 +349,24 @@ impl Tokens {
     }
 }
 
-async fn read(resp: reqwest::Response) -> Result<(reqwest::StatusCode, Json), ObjectError> {
+/// A token service's answer, read with a byte bound (a lying server cannot
+/// balloon memory) and zeroized after parsing.
+async fn read(mut resp: reqwest::Response) -> Result<(reqwest::StatusCode, Json), ObjectError> {
     let status = resp.status();
-    let bytes = resp
-        .bytes()
+    let mut body = zeroize::Zeroizing::new(Vec::new());
+    while let Some(chunk) = resp
+        .chunk()
         .await
-        .map_err(|e| ObjectError::Unavailable(format!("reading a token answer: {}", cause(&e))))?;
-    Ok((status, serde_json::from_slice(&bytes).unwrap_or(Json::Null)))
+        .map_err(|e| ObjectError::Unavailable(format!("reading a token answer: {}", cause(&e))))?
+    {
+        if body.len() + chunk.len() > MAX_TOKEN_ANSWER {
+            return Err(ObjectError::Unavailable(format!(
+                "a token answer exceeded {MAX_TOKEN_ANSWER} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((status, serde_json::from_slice(&body).unwrap_or(Json::Null)))
 }
 
 fn token_error(what: &str, code: u16, said: &str) -> ObjectError {

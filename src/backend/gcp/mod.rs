@@ -4,15 +4,15 @@
 //! payload CRC32C verification, and authentication as the pod (Workload
 //! Identity Federation done by coffer, with optional impersonation).
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use google_cloud_secretmanager_v1::client::SecretManagerService;
 
 use super::{Backend, FetchLimits, Fetched};
+use crate::bounded_map::{BoundedMap, Bounds};
 use crate::config::GcpArgs;
+use crate::key::{fingerprint, Key, KeyBuilder};
 use crate::error::ObjectError;
 use crate::request::MountContext;
 use crate::secret::SecretBytes;
@@ -25,11 +25,19 @@ use params::{Extract, GcpObject, GcpParams};
 
 const GLOBAL_ENDPOINT: &str = "https://secretmanager.googleapis.com";
 
+/// Clients kept: one per (endpoint, access token) in use; an idle one
+/// belongs to a token that has since been replaced.
+const CLIENTS: Bounds = Bounds {
+    max_entries: 256,
+    max_weight: 0,
+    idle: Duration::from_secs(900),
+};
+
 pub struct GcpBackend {
     defaults: GcpArgs,
     tokens: auth::Tokens,
     /// Clients by (endpoint, identity): building one is not free.
-    clients: Mutex<HashMap<String, SecretManagerService>>,
+    clients: BoundedMap<SecretManagerService>,
 }
 
 impl GcpBackend {
@@ -37,7 +45,7 @@ impl GcpBackend {
         Self {
             defaults,
             tokens: auth::Tokens::new(timeout),
-            clients: Mutex::new(HashMap::new()),
+            clients: BoundedMap::new(CLIENTS),
         }
     }
 
@@ -63,8 +71,11 @@ impl GcpBackend {
     ) -> Result<SecretManagerService, ObjectError> {
         // Bearer identities carry their token's fingerprint: a fresh token
         // gets a fresh client, an unchanged one reuses its client.
-        let key = format!("{endpoint}\n{}", resolved.identity);
-        if let Some(c) = self.clients.lock().ok().and_then(|m| m.get(&key).cloned()) {
+        let key = KeyBuilder::new("gcp-client")
+            .field(endpoint)
+            .key(&resolved.identity)
+            .finish();
+        if let Some(c) = self.clients.get(&key) {
             return Ok(c);
         }
         let client = SecretManagerService::builder()
@@ -78,12 +89,7 @@ impl GcpBackend {
                     "cannot set up the Secret Manager client: {e}"
                 ))
             })?;
-        if let Ok(mut m) = self.clients.lock() {
-            if m.len() > 256 {
-                m.clear();
-            }
-            m.insert(key, client.clone());
-        }
+        self.clients.insert(key, client.clone());
         Ok(client)
     }
 }
@@ -210,32 +216,36 @@ impl Backend for GcpBackend {
         self.describe(object)
     }
 
-    fn cache_key(&self, object: &ObjectSpec, ctx: &MountContext) -> Option<String> {
+    fn cache_key(&self, object: &ObjectSpec, ctx: &MountContext) -> Option<Key> {
         let params = GcpParams::from_context(ctx, &self.defaults).ok()?;
         let request = GcpObject::from_spec(object).ok()?;
-        let who = match &params.auth {
+        let key = KeyBuilder::new("gcp-cache");
+        let key = match &params.auth {
             params::Auth::PodAdc {
                 sts_audience,
                 impersonate,
                 ..
-            } => format!(
-                "pod {} {sts_audience} {}",
-                ctx.pod.service_account_id()?,
-                impersonate.as_deref().unwrap_or("")
-            ),
-            params::Auth::ProviderAdc => "provider-adc".into(),
-            params::Auth::KeyJson(k) => format!("key {}", auth::fingerprint(&[k.expose()])),
+            } => key
+                .field("pod")
+                .field(ctx.pod.service_account_id()?)
+                .field(sts_audience)
+                .opt(impersonate.as_deref()),
+            params::Auth::ProviderAdc => key.field("provider-adc"),
+            params::Auth::KeyJson(k) => key.field("key").key(&fingerprint(k.expose())),
         };
-        Some(auth::fingerprint(&[
-            "gcp",
-            &who,
-            &request.resource,
-            &format!("{:?}", request.extract),
-        ]))
+        let key = key.field(&request.resource);
+        Some(
+            match &request.extract {
+                None => key.opt(None::<&str>),
+                Some(Extract::Json(k)) => key.field("json").field(k),
+                Some(Extract::Yaml(k)) => key.field("yaml").field(k),
+            }
+            .finish(),
+        )
     }
 
-    fn limit_scope(&self, _ctx: &MountContext) -> Option<String> {
-        Some("gcp".into())
+    fn limit_scope(&self, _ctx: &MountContext) -> Option<Key> {
+        Some(Key::of("limit-gcp", &[]))
     }
 
     async fn fetch(

@@ -2,18 +2,18 @@
 //! across Mounts until shortly before it expires. Logins go through vaultrs;
 //! its client runs over coffer's own HTTP client so TLS settings apply.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
 use vaultrs::api::EndpointMiddleware;
 use vaultrs::client::{Client, VaultClientSettings, VaultClientSettingsBuilder};
 use vaultrs::error::ClientError;
 
 use super::http::Endpoint;
 use super::params::{Auth, VaultParams};
+use crate::bounded_map::{BoundedMap, Bounds};
 use crate::error::ObjectError;
+use crate::key::{fingerprint, Key, KeyBuilder};
 use crate::request::MountContext;
 use crate::secret::Credential;
 
@@ -69,35 +69,38 @@ struct Cached {
     use_until: Instant,
 }
 
-/// Entries kept before expired ones are swept.
-const SWEEP_AT: usize = 256;
+/// Identities kept: a token unused this long is given up (the next Mount
+/// logs in again), and an address or role an SPC invents cannot grow the
+/// map without bound.
+const SLOTS: Bounds = Bounds {
+    max_entries: 4096,
+    max_weight: 0,
+    idle: Duration::from_secs(1800),
+};
+
+type Slot = Arc<tokio::sync::Mutex<Option<Cached>>>;
 
 /// Tokens by auth identity; one login at a time per identity.
-#[derive(Default)]
 pub struct Tokens {
-    slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Cached>>>>>,
+    slots: BoundedMap<Slot>,
 }
 
-/// A short one-way fingerprint of a credential, for cache keys.
-pub fn fingerprint(secret: &str) -> String {
-    digest(&[secret])
-}
-
-fn digest(parts: &[&str]) -> String {
-    let mut h = Sha256::new();
-    for p in parts {
-        h.update((p.len() as u64).to_be_bytes());
-        h.update(p.as_bytes());
+impl Default for Tokens {
+    fn default() -> Self {
+        Self {
+            slots: BoundedMap::new(SLOTS),
+        }
     }
-    hex::encode(&h.finalize()[..16])
 }
 
 /// The cache key: exactly the credential Vault would see. For a login that
 /// is the pod's service-account JWT itself, so a token is reused only by the
 /// pod holding that JWT (JWT roles may bind claims of the pod), until the
 /// kubelet rotates it; then one new login.
-fn identity(params: &VaultParams, ctx: &MountContext) -> Option<String> {
-    let ns = params.namespace.as_deref().unwrap_or("");
+fn identity(params: &VaultParams, ctx: &MountContext) -> Option<Key> {
+    let base = KeyBuilder::new("vault-token")
+        .field(&params.address)
+        .opt(params.namespace.as_deref());
     match &params.auth {
         Auth::Token(_) => None,
         Auth::Login {
@@ -109,28 +112,26 @@ fn identity(params: &VaultParams, ctx: &MountContext) -> Option<String> {
                 .token_for(audience)
                 .map(|t| t.token.expose())
                 .unwrap_or("");
-            Some(digest(&[
-                &params.address,
-                ns,
-                "login",
-                mount,
-                role,
-                audience,
-                jwt,
-            ]))
+            Some(
+                base.field("login")
+                    .field(mount)
+                    .field(role)
+                    .field(audience)
+                    .key(&fingerprint(jwt))
+                    .finish(),
+            )
         }
         Auth::AppRole {
             mount,
             role_id,
             secret_id,
-        } => Some(digest(&[
-            &params.address,
-            ns,
-            "approle",
-            mount,
-            role_id,
-            secret_id.expose(),
-        ])),
+        } => Some(
+            base.field("approle")
+                .field(mount)
+                .field(role_id)
+                .key(&fingerprint(secret_id.expose()))
+                .finish(),
+        ),
     }
 }
 
@@ -145,25 +146,13 @@ fn usable_for(ttl: Duration) -> Duration {
 }
 
 impl Tokens {
-    fn slot(&self, key: &str) -> Arc<tokio::sync::Mutex<Option<Cached>>> {
-        let mut slots = match self.slots.lock() {
-            Ok(s) => s,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if !slots.contains_key(key) && slots.len() >= SWEEP_AT {
-            // Rotated JWTs and departed pods leave expired entries behind.
-            let now = Instant::now();
-            slots.retain(|_, slot| match slot.try_lock() {
-                Ok(cached) => cached.as_ref().is_some_and(|c| now < c.use_until),
-                Err(_) => true, // a login is under way
-            });
-        }
-        slots.entry(key.to_string()).or_default().clone()
+    fn slot(&self, key: Key) -> Slot {
+        self.slots.get_or_insert_with(key, Slot::default)
     }
 
     /// Cached identities (for tests and metrics).
     pub fn len(&self) -> usize {
-        self.slots.lock().map(|s| s.len()).unwrap_or(0)
+        self.slots.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -185,7 +174,7 @@ impl Tokens {
         let Some(key) = identity(params, ctx) else {
             return Err(ObjectError::Internal("no auth identity".into()));
         };
-        let slot = self.slot(&key);
+        let slot = self.slot(key);
         let mut cached = slot.lock().await;
         if let Some(c) = cached.as_ref() {
             let refused = stale.is_some_and(|s| s.expose() == c.token.expose());

@@ -6,10 +6,11 @@
 //! nor revoked and expire on Vault's side at the end of their TTL; the entry
 //! here is dropped once it has expired.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::bounded_map::{BoundedMap, Bounds};
+use crate::key::Key;
 use crate::secret::{Credential, SecretBytes};
 
 /// One leased answer and its life so far.
@@ -87,33 +88,44 @@ impl Lease {
     }
 }
 
+/// Leases kept: a pod volume polls every few minutes, so one unused for an
+/// hour is gone; the weight bound keeps large leased answers (certificate
+/// bundles) from pinning unbounded memory.
+const LEASES: Bounds = Bounds {
+    max_entries: 8192,
+    max_weight: 64 * 1024 * 1024,
+    idle: Duration::from_secs(3600),
+};
+
 /// Leases by (pod UID, target path, request).
-#[derive(Default)]
 pub struct Leases {
-    map: Mutex<HashMap<String, Lease>>,
+    map: BoundedMap<Lease>,
+}
+
+impl Default for Leases {
+    fn default() -> Self {
+        Self {
+            map: BoundedMap::new(LEASES),
+        }
+    }
 }
 
 impl Leases {
-    pub fn get(&self, key: &str) -> Option<Lease> {
-        self.map.lock().ok().and_then(|m| m.get(key).cloned())
+    pub fn get(&self, key: &Key) -> Option<Lease> {
+        self.map.get(key)
     }
 
-    pub fn put(&self, key: String, lease: Lease) {
-        if let Ok(mut m) = self.map.lock() {
-            let now = Instant::now();
-            m.retain(|_, l| l.expires_at > now);
-            m.insert(key, lease);
-        }
+    pub fn put(&self, key: Key, lease: Lease) {
+        let weight = lease.body.len() as u64 + 256;
+        self.map.insert_weighed(key, lease, weight);
     }
 
-    pub fn remove(&self, key: &str) {
-        if let Ok(mut m) = self.map.lock() {
-            m.remove(key);
-        }
+    pub fn remove(&self, key: &Key) {
+        self.map.remove(key);
     }
 
     pub fn len(&self) -> usize {
-        self.map.lock().map(|m| m.len()).unwrap_or(0)
+        self.map.len()
     }
 
     pub fn is_empty(&self) -> bool {

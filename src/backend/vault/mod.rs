@@ -16,6 +16,7 @@ use tokio::sync::OnceCell;
 use super::{Backend, FetchLimits, Fetched};
 use crate::config::VaultArgs;
 use crate::error::ObjectError;
+use crate::key::{fingerprint, Key, KeyBuilder};
 use crate::request::MountContext;
 use crate::secret::SecretBytes;
 use crate::spc::ObjectSpec;
@@ -97,17 +98,18 @@ impl VaultBackend {
         let endpoint = self.clients.get(&params.address, &params.tls).await?;
         let what = format!("{} {}", object.method, object.path);
         let lease_key = (!ctx.pod.uid.is_empty()).then(|| {
-            format!(
-                "{}\n{}\n{}\n{}\n{}",
-                ctx.pod.uid,
-                ctx.target_path,
-                params.address,
-                params.namespace.as_deref().unwrap_or(""),
-                object.request_id()
-            )
+            object
+                .request_fields(
+                    KeyBuilder::new("vault-lease")
+                        .field(&ctx.pod.uid)
+                        .field(&ctx.target_path)
+                        .field(&params.address)
+                        .opt(params.namespace.as_deref()),
+                )
+                .finish()
         });
         let fraction = self.defaults.lease_fraction;
-        if let Some(mut lease) = lease_key.as_deref().and_then(|k| self.leases.get(k)) {
+        if let Some(mut lease) = lease_key.as_ref().and_then(|k| self.leases.get(k)) {
             match lease.plan(Instant::now(), fraction) {
                 Plan::Reuse => return Ok(lease.body),
                 Plan::Renew => {
@@ -144,7 +146,7 @@ impl VaultBackend {
                         lease.renewed(Duration::from_secs(granted), Instant::now());
                         if lease.plan(Instant::now(), fraction) != Plan::Reissue {
                             let body = Arc::clone(&lease.body);
-                            if let Some(k) = lease_key.clone() {
+                            if let Some(k) = lease_key {
                                 self.leases.put(k, lease);
                             }
                             tracing::debug!(path = %object.path, granted, "renewed Vault lease");
@@ -158,7 +160,7 @@ impl VaultBackend {
                     tracing::debug!(path = %object.path, "Vault lease near its end; issuing a new secret");
                 }
             }
-            if let Some(k) = lease_key.as_deref() {
+            if let Some(k) = &lease_key {
                 self.leases.remove(k);
             }
         }
@@ -333,11 +335,15 @@ impl Backend for VaultBackend {
         let request = VaultObject::from_spec(object)?;
         let what = format!("{} {}", request.method, request.path);
         // Objects of this Mount asking the same thing share one answer.
-        let shared: Arc<Shared> = ctx.memo.get_or_default(&format!(
-            "vault\n{}\n{}",
-            params.address,
-            request.request_id()
-        ));
+        let shared: Arc<Shared> = ctx.memo.get_or_default(
+            &request
+                .request_fields(
+                    KeyBuilder::new("vault-request")
+                        .field(&params.address)
+                        .opt(params.namespace.as_deref()),
+                )
+                .finish(),
+        );
         let answer = shared
             .get_or_try_init(|| self.answer(&params, &request, ctx, answer_limit(limits)))
             .await
@@ -358,37 +364,40 @@ impl Backend for VaultBackend {
     /// same address, namespace, auth mount and role, and the same service
     /// account (Kubernetes auth roles bind service accounts); AppRole and
     /// static tokens by the credential itself.
-    fn cache_key(&self, object: &ObjectSpec, ctx: &MountContext) -> Option<String> {
+    fn cache_key(&self, object: &ObjectSpec, ctx: &MountContext) -> Option<Key> {
         let params = VaultParams::from_context(ctx, &self.defaults).ok()?;
         let request = VaultObject::from_spec(object).ok()?;
-        let who = match &params.auth {
+        let key = KeyBuilder::new("vault-cache")
+            .field(&params.address)
+            .opt(params.namespace.as_deref());
+        let key = match &params.auth {
             params::Auth::Login {
                 mount,
                 role,
                 audience,
-            } => format!(
-                "login {mount} {role} {audience} {}",
-                ctx.pod.service_account_id()?
-            ),
+            } => key
+                .field("login")
+                .field(mount)
+                .field(role)
+                .field(audience)
+                .field(ctx.pod.service_account_id()?),
             params::Auth::AppRole {
                 mount,
                 role_id,
                 secret_id,
-            } => {
-                format!(
-                    "approle {mount} {role_id} {}",
-                    auth::fingerprint(secret_id.expose())
-                )
-            }
-            params::Auth::Token(t) => format!("token {}", auth::fingerprint(t.expose())),
+            } => key
+                .field("approle")
+                .field(mount)
+                .field(role_id)
+                .key(&fingerprint(secret_id.expose())),
+            params::Auth::Token(t) => key.field("token").key(&fingerprint(t.expose())),
         };
-        Some(auth::fingerprint(&format!(
-            "vault\n{}\n{}\n{who}\n{}\n{}",
-            params.address,
-            params.namespace.as_deref().unwrap_or(""),
-            request.request_id(),
-            request.key.as_deref().unwrap_or("")
-        )))
+        Some(
+            request
+                .request_fields(key)
+                .opt(request.key.as_deref())
+                .finish(),
+        )
     }
 
     fn describe(&self, object: &ObjectSpec) -> String {
@@ -407,11 +416,11 @@ impl Backend for VaultBackend {
         }
     }
 
-    fn limit_scope(&self, ctx: &MountContext) -> Option<String> {
+    fn limit_scope(&self, ctx: &MountContext) -> Option<Key> {
         let address = VaultParams::from_context(ctx, &self.defaults)
             .map(|p| p.address)
             .unwrap_or_default();
-        Some(format!("vault {address}"))
+        Some(Key::of("limit-vault", &[&address]))
     }
 }
 

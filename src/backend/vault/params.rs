@@ -2,13 +2,13 @@
 //! vault-csi-provider: SPC-level connection and auth settings, and the
 //! per-object request (`secretPath`, `secretKey`, `method`, `secretArgs`).
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde_json::Value as Json;
 
 use crate::config::VaultArgs;
 use crate::error::ObjectError;
+use crate::key::KeyBuilder;
 use crate::request::MountContext;
 use crate::secret::Credential;
 use crate::spc::ObjectSpec;
@@ -256,21 +256,19 @@ impl VaultObject {
         })
     }
 
-    /// Identifies the request (not the key extracted from its answer), so
-    /// objects reading different keys of one secret share one request.
-    pub fn request_id(&self) -> String {
-        let query: BTreeMap<&str, &str> = self
-            .query
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        format!(
-            "{} {} {:?} {}",
-            self.method,
-            self.path,
-            query,
-            self.body.as_ref().map(Json::to_string).unwrap_or_default()
-        )
+    /// Adds what identifies the request (not the key extracted from its
+    /// answer) to a key, so objects reading different keys of one secret
+    /// share one request. Query pairs keep their order and repeats: Vault
+    /// sees them that way.
+    pub fn request_fields(&self, mut key: KeyBuilder) -> KeyBuilder {
+        key = key
+            .field(self.method.as_str())
+            .field(&self.path)
+            .field(self.query.len().to_be_bytes());
+        for (k, v) in &self.query {
+            key = key.field(k).field(v);
+        }
+        key.opt(self.body.as_ref().map(Json::to_string))
     }
 }
 
@@ -278,6 +276,7 @@ impl VaultObject {
 mod tests {
     use super::*;
     use crate::spc::parse_objects;
+    use std::collections::BTreeMap;
 
     fn object(yaml: &str) -> Result<VaultObject, ObjectError> {
         let params = BTreeMap::from([("objects".to_string(), yaml.to_string())]);

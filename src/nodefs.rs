@@ -1,0 +1,327 @@
+//! Reading node files on behalf of callers (the `file` backend, TLS files an
+//! SPC names, the version key). Every such read is a way for a hostile SPC to
+//! reach the node, so all of them go through here:
+//! - confined: paths are resolved *beneath* a directory by the kernel
+//!   (`openat2(RESOLVE_BENEATH)`), which is not racy the way check-then-open
+//!   is; symlinks that stay inside work (Kubernetes volume layouts use them);
+//! - opened with `O_NONBLOCK`, so a FIFO cannot hang the open;
+//! - regular files only (no `/dev/zero`, no FIFO, no socket, no directory);
+//! - bounded: never more than the caller's limit is read.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+
+/// Why a node file could not be read. Messages name the path as the caller
+/// gave it, never its contents.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeFileError {
+    #[error("does not exist")]
+    NotFound,
+    #[error("resolves outside the allowed directory")]
+    Outside,
+    #[error("goes through a symlink, which this kernel cannot confine")]
+    Symlink,
+    #[error("is not readable by coffer")]
+    Denied,
+    #[error("is {0}, not a regular file")]
+    NotRegular(&'static str),
+    #[error("is {size} bytes; the limit is {limit}")]
+    TooLarge { size: u64, limit: u64 },
+    #[error("cannot be read ({0})")]
+    Io(String),
+}
+
+impl NodeFileError {
+    fn from_errno(errno: Errno) -> Self {
+        match errno {
+            Errno::ENOENT | Errno::ENOTDIR => NodeFileError::NotFound,
+            Errno::EXDEV => NodeFileError::Outside,
+            Errno::ELOOP => NodeFileError::Symlink,
+            Errno::EACCES | Errno::EPERM => NodeFileError::Denied,
+            other => NodeFileError::Io(other.desc().to_string()),
+        }
+    }
+
+    fn from_io(e: &io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(raw) => Self::from_errno(Errno::from_raw(raw)),
+            None => NodeFileError::Io(e.kind().to_string()),
+        }
+    }
+}
+
+/// Checks, without touching the file system, that `requested` names
+/// something below `dir`: either a relative path, or an absolute one that
+/// starts with `dir`. Returns the path relative to `dir`. Nothing is
+/// revealed about files outside, because nothing outside is looked at.
+pub fn confine(dir: &Path, requested: &str) -> Option<PathBuf> {
+    if requested.is_empty() || requested.contains('\0') {
+        return None;
+    }
+    let path = Path::new(requested);
+    let relative = if path.is_absolute() {
+        path.strip_prefix(dir).ok()?
+    } else {
+        path
+    };
+    let mut clean = PathBuf::new();
+    for c in relative.components() {
+        match c {
+            Component::Normal(part) => clean.push(part),
+            Component::CurDir => {}
+            // `..`, a second root: never.
+            _ => return None,
+        }
+    }
+    (!clean.as_os_str().is_empty()).then_some(clean)
+}
+
+/// Opens a directory the operator configured (its own path may go through
+/// symlinks).
+pub fn open_dir(path: &Path) -> Result<File, NodeFileError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_DIRECTORY | OFlag::O_CLOEXEC).bits())
+        .open(path)
+        .map_err(|e| NodeFileError::from_io(&e))
+}
+
+const OPEN_FLAGS: OFlag = OFlag::O_RDONLY
+    .union(OFlag::O_CLOEXEC)
+    .union(OFlag::O_NOCTTY)
+    .union(OFlag::O_NONBLOCK);
+
+/// Opens `relative` beneath `dir`; the kernel refuses any resolution that
+/// would leave `dir` (`..`, absolute symlinks, symlinks pointing out).
+pub fn open_beneath(dir: &File, relative: &Path) -> Result<File, NodeFileError> {
+    open_beneath_flags(dir, relative, OPEN_FLAGS).map_err(NodeFileError::from_errno)
+}
+
+/// Opens a directory beneath `dir` (for scoping to a subdirectory).
+pub fn open_dir_beneath(dir: &File, relative: &Path) -> Result<File, NodeFileError> {
+    open_beneath_flags(dir, relative, OPEN_FLAGS | OFlag::O_DIRECTORY)
+        .map_err(NodeFileError::from_errno)
+}
+
+fn open_beneath_flags(dir: &File, relative: &Path, flags: OFlag) -> Result<File, Errno> {
+    let how = OpenHow::new()
+        .flags(flags)
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    match nix::fcntl::openat2(dir.as_fd(), relative, how) {
+        Ok(fd) => Ok(File::from(fd)),
+        // Kernels before 5.6 lack openat2: walk the path refusing every
+        // symlink, which is stricter but equally safe.
+        Err(Errno::ENOSYS) => open_without_symlinks(dir, relative, flags),
+        Err(e) => Err(e),
+    }
+}
+
+pub(crate) fn open_without_symlinks(
+    dir: &File,
+    relative: &Path,
+    flags: OFlag,
+) -> Result<File, Errno> {
+    let mut current = dir.try_clone().map_err(|e| io_errno(&e))?;
+    let components: Vec<_> = relative.components().collect();
+    for (i, component) in components.iter().enumerate() {
+        let Component::Normal(part) = component else {
+            return Err(Errno::EXDEV);
+        };
+        let last = i + 1 == components.len();
+        let extra = if last {
+            OFlag::empty()
+        } else {
+            OFlag::O_DIRECTORY
+        };
+        let fd = nix::fcntl::openat(
+            current.as_fd(),
+            *part,
+            flags | OFlag::O_NOFOLLOW | extra,
+            nix::sys::stat::Mode::empty(),
+        )?;
+        current = File::from(fd);
+    }
+    Ok(current)
+}
+
+fn io_errno(e: &io::Error) -> Errno {
+    e.raw_os_error().map(Errno::from_raw).unwrap_or(Errno::EIO)
+}
+
+fn describe(kind: std::fs::FileType) -> &'static str {
+    if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Reads an opened file whole if it is a regular file of at most `max`
+/// bytes. A file growing between fstat and read is noticed without being
+/// read whole. The buffer is zeroized on failure (it may hold a secret).
+pub fn read_regular(file: &File, max: u64) -> Result<Vec<u8>, NodeFileError> {
+    let meta = file.metadata().map_err(|e| NodeFileError::from_io(&e))?;
+    if !meta.file_type().is_file() {
+        return Err(NodeFileError::NotRegular(describe(meta.file_type())));
+    }
+    if meta.len() > max {
+        return Err(NodeFileError::TooLarge {
+            size: meta.len(),
+            limit: max,
+        });
+    }
+    let mut buf = Vec::with_capacity(meta.len() as usize);
+    if let Err(e) = file.take(max.saturating_add(1)).read_to_end(&mut buf) {
+        zeroize::Zeroize::zeroize(&mut buf);
+        return Err(NodeFileError::from_io(&e));
+    }
+    if buf.len() as u64 > max {
+        let size = buf.len() as u64;
+        zeroize::Zeroize::zeroize(&mut buf);
+        return Err(NodeFileError::TooLarge { size, limit: max });
+    }
+    Ok(buf)
+}
+
+/// [`open_beneath`] then [`read_regular`].
+pub fn read_beneath(dir: &File, relative: &Path, max: u64) -> Result<Vec<u8>, NodeFileError> {
+    read_regular(&open_beneath(dir, relative)?, max)
+}
+
+/// Reads a file the operator named (a flag), following its symlinks but
+/// with the same kind and size rules.
+pub fn read_operator_file(path: &Path, max: u64) -> Result<Vec<u8>, NodeFileError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(OPEN_FLAGS.bits())
+        .open(path)
+        .map_err(|e| NodeFileError::from_io(&e))?;
+    read_regular(&file, max)
+}
+
+/// The regular files directly in directory `dir` (sorted, at most
+/// `max_entries` names looked at): names only, nothing is opened.
+pub fn list_dir(dir: &File, max_entries: usize) -> Result<Vec<PathBuf>, NodeFileError> {
+    let fd = dir.try_clone().map_err(|e| NodeFileError::from_io(&e))?;
+    let mut listing = nix::dir::Dir::from_fd(fd.into()).map_err(NodeFileError::from_errno)?;
+    let mut names = Vec::new();
+    for entry in listing.iter().take(max_entries.saturating_add(2)) {
+        let entry = entry.map_err(NodeFileError::from_errno)?;
+        let name = entry.file_name().to_bytes();
+        if name == b"." || name == b".." || name.starts_with(b"..") {
+            // `..data` and friends: Kubernetes volume bookkeeping.
+            continue;
+        }
+        names.push(PathBuf::from(std::ffi::OsStr::from_bytes(name)));
+    }
+    names.sort();
+    names.truncate(max_entries);
+    Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn confine_is_lexical_and_strict() {
+        let dir = Path::new("/etc/coffer/tls");
+        assert_eq!(
+            confine(dir, "/etc/coffer/tls/ca.pem"),
+            Some(PathBuf::from("ca.pem"))
+        );
+        assert_eq!(confine(dir, "sub/./ca.pem"), Some(PathBuf::from("sub/ca.pem")));
+        for bad in [
+            "/dev/zero",
+            "/etc/coffer/tlsx/ca.pem",
+            "/etc/coffer/tls/../passwd",
+            "../x",
+            "a/../../x",
+            "",
+            "/etc/coffer/tls",
+            "a\0b",
+        ] {
+            assert_eq!(confine(dir, bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn reads_only_bounded_regular_files_beneath() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), "host").unwrap();
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("..2026")).unwrap();
+        std::fs::write(d.path().join("..2026/ca.pem"), "pem").unwrap();
+        symlink("..2026", d.path().join("..data")).unwrap();
+        symlink("..data/ca.pem", d.path().join("ca.pem")).unwrap();
+        symlink(outside.path().join("secret"), d.path().join("abs")).unwrap();
+        symlink("/dev/zero", d.path().join("zero")).unwrap();
+        nix::unistd::mkfifo(&d.path().join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        std::fs::write(d.path().join("big"), vec![b'x'; 100]).unwrap();
+        let dir = open_dir(d.path()).unwrap();
+        let read = |p: &str| read_beneath(&dir, Path::new(p), 10);
+        assert_eq!(read("ca.pem").unwrap(), b"pem", "Kubernetes volume layout");
+        assert_eq!(read("abs"), Err(NodeFileError::Outside));
+        assert_eq!(read("zero"), Err(NodeFileError::Outside));
+        assert_eq!(read("fifo"), Err(NodeFileError::NotRegular("a FIFO")));
+        assert_eq!(read("..2026"), Err(NodeFileError::NotRegular("a directory")));
+        assert_eq!(
+            read("big"),
+            Err(NodeFileError::TooLarge {
+                size: 100,
+                limit: 10
+            })
+        );
+        assert_eq!(read("missing"), Err(NodeFileError::NotFound));
+        assert_eq!(
+            read_operator_file(Path::new("/dev/zero"), 10),
+            Err(NodeFileError::NotRegular("a character device"))
+        );
+        let fifo = d.path().join("fifo");
+        assert_eq!(
+            read_operator_file(&fifo, 10),
+            Err(NodeFileError::NotRegular("a FIFO")),
+            "a FIFO neither blocks the open nor is read"
+        );
+        let names = list_dir(&dir, 100).unwrap();
+        assert!(names.contains(&PathBuf::from("ca.pem")));
+        assert!(!names.iter().any(|n| n.to_string_lossy().starts_with("..")));
+        assert_eq!(list_dir(&dir, 2).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn fallback_walk_refuses_every_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        std::fs::write(dir.path().join("d/f"), "v").unwrap();
+        symlink("d/f", dir.path().join("link")).unwrap();
+        let root = File::open(dir.path()).unwrap();
+        let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC;
+        let mut s = String::new();
+        open_without_symlinks(&root, Path::new("d/f"), flags)
+            .unwrap()
+            .read_to_string(&mut s)
+            .unwrap();
+        assert_eq!(s, "v");
+        assert_eq!(
+            open_without_symlinks(&root, Path::new("link"), flags).unwrap_err(),
+            Errno::ELOOP
+        );
+    }
+}
