@@ -401,7 +401,12 @@ mod tests {
         let calls = Arc::new(AtomicUsize::new(0));
         let ttl = Duration::from_millis(10);
         cache
-            .get(&k("k"), ttl, None, &counting_fetch(calls.clone(), "old", 0, ok))
+            .get(
+                &k("k"),
+                ttl,
+                None,
+                &counting_fetch(calls.clone(), "old", 0, ok),
+            )
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -430,7 +435,12 @@ mod tests {
             "a refusal is never masked"
         );
         let err = cache
-            .get(&k("k"), ttl, None, &counting_fetch(calls.clone(), "x", 0, down))
+            .get(
+                &k("k"),
+                ttl,
+                None,
+                &counting_fetch(calls.clone(), "x", 0, down),
+            )
             .await;
         assert!(err.is_err(), "not opted in");
         let err = cache
@@ -446,7 +456,10 @@ mod tests {
 
     #[tokio::test]
     async fn bytes_are_bounded_with_lru_eviction() {
-        let cache = Cache::new(Duration::from_secs(60), 3 * (100 + Key::SIZE + ENTRY_OVERHEAD));
+        let cache = Cache::new(
+            Duration::from_secs(60),
+            3 * (100 + Key::SIZE + ENTRY_OVERHEAD),
+        );
         let calls = Arc::new(AtomicUsize::new(0));
         let value: &'static str = Box::leak("x".repeat(100).into_boxed_str());
         let f = counting_fetch(calls.clone(), value, 0, ok);

@@ -110,6 +110,21 @@ pub fn shown(input: &str) -> String {
     }
 }
 
+/// Like [`shown`], but a short plain name (letters, digits, `-_./`) stays
+/// bare, for lists of names that read better unquoted.
+pub fn shown_bare(input: &str) -> String {
+    let plain = input.len() <= SHOWN_CHARS
+        && !input.is_empty()
+        && input
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'));
+    if plain {
+        input.to_string()
+    } else {
+        shown(input)
+    }
+}
+
 /// A failure tied to one object of the SPC, named by its label (its output
 /// path, or its position in the list when it has none).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,7 +188,7 @@ fn list(labels: &[String]) -> String {
     let mut listed: Vec<String> = labels
         .iter()
         .take(LISTED_FAILURES)
-        .map(|l| shown(l))
+        .map(|l| shown_bare(l))
         .collect();
     if labels.len() > LISTED_FAILURES {
         listed.push(format!("and {} more", labels.len() - LISTED_FAILURES));
@@ -258,7 +273,7 @@ mod tests {
         };
         assert_eq!(
             err.to_string(),
-            "mount timed out after 1m 40s; objects still outstanding: \"db/pass\", \"api\""
+            "mount timed out after 1m 40s; objects still outstanding: db/pass, api"
         );
     }
 }

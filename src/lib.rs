@@ -23,6 +23,8 @@ pub mod secret;
 pub mod server;
 pub mod spc;
 pub mod version;
+pub mod work;
+pub mod yaml;
 
 /// Code generated from `proto/provider.proto` (package `v1alpha1`).
 pub mod proto {

@@ -2,7 +2,7 @@
 //! paths → concurrent fetches under one deadline → decoded, versioned files.
 //! All-or-nothing: any failure returns an error and no file at all.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,14 +12,17 @@ use zeroize::Zeroizing;
 
 use crate::audit::{self, Auditor, Record};
 use crate::backend::{FetchLimits, Registry};
+use crate::bounded_map::{BoundedMap, Bounds};
 use crate::cache::{Cache, Source};
 use crate::error::{Failure, MountError, ObjectError};
+use crate::key::{Key, KeyBuilder};
 use crate::limit::{Call, Limiter};
 use crate::paths;
 use crate::proto;
 use crate::request::MountContext;
 use crate::spc::{self, ObjectSpec};
 use crate::version::VersionKey;
+use crate::work;
 
 #[derive(Debug, Clone)]
 pub struct MountConfig {
@@ -54,8 +57,13 @@ pub const REFRESH_PARAM: &str = "refreshInterval";
 pub const STALE_PARAM: &str = "staleIfError";
 /// Version reported for an optional object that does not exist.
 pub const ABSENT_VERSION: &str = "absent";
-/// Parsed object lists kept for unchanged SPCs.
-const PARSED_SPCS: usize = 512;
+/// Parsed object lists kept for unchanged SPCs, bounded by weight so a
+/// few huge distinct SPCs cannot pin memory.
+const PARSED_SPCS: Bounds = Bounds {
+    max_entries: 512,
+    max_weight: 16 * 1024 * 1024,
+    idle: Duration::from_secs(3600),
+};
 
 pub struct Mounter {
     backends: Registry,
@@ -65,7 +73,8 @@ pub struct Mounter {
     limiter: Arc<Limiter>,
     auditor: Arc<Auditor>,
     /// Rotation polls send the same `objects` text every time: parse once.
-    parsed: Mutex<HashMap<String, Arc<Vec<ObjectSpec>>>>,
+    /// Only lists that passed validation are kept; failures never are.
+    parsed: BoundedMap<Arc<Vec<ObjectSpec>>>,
 }
 
 /// Every problem of `objects` that shows without fetching: output paths,
@@ -187,7 +196,7 @@ impl Mounter {
             cache,
             limiter,
             auditor,
-            parsed: Mutex::new(HashMap::new()),
+            parsed: BoundedMap::new(PARSED_SPCS),
         }
     }
 
@@ -225,45 +234,80 @@ impl Mounter {
         })
     }
 
-    /// The object list, parsed once per distinct `objects` text.
-    fn objects(&self, ctx: &MountContext) -> Result<Arc<Vec<ObjectSpec>>, MountError> {
-        let param = |k: &str| ctx.parameters.get(k).map(String::as_str).unwrap_or("");
-        let key = format!(
-            "{}\n{}\n{}\n{}",
-            self.config.default_backend,
-            param(spc::BACKEND_PARAM),
-            param(spc::OBJECTS_PARAM),
-            param(spc::GCP_SECRETS_PARAM)
-        );
-        if let Some(found) = self.parsed.lock().ok().and_then(|p| p.get(&key).cloned()) {
-            return Ok(found);
+    /// The memo key of the parameters the object list is parsed from.
+    /// Presence is part of the key: `objects: ""` next to `secrets` parses
+    /// differently from `secrets` alone.
+    fn parsed_key(&self, ctx: &MountContext) -> (Key, usize) {
+        let get = |k: &str| ctx.parameters.get(k).map(String::as_str);
+        let texts = [
+            spc::BACKEND_PARAM,
+            spc::OBJECTS_PARAM,
+            spc::GCP_SECRETS_PARAM,
+        ];
+        let size = texts.iter().filter_map(|k| get(k)).map(str::len).sum();
+        let key = texts
+            .iter()
+            .fold(
+                KeyBuilder::new("parsed-spc").field(&self.config.default_backend),
+                |b, k| b.opt(get(k)),
+            )
+            .finish();
+        (key, size)
+    }
+
+    /// The object list: from the memo, or parsed (off the async workers
+    /// when it is large).
+    async fn objects(
+        &self,
+        ctx: &MountContext,
+    ) -> Result<(Arc<Vec<ObjectSpec>>, bool), MountError> {
+        let (key, size) = self.parsed_key(ctx);
+        if let Some(found) = self.parsed.get(&key) {
+            return Ok((found, true));
         }
-        let objects = Arc::new(
-            spc::parse_objects(&ctx.parameters, &self.config.default_backend).map_err(
-                |failures| MountError::Objects {
-                    total: failures.len().max(1),
-                    failures,
-                },
-            )?,
-        );
-        if let Ok(mut parsed) = self.parsed.lock() {
-            if parsed.len() >= PARSED_SPCS {
-                parsed.clear();
-            }
-            parsed.insert(key, Arc::clone(&objects));
-        }
-        Ok(objects)
+        let parameters: std::collections::BTreeMap<String, String> = [
+            spc::BACKEND_PARAM,
+            spc::OBJECTS_PARAM,
+            spc::GCP_SECRETS_PARAM,
+        ]
+        .iter()
+        .filter_map(|k| ctx.parameters.get(*k).map(|v| (k.to_string(), v.clone())))
+        .collect();
+        let default_backend = self.config.default_backend.clone();
+        let parsed = work::run(size, move || {
+            spc::parse_objects(&parameters, &default_backend)
+        })
+        .await
+        .map_err(|e| MountError::Request(e.to_string()))?;
+        let objects = Arc::new(parsed.map_err(|failures| MountError::Objects {
+            total: failures.len().max(1),
+            failures,
+        })?);
+        Ok((objects, false))
+    }
+
+    /// Keeps a validated object list for the next Mount of the same SPC.
+    fn remember(&self, ctx: &MountContext, objects: &Arc<Vec<ObjectSpec>>) {
+        let (key, size) = self.parsed_key(ctx);
+        let weight = 2 * size as u64 + 256 * objects.len() as u64 + 512;
+        self.parsed.insert_weighed(key, Arc::clone(objects), weight);
     }
 
     /// Parses only the request, so the caller can label its log span with
-    /// the pod before the Mount runs.
-    pub fn parse(req: &proto::MountRequest) -> Result<MountContext, MountError> {
-        MountContext::parse(
-            &req.attributes,
-            &req.secrets,
-            &req.permission,
-            &req.target_path,
-        )
+    /// the pod before the Mount runs. A large request is parsed off the
+    /// async workers.
+    pub async fn parse(req: proto::MountRequest) -> Result<MountContext, MountError> {
+        let size = req.attributes.len() + req.secrets.len();
+        work::run(size, move || {
+            MountContext::parse(
+                &req.attributes,
+                &req.secrets,
+                &req.permission,
+                &req.target_path,
+            )
+        })
+        .await
+        .map_err(|e| MountError::Request(e.to_string()))?
         .map_err(|e| MountError::Request(e.to_string()))
     }
 
@@ -314,7 +358,7 @@ impl Mounter {
         &self,
         ctx: &MountContext,
     ) -> Result<(proto::MountResponse, Vec<Ready>), MountError> {
-        let objects = self.validate(ctx)?;
+        let objects = self.validate(ctx).await?;
         let freshness = self.freshness(ctx)?;
         tracing::Span::current().record("objects", objects.len());
         let ctx = Arc::new(ctx.clone());
@@ -367,10 +411,13 @@ impl Mounter {
     }
 
     /// Everything that can be checked without fetching, for every object.
-    fn validate(&self, ctx: &MountContext) -> Result<Arc<Vec<ObjectSpec>>, MountError> {
-        let objects = self.objects(ctx)?;
+    async fn validate(&self, ctx: &MountContext) -> Result<Arc<Vec<ObjectSpec>>, MountError> {
+        let (objects, memoised) = self.objects(ctx).await?;
         let failures = check_objects(&self.backends, &objects, ctx);
         if failures.is_empty() {
+            if !memoised {
+                self.remember(ctx, &objects);
+            }
             Ok(objects)
         } else {
             Err(MountError::Objects {

@@ -246,7 +246,10 @@ mod tests {
             confine(dir, "/etc/coffer/tls/ca.pem"),
             Some(PathBuf::from("ca.pem"))
         );
-        assert_eq!(confine(dir, "sub/./ca.pem"), Some(PathBuf::from("sub/ca.pem")));
+        assert_eq!(
+            confine(dir, "sub/./ca.pem"),
+            Some(PathBuf::from("sub/ca.pem"))
+        );
         for bad in [
             "/dev/zero",
             "/etc/coffer/tlsx/ca.pem",
@@ -280,7 +283,10 @@ mod tests {
         assert_eq!(read("abs"), Err(NodeFileError::Outside));
         assert_eq!(read("zero"), Err(NodeFileError::Outside));
         assert_eq!(read("fifo"), Err(NodeFileError::NotRegular("a FIFO")));
-        assert_eq!(read("..2026"), Err(NodeFileError::NotRegular("a directory")));
+        assert_eq!(
+            read("..2026"),
+            Err(NodeFileError::NotRegular("a directory"))
+        );
         assert_eq!(
             read("big"),
             Err(NodeFileError::TooLarge {

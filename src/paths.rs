@@ -4,6 +4,8 @@
 
 use std::collections::BTreeSet;
 
+use crate::error::shown;
+
 /// Longest path the driver accepts, in bytes.
 pub const MAX_PATH_BYTES: usize = 4096;
 /// Longest path element the driver accepts, in bytes.
@@ -65,9 +67,9 @@ pub fn validate_path(path: &str) -> Result<(), PathError> {
 /// A problem with the set of paths, independent of each path's own validity.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathSetError {
-    #[error("path {0:?} is used by more than one object")]
+    #[error("path {} is used by more than one object", shown(.0))]
     Duplicate(String),
-    #[error("path {file:?} is a file but also the directory of {other:?}")]
+    #[error("path {} is a file but also the directory of {}", shown(.file), shown(.other))]
     FileIsDirectory { file: String, other: String },
 }
 

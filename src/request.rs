@@ -11,6 +11,8 @@ use serde_json::Value;
 use crate::key::Key;
 use crate::secret::Credential;
 
+use crate::error::shown;
+
 /// Attribute keys the driver fills in from the pod (with `podInfoOnMount`).
 pub mod keys {
     pub const SPC_NAME: &str = "secretProviderClass";
@@ -118,7 +120,7 @@ pub enum RequestError {
         field: &'static str,
         got: &'static str,
     },
-    #[error("{field}: the value of key {key:?} must be a string, got {got}")]
+    #[error("{field}: the value of key {} must be a string, got {got}", shown(.key))]
     NotString {
         field: &'static str,
         key: String,
@@ -247,14 +249,16 @@ fn parse_tokens(raw: Credential) -> Result<BTreeMap<String, ServiceAccountToken>
     for (audience, entry) in map {
         let Value::Object(mut entry) = entry else {
             return Err(invalid(format!(
-                "entry for audience {audience:?} must be an object"
+                "entry for audience {} must be an object",
+                shown(&audience)
             )));
         };
         let token = match entry.remove("token") {
             Some(Value::String(t)) if !t.is_empty() => Credential::new(t),
             _ => {
                 return Err(invalid(format!(
-                    "entry for audience {audience:?} has no string \"token\""
+                    "entry for audience {} has no string \"token\"",
+                    shown(&audience)
                 )))
             }
         };
@@ -284,7 +288,8 @@ pub fn parse_permission(raw: &str) -> Result<u32, RequestError> {
     };
     let mode: u32 = digits.parse().map_err(|_| {
         invalid(format!(
-            "{raw:?} is not a decimal file mode such as \"420\""
+            "{} is not a decimal file mode such as \"420\"",
+            shown(raw)
         ))
     })?;
     if mode > 0o777 {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_yaml_ng::Value;
 
-use crate::error::{Failure, ObjectError};
+use crate::error::{shown, Failure, ObjectError};
 
 /// SPC parameter holding the YAML list of objects.
 pub const OBJECTS_PARAM: &str = "objects";
@@ -36,6 +36,10 @@ fn from_gcp_form(entry: Value) -> Value {
         .or_insert_with(|| Value::String("gcp".into()));
     Value::Mapping(map)
 }
+
+/// Objects one volume may list. Each costs a fetch, a file and audit
+/// records; a list of 100,000 made one Mount flood the audit queue.
+pub const MAX_OBJECTS: usize = 1000;
 
 /// SPC parameter naming the default backend of every object.
 pub const BACKEND_PARAM: &str = "backend";
@@ -122,7 +126,8 @@ impl ObjectSpec {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
             Some(other) => Err(ObjectError::Invalid(format!(
-                "field {key:?} must be a string, got {}",
+                "field {} must be a string, got {}",
+                shown(key),
                 yaml_kind(other)
             ))),
         }
@@ -148,9 +153,13 @@ impl ObjectSpec {
             return Ok(());
         }
         Err(ObjectError::Invalid(format!(
-            "unknown field(s) {} for backend {:?} (known: {})",
-            unknown.join(", "),
-            self.backend,
+            "unknown field(s) {} for backend {} (known: {})",
+            unknown
+                .iter()
+                .map(|u| crate::error::shown_bare(u))
+                .collect::<Vec<_>>()
+                .join(", "),
+            shown(&self.backend),
             known.join(", ")
         )))
     }
@@ -198,15 +207,20 @@ fn parse_all(
     parameters: &BTreeMap<String, String>,
     default_backend: &str,
 ) -> Result<(Vec<ObjectSpec>, Vec<Failure>), Vec<Failure>> {
-    let doc_failure = |reason: String| {
-        vec![Failure {
-            object: OBJECTS_PARAM.to_string(),
-            error: ObjectError::Invalid(reason),
-        }]
-    };
     // Google's provider lists objects under `secrets` in its own shape.
     let gcp_form =
         !parameters.contains_key(OBJECTS_PARAM) && parameters.contains_key(GCP_SECRETS_PARAM);
+    let param_name = if gcp_form {
+        GCP_SECRETS_PARAM
+    } else {
+        OBJECTS_PARAM
+    };
+    let doc_failure = |reason: String| {
+        vec![Failure {
+            object: param_name.to_string(),
+            error: ObjectError::Invalid(reason),
+        }]
+    };
     let Some(raw) = parameters
         .get(OBJECTS_PARAM)
         .or_else(|| parameters.get(GCP_SECRETS_PARAM))
@@ -219,14 +233,8 @@ fn parse_all(
         .get(BACKEND_PARAM)
         .map(|s| s.trim())
         .filter(|s| !s.is_empty());
-    let doc: Value = serde_yaml_ng::from_str(raw).map_err(|e| {
-        // Location only: a YAML error message can quote the offending text.
-        let at = e
-            .location()
-            .map(|l| format!(" at line {}, column {}", l.line(), l.column()))
-            .unwrap_or_default();
-        doc_failure(format!("not valid YAML{at}"))
-    })?;
+    let doc: Value = crate::yaml::parse(raw, &crate::yaml::REQUEST)
+        .map_err(|e| doc_failure(format!("the document {e}")))?;
     let entries = match doc {
         Value::Sequence(entries) => entries,
         Value::Null => return Err(doc_failure("the objects list is empty".into())),
@@ -239,6 +247,12 @@ fn parse_all(
     };
     if entries.is_empty() {
         return Err(doc_failure("the objects list is empty".into()));
+    }
+    if entries.len() > MAX_OBJECTS {
+        return Err(doc_failure(format!(
+            "lists {} objects; one volume may have at most {MAX_OBJECTS}",
+            entries.len()
+        )));
     }
     let mut objects = Vec::with_capacity(entries.len());
     let mut failures = Vec::new();
@@ -322,7 +336,10 @@ fn parse_object(
         Some(raw) => Encoding::parse(&raw).ok_or_else(|| {
             (
                 label.clone(),
-                ObjectError::Invalid(format!("encoding {raw:?} is not one of utf-8, base64, hex")),
+                ObjectError::Invalid(format!(
+                    "encoding {} is not one of utf-8, base64, hex",
+                    shown(&raw)
+                )),
             )
         })?,
     };
@@ -371,7 +388,8 @@ pub fn parse_duration_param(name: &str, raw: &str) -> Result<Duration, ObjectErr
     }
     humantime::parse_duration(raw).map_err(|_| {
         ObjectError::Invalid(format!(
-            "{name} {raw:?} is not a duration such as 30s or 10m"
+            "{name} {} is not a duration such as 30s or 10m",
+            shown(raw)
         ))
     })
 }
@@ -387,7 +405,7 @@ pub fn parse_mode(value: &Value) -> Result<u32, ObjectError> {
     };
     let shown = match value {
         Value::Number(n) => n.to_string(),
-        Value::String(s) => format!("{s:?}"),
+        Value::String(s) => shown(s),
         other => yaml_kind(other).to_string(),
     };
     match parsed {

@@ -357,7 +357,10 @@ mod tests {
         assert!(matches!(err, ObjectError::PermissionDenied(_)), "{err}");
         for bad_ns in ["..", ".", "a/b", "Shop", "-x", &"a".repeat(64)] {
             let err = fetch(&b, &object("key", None), bad_ns).await.unwrap_err();
-            assert!(matches!(err, ObjectError::PermissionDenied(_)), "{bad_ns}: {err}");
+            assert!(
+                matches!(err, ObjectError::PermissionDenied(_)),
+                "{bad_ns}: {err}"
+            );
         }
         // A symlink in one namespace's directory (which a tenant's sync tool
         // may write) cannot reach another namespace: resolution is beneath
@@ -369,7 +372,10 @@ mod tests {
             let err = fetch(&b, &object("x", Some(escape)), "shop")
                 .await
                 .unwrap_err();
-            assert!(matches!(err, ObjectError::PermissionDenied(_)), "{escape}: {err}");
+            assert!(
+                matches!(err, ObjectError::PermissionDenied(_)),
+                "{escape}: {err}"
+            );
         }
         let err = fetch(&b, &object("x", Some("bank-dir/key")), "shop")
             .await
@@ -388,7 +394,10 @@ mod tests {
             return; // different file systems: nothing to test
         }
         let lenient = FileBackend::new(dir.path().to_path_buf(), Scope::None);
-        assert_eq!(fetch(&lenient, &object("link", None), "").await.unwrap(), b"host");
+        assert_eq!(
+            fetch(&lenient, &object("link", None), "").await.unwrap(),
+            b"host"
+        );
         let strict = FileBackend::new(dir.path().to_path_buf(), Scope::None).refuse_hardlinks(true);
         let err = fetch(&strict, &object("link", None), "").await.unwrap_err();
         assert!(err.to_string().contains("2 hard links"), "{err}");

@@ -112,7 +112,8 @@ impl Registry {
         self.backends.get(name).ok_or_else(|| {
             let known: Vec<&str> = self.backends.keys().copied().collect();
             ObjectError::FailedPrecondition(format!(
-                "backend {name:?} is not enabled on this node (enabled: {})",
+                "backend {} is not enabled on this node (enabled: {})",
+                crate::error::shown(name),
                 if known.is_empty() {
                     "none".to_string()
                 } else {

@@ -29,6 +29,26 @@ impl ProviderService {
     }
 }
 
+/// The longest status message sent. The message travels in HTTP/2
+/// trailers, and grpc-go (the driver) refuses header lists over 16 KiB by
+/// default: a longer message would reach the user as a transport error
+/// instead of the reason. Kubernetes events are cut at 1 KiB anyway.
+pub const MAX_STATUS_MESSAGE: usize = 4096;
+
+/// `message` cut to [`MAX_STATUS_MESSAGE`] bytes on a character boundary.
+pub fn capped(mut message: String) -> String {
+    if message.len() > MAX_STATUS_MESSAGE {
+        let mut end = MAX_STATUS_MESSAGE - 40;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        let total = message.len();
+        message.truncate(end);
+        message.push_str(&format!("… ({total} bytes in all)"));
+    }
+    message
+}
+
 /// Maps a Mount failure to the status the driver shows in the FailedMount event.
 pub fn to_status(err: &MountError) -> Status {
     let code = match err.code() {
@@ -41,7 +61,7 @@ pub fn to_status(err: &MountError) -> Status {
         Code::DeadlineExceeded => tonic::Code::DeadlineExceeded,
         Code::Internal => tonic::Code::Internal,
     };
-    Status::new(code, err.to_string())
+    Status::new(code, capped(err.to_string()))
 }
 
 /// Decrements the in-flight count however the Mount ends (even if the
@@ -88,7 +108,7 @@ impl CsiDriverProvider for ProviderService {
         let mounter = Arc::clone(&self.mounter);
         let result = async move {
             let req = request.into_inner();
-            let ctx = Mounter::parse(&req)?;
+            let ctx = Mounter::parse(req).await?;
             let span = tracing::Span::current();
             span.record("pod_namespace", ctx.pod.namespace.as_str());
             span.record("pod_name", ctx.pod.name.as_str());
@@ -130,7 +150,7 @@ impl CsiDriverProvider for ProviderService {
                     duration_ms,
                     outcome = "error",
                     code = ?status.code(),
-                    error = %err,
+                    error = %status.message(),
                     "mount failed"
                 );
                 Err(status)

@@ -16,8 +16,8 @@ use serde_json::Value as Json;
 use super::params::Auth;
 use crate::bounded_map::{BoundedMap, Bounds};
 use crate::config::GcpArgs;
-use crate::key::{fingerprint, Key, KeyBuilder};
 use crate::error::ObjectError;
+use crate::key::{fingerprint, Key, KeyBuilder};
 use crate::request::MountContext;
 use crate::secret::Credential;
 

@@ -12,8 +12,8 @@ use google_cloud_secretmanager_v1::client::SecretManagerService;
 use super::{Backend, FetchLimits, Fetched};
 use crate::bounded_map::{BoundedMap, Bounds};
 use crate::config::GcpArgs;
+use crate::error::{shown, ObjectError};
 use crate::key::{fingerprint, Key, KeyBuilder};
-use crate::error::ObjectError;
 use crate::request::MountContext;
 use crate::secret::SecretBytes;
 use crate::spc::ObjectSpec;
@@ -155,11 +155,16 @@ fn retry_hint(e: &google_cloud_gax::error::Error) -> Option<Duration> {
 }
 
 /// The value of a top-level key of a JSON or YAML payload; it must be a string.
+/// The payload is already bounded in bytes; YAML is also bounded in what
+/// its aliases and nesting may cost.
 fn extract(data: &[u8], extract: &Extract) -> Result<Vec<u8>, ObjectError> {
     let (key, found) = match extract {
         Extract::Json(key) => {
             let doc: serde_json::Value = serde_json::from_slice(data).map_err(|_| {
-                ObjectError::Invalid(format!("extractJSONKey {key:?}: the payload is not JSON"))
+                ObjectError::Invalid(format!(
+                    "extractJSONKey {}: the payload is not JSON",
+                    shown(key)
+                ))
             })?;
             let found = match doc.get(key.as_str()) {
                 None => None,
@@ -169,9 +174,20 @@ fn extract(data: &[u8], extract: &Extract) -> Result<Vec<u8>, ObjectError> {
             (key, found)
         }
         Extract::Yaml(key) => {
-            let doc: serde_yaml_ng::Value = serde_yaml_ng::from_slice(data).map_err(|_| {
-                ObjectError::Invalid(format!("extractYAMLKey {key:?}: the payload is not YAML"))
-            })?;
+            let limits = crate::yaml::Limits {
+                max_bytes: data.len(),
+                max_scalar_bytes: (data.len() as u64).saturating_mul(2),
+                ..crate::yaml::REQUEST
+            };
+            let doc = std::str::from_utf8(data)
+                .ok()
+                .and_then(|text| crate::yaml::parse(text, &limits).ok())
+                .ok_or_else(|| {
+                    ObjectError::Invalid(format!(
+                        "extractYAMLKey {}: the payload is not YAML within coffer's bounds",
+                        crate::error::shown(key)
+                    ))
+                })?;
             let found = match doc.get(key.as_str()) {
                 None => None,
                 Some(serde_yaml_ng::Value::String(s)) => Some(Ok(s.as_bytes().to_vec())),
@@ -183,10 +199,12 @@ fn extract(data: &[u8], extract: &Extract) -> Result<Vec<u8>, ObjectError> {
     match found {
         Some(Ok(v)) => Ok(v),
         Some(Err(())) => Err(ObjectError::Invalid(format!(
-            "key {key:?} of the payload is not a string"
+            "key {} of the payload is not a string",
+            shown(key)
         ))),
         None => Err(ObjectError::Invalid(format!(
-            "key {key:?} is not in the payload"
+            "key {} is not in the payload",
+            shown(key)
         ))),
     }
 }

@@ -4,7 +4,7 @@
 //! of `extractJSONKey` / `extractYAMLKey`.
 
 use crate::config::GcpArgs;
-use crate::error::ObjectError;
+use crate::error::{shown, ObjectError};
 use crate::request::MountContext;
 use crate::secret::Credential;
 use crate::spc::ObjectSpec;
@@ -103,7 +103,8 @@ impl GcpParams {
             }
             other => {
                 return Err(ObjectError::Invalid(format!(
-                    "auth {other:?} is not pod-adc or provider-adc"
+                    "auth {} is not pod-adc or provider-adc",
+                    shown(other)
                 )))
             }
         };
@@ -136,8 +137,9 @@ impl GcpObject {
         let parts: Vec<&str> = resource.split('/').collect();
         let bad = || {
             ObjectError::Invalid(format!(
-                "resourceName {resource:?} is not projects/*/secrets/*/versions/* or \
-                 projects/*/locations/*/secrets/*/versions/*"
+                "resourceName {} is not projects/*/secrets/*/versions/* or \
+                 projects/*/locations/*/secrets/*/versions/*",
+                shown(&resource)
             ))
         };
         fn valid(s: &&&str) -> bool {

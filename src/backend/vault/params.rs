@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde_json::Value as Json;
 
 use crate::config::VaultArgs;
-use crate::error::ObjectError;
+use crate::error::{shown, ObjectError};
 use crate::key::KeyBuilder;
 use crate::request::MountContext;
 use crate::secret::Credential;
@@ -68,7 +68,8 @@ fn parse_bool(key: &str, raw: &str) -> Result<bool, ObjectError> {
         "true" | "1" | "yes" => Ok(true),
         "false" | "0" | "no" => Ok(false),
         _ => Err(ObjectError::Invalid(format!(
-            "{key} {raw:?} is not true or false"
+            "{key} {} is not true or false",
+            shown(raw)
         ))),
     }
 }
@@ -84,11 +85,13 @@ impl VaultParams {
                         .into(),
                 )
             })?;
-        let parsed = url::Url::parse(&address)
-            .map_err(|_| ObjectError::Invalid(format!("vaultAddress {address:?} is not a URL")))?;
+        let parsed = url::Url::parse(&address).map_err(|_| {
+            ObjectError::Invalid(format!("vaultAddress {} is not a URL", shown(&address)))
+        })?;
         if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
             return Err(ObjectError::Invalid(format!(
-                "vaultAddress {address:?} must be an http:// or https:// URL"
+                "vaultAddress {} must be an http:// or https:// URL",
+                shown(&address)
             )));
         }
         let path_or = |key: &str, default: &Option<PathBuf>| {
@@ -198,7 +201,8 @@ impl VaultObject {
         let path = path.strip_prefix("v1/").unwrap_or(path);
         if path.is_empty() || path.split('/').any(|e| e == ".." || e == ".") {
             return Err(ObjectError::Invalid(format!(
-                "secretPath {raw:?} must be a Vault API path such as secret/data/app"
+                "secretPath {} must be a Vault API path such as secret/data/app",
+                shown(raw)
             )));
         }
         let query: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
@@ -214,7 +218,8 @@ impl VaultObject {
             Some("POST") => reqwest::Method::POST,
             Some(other) => {
                 return Err(ObjectError::Invalid(format!(
-                    "method {other:?} is not GET, PUT or POST"
+                    "method {} is not GET, PUT or POST",
+                    shown(other)
                 )))
             }
         };

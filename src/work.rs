@@ -1,0 +1,52 @@
+//! CPU work whose cost grows with what a caller sends (parsing a large
+//! request or SPC) runs off the async workers: under a 1-CPU limit the
+//! runtime may have one worker, and a parse running on it would stall every
+//! other Mount and `/healthz`. Small inputs, the common case, stay inline:
+//! a thread hand-off costs more than parsing a few KB. Large ones run on the
+//! blocking pool one at a time; every such job is bounded (see `yaml`), so
+//! a Mount's deadline or shutdown never waits long on one.
+
+use tokio::sync::Semaphore;
+
+/// Inputs up to this size are handled inline.
+pub const INLINE_BYTES: usize = 64 * 1024;
+
+/// One heavy job at a time: a flood of large requests queues here instead
+/// of occupying every core.
+static HEAVY: Semaphore = Semaphore::const_new(1);
+
+#[derive(Debug, thiserror::Error)]
+#[error("internal error: a parsing task failed")]
+pub struct WorkError;
+
+/// Runs `job`, which does work proportional to `input_bytes`, inline or on
+/// the blocking pool.
+pub async fn run<T, F>(input_bytes: usize, job: F) -> Result<T, WorkError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    if input_bytes <= INLINE_BYTES {
+        return Ok(job());
+    }
+    let _permit = HEAVY.acquire().await.map_err(|_| WorkError)?;
+    tokio::task::spawn_blocking(job)
+        .await
+        .map_err(|_| WorkError)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn large_jobs_leave_the_runtime_free() {
+        let main = std::thread::current().id();
+        let small = run(10, move || std::thread::current().id()).await.unwrap();
+        assert_eq!(small, main, "small inputs run inline");
+        let big = run(INLINE_BYTES + 1, move || std::thread::current().id())
+            .await
+            .unwrap();
+        assert_ne!(big, main, "large inputs run elsewhere");
+    }
+}
