@@ -182,6 +182,11 @@ pub struct GcpArgs {
         env = "COFFER_GCP_ALLOW_NODE_PUBLISH_SECRET"
     )]
     pub allow_node_publish_secret: bool,
+    /// Let SPCs choose `auth: provider-adc`, which fetches with the daemon's
+    /// own Google identity instead of the pod's (any SPC on the node could
+    /// then read whatever that identity can).
+    #[arg(long = "gcp-allow-provider-adc", env = "COFFER_GCP_ALLOW_PROVIDER_ADC")]
+    pub allow_provider_adc: bool,
 }
 
 impl Default for GcpArgs {
@@ -194,6 +199,7 @@ impl Default for GcpArgs {
             sts_endpoint: "https://sts.googleapis.com".into(),
             iam_credentials_endpoint: "https://iamcredentials.googleapis.com".into(),
             allow_node_publish_secret: false,
+            allow_provider_adc: false,
         }
     }
 }
@@ -245,6 +251,16 @@ pub struct VaultArgs {
     /// Name to verify Vault's certificate against (and send as SNI).
     #[arg(long = "vault-tls-server-name", env = "VAULT_TLS_SERVER_NAME")]
     pub tls_server_name: Option<String>,
+    /// The directory SPCs may name TLS files in (vaultCACertPath,
+    /// vaultCADirectory, vaultTLSClientCertPath/KeyPath are resolved beneath
+    /// it; other paths are refused). The daemon's own --vault-* flags are not
+    /// limited to it.
+    #[arg(
+        long = "vault-tls-dir",
+        env = "COFFER_VAULT_TLS_DIR",
+        default_value = "/etc/coffer/tls"
+    )]
+    pub tls_dir: PathBuf,
     /// Client certificate (PEM) presented to Vault.
     #[arg(long = "vault-client-cert", env = "VAULT_CLIENT_CERT")]
     pub client_cert: Option<PathBuf>,
@@ -284,6 +300,7 @@ impl Default for VaultArgs {
             ca_cert: None,
             ca_path: None,
             tls_server_name: None,
+            tls_dir: PathBuf::from("/etc/coffer/tls"),
             client_cert: None,
             client_key: None,
             skip_verify: false,

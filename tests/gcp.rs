@@ -410,7 +410,22 @@ async fn key_json_and_provider_adc_are_opt_in() {
     assert_eq!(files(&r)["f"].0, b"pw-1");
     assert!(!open.logs().contains("PRIVATE KEY"));
 
-    // provider-adc: the daemon's own credentials (ADC from its environment).
+    // provider-adc: the daemon's own credentials (ADC from its environment),
+    // only where the operator opted in.
+    let provider = gcp_spc(&[
+        ("auth", "provider-adc"),
+        (
+            "secrets",
+            "- resourceName: projects/proj/secrets/db/versions/1\n  fileName: f\n",
+        ),
+    ]);
+    let (code, msg) = mount_err(
+        &mut strict.client().await,
+        driver(Path::new("/t")).to_proto(&provider),
+    )
+    .await;
+    assert_eq!(code, Code::FailedPrecondition, "{msg}");
+    assert!(msg.contains("--gcp-allow-provider-adc"), "{msg}");
     let key_file = strict.dir.path().join("adc.json");
     std::fs::write(&key_file, &key).unwrap();
     let adc = Daemon::start_with(Options {
@@ -419,6 +434,7 @@ async fn key_json_and_provider_adc_are_opt_in() {
             g.addr.clone(),
             "--cache-ttl".into(),
             "0s".into(),
+            "--gcp-allow-provider-adc".into(),
         ],
         env: vec![(
             "GOOGLE_APPLICATION_CREDENTIALS".into(),
@@ -426,13 +442,6 @@ async fn key_json_and_provider_adc_are_opt_in() {
         )],
         ..Default::default()
     });
-    let provider = gcp_spc(&[
-        ("auth", "provider-adc"),
-        (
-            "secrets",
-            "- resourceName: projects/proj/secrets/db/versions/1\n  fileName: f\n",
-        ),
-    ]);
     let r = adc
         .client()
         .await

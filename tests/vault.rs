@@ -556,7 +556,8 @@ async fn namespace_header_is_sent() {
 async fn tls_with_ca_server_name_and_skip_verify() {
     let bao = Bao::start_with(true).await;
     bao.put_kv2("app", json!({"password": "tls-pw"})).await;
-    let d = vault_daemon();
+    let tls_dir = bao.dir.path().join("tls").display().to_string();
+    let d = vault_daemon_with(&["--vault-tls-dir", &tls_dir]);
     let mut c = d.client().await;
     let mut drv = driver(Path::new("/t"));
     drv.node_publish_secrets = Some(BTreeMap::from([(
@@ -607,16 +608,45 @@ async fn tls_with_ca_server_name_and_skip_verify() {
         assert_eq!(code, Code::Unavailable, "{params:?}: {msg}");
         assert!(msg.contains("cannot reach Vault"), "{msg}");
     }
-    let (code, msg) = mount_err(
-        &mut c,
-        drv.to_proto(&vault_spc(
-            &bao,
-            &[("vaultCACertPath", "/nonexistent/ca.pem")],
-            objects,
-        )),
+    // Files the operator did not put in --vault-tls-dir are refused without
+    // being looked at: the answer is the same whether they exist or not.
+    let mut refusals = Vec::new();
+    for path in ["/etc/passwd", "/nonexistent/ca.pem", "/dev/zero", "../x"] {
+        let spc = vault_spc(&bao, &[("vaultCACertPath", path)], objects);
+        let (code, msg) = mount_err(&mut c, drv.to_proto(&spc)).await;
+        assert_eq!(code, Code::PermissionDenied, "{msg}");
+        assert!(msg.contains("--vault-tls-dir"), "{msg}");
+        refusals.push(msg);
+    }
+    assert!(
+        refusals.windows(2).all(|w| w[0] == w[1]),
+        "existence must not show: {refusals:?}"
+    );
+    // Inside the directory: regular files only, and a FIFO does not hang.
+    nix::unistd::mkfifo(
+        &bao.dir.path().join("tls/fifo.pem"),
+        nix::sys::stat::Mode::S_IRWXU,
     )
-    .await;
-    assert_eq!(code, Code::FailedPrecondition, "{msg}");
+    .unwrap();
+    for (path, want) in [("missing.pem", "does not exist"), ("fifo.pem", "a FIFO")] {
+        let spc = vault_spc(&bao, &[("vaultCACertPath", path)], objects);
+        let (code, msg) = mount_err(&mut c, drv.to_proto(&spc)).await;
+        assert_eq!(code, Code::FailedPrecondition, "{msg}");
+        assert!(msg.contains(want), "{msg}");
+    }
+    let resp = c
+        .mount(drv.to_proto(&vault_spc(
+            &bao,
+            &[("vaultCACertPath", "vault-ca.pem")],
+            objects,
+        )))
+        .await
+        .unwrap();
+    assert_eq!(
+        files(&resp.into_inner())["p"],
+        b"tls-pw",
+        "relative to the TLS dir"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

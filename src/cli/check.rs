@@ -32,6 +32,16 @@ pub struct CheckArgs {
     /// The daemon's --vault-addr, if SPCs rely on it.
     #[arg(long = "vault-addr", env = "VAULT_ADDR")]
     pub vault_addr: Option<String>,
+    /// The daemon's --vault-tls-dir (TLS files SPCs name must be below it).
+    #[arg(
+        long = "vault-tls-dir",
+        env = "COFFER_VAULT_TLS_DIR",
+        default_value = "/etc/coffer/tls"
+    )]
+    pub vault_tls_dir: PathBuf,
+    /// The daemon allows `auth: provider-adc` (--gcp-allow-provider-adc).
+    #[arg(long = "gcp-allow-provider-adc", env = "COFFER_GCP_ALLOW_PROVIDER_ADC")]
+    pub gcp_allow_provider_adc: bool,
     /// The daemon's --gcp-project, if SPCs rely on it.
     #[arg(long = "gcp-project", env = "COFFER_GCP_PROJECT")]
     pub gcp_project: Option<String>,
@@ -57,6 +67,7 @@ fn registry(args: &CheckArgs) -> Registry {
                 .clone()
                 .unwrap_or_else(|| "https://vault.invalid:8200".into()),
         ),
+        tls_dir: args.vault_tls_dir.clone(),
         ..VaultArgs::default()
     })));
     r.register(Arc::new(GcpBackend::new(
@@ -69,6 +80,7 @@ fn registry(args: &CheckArgs) -> Registry {
             cluster_location: Some("placeholder".into()),
             cluster_name: Some("placeholder".into()),
             allow_node_publish_secret: true,
+            allow_provider_adc: args.gcp_allow_provider_adc,
             ..GcpArgs::default()
         },
         std::time::Duration::from_secs(30),

@@ -60,7 +60,15 @@ impl GcpParams {
             });
         }
         let auth = match param(ctx, "auth").unwrap_or("pod-adc") {
-            "provider-adc" => Auth::ProviderAdc,
+            "provider-adc" if defaults.allow_provider_adc => Auth::ProviderAdc,
+            "provider-adc" => {
+                return Err(ObjectError::FailedPrecondition(
+                    "auth: provider-adc fetches with this node's own Google identity, which every SPC on \
+                     the node could then use; this node's coffer does not allow it (start it with \
+                     --gcp-allow-provider-adc)"
+                        .into(),
+                ))
+            }
             "pod-adc" => {
                 let project = param(ctx, "gcpProject")
                     .map(str::to_string)
@@ -149,8 +157,12 @@ impl GcpObject {
             ["projects", p, "secrets", s, "versions", v] if [p, s, v].iter().all(valid) => {
                 (None, *v)
             }
+            // The location becomes part of a host name (the regional
+            // endpoint): only what Google's locations are made of.
             ["projects", p, "locations", l, "secrets", s, "versions", v]
-                if [p, l, s, v].iter().all(valid) =>
+                if [p, l, s, v].iter().all(valid)
+                    && l.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') =>
             {
                 (Some(l.to_string()), *v)
             }
@@ -205,6 +217,8 @@ mod tests {
             "projects/p/secrets/s/versions/",
             "p/s/v",
             "projects/p/secrets/../versions/1",
+            "projects/p/locations/x@evil.example/secrets/s/versions/1",
+            "projects/p/locations/EU.evil/secrets/s/versions/1",
         ] {
             assert!(
                 object(&format!("- objectName: a\n  resourceName: {bad}")).is_err(),

@@ -2,15 +2,18 @@
 //! reused across Mounts, and one request function that maps Vault's answers
 //! to `ObjectError`s without ever including a token or a secret value.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value as Json;
+use zeroize::Zeroizing;
 
-use super::params::Tls;
+use super::params::{Tls, TlsPath};
+use crate::bounded_map::{BoundedMap, Bounds};
 use crate::error::ObjectError;
+use crate::key::KeyBuilder;
+use crate::nodefs::{self, NodeFileError};
 use crate::secret::Credential;
 
 /// A ready client plus the base URL to use with it (the host is replaced by
@@ -23,116 +26,238 @@ pub struct Endpoint {
     pub address: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Key {
-    address: String,
-    tls: Tls,
-    /// Modification times of the TLS files, so a rotated CA or client
-    /// certificate is picked up without a restart.
-    stamps: Vec<Option<SystemTime>>,
+/// Largest TLS file read (certificate bundles are tens of KB).
+const MAX_TLS_FILE: u64 = 1024 * 1024;
+/// Files looked at in a CA directory, and their bytes in all.
+const MAX_CA_DIR_FILES: usize = 256;
+const MAX_CA_DIR_BYTES: u64 = 4 * 1024 * 1024;
+/// How often a cached client's TLS files are checked for rotation.
+const RECHECK: Duration = Duration::from_secs(30);
+/// Clients kept: one per (address, TLS set-up) in use. Each holds a TLS
+/// configuration and a connection pool (~100 KB), so an SPC inventing
+/// addresses must not add one forever.
+const CLIENTS: Bounds = Bounds {
+    max_entries: 64,
+    max_weight: 0,
+    idle: Duration::from_secs(600),
+};
+
+/// A cached client and the state of the TLS files it was built from.
+#[derive(Clone)]
+struct Built {
+    endpoint: Endpoint,
+    stamps: Arc<Vec<Option<SystemTime>>>,
+    checked: Instant,
 }
 
 pub struct Clients {
     timeout: Duration,
-    cache: Mutex<HashMap<Key, Endpoint>>,
+    tls_dir: PathBuf,
+    cache: BoundedMap<Built>,
 }
 
-fn stamp(path: &Option<PathBuf>) -> Option<SystemTime> {
-    path.as_ref()
-        .and_then(|p| std::fs::metadata(p).ok())
-        .and_then(|m| m.modified().ok())
+/// What the TLS files hold, read off the async workers.
+struct Material {
+    roots: Vec<reqwest::Certificate>,
+    /// Client certificate and key, PEM, zeroized when dropped.
+    identity: Option<Zeroizing<Vec<u8>>>,
 }
 
-fn read(what: &str, path: &Path) -> Result<Vec<u8>, ObjectError> {
-    std::fs::read(path).map_err(|e| {
-        ObjectError::FailedPrecondition(format!(
-            "cannot read {what} {}: {}",
-            path.display(),
-            e.kind()
-        ))
-    })
+/// Reads a TLS file: the operator's where it points, an SPC's beneath the
+/// TLS directory; regular files only, bounded.
+fn read_tls(tls_dir: &Path, path: &TlsPath) -> Result<Vec<u8>, ObjectError> {
+    let result = match path {
+        TlsPath::Operator(p) => nodefs::read_operator_file(p, MAX_TLS_FILE),
+        TlsPath::Spc { relative, .. } => nodefs::open_dir(tls_dir)
+            .and_then(|dir| nodefs::read_beneath(&dir, relative, MAX_TLS_FILE)),
+    };
+    result.map_err(|e| tls_error(tls_dir, path, &e))
+}
+
+fn tls_error(tls_dir: &Path, path: &TlsPath, e: &NodeFileError) -> ObjectError {
+    ObjectError::FailedPrecondition(format!("cannot use {}: it {e}", path.describe(tls_dir)))
+}
+
+/// The certificates of a CA directory (files that hold none are skipped,
+/// like Vault's own client).
+fn read_ca_dir(tls_dir: &Path, path: &TlsPath) -> Result<Vec<reqwest::Certificate>, ObjectError> {
+    let dir = match path {
+        TlsPath::Operator(p) => nodefs::open_dir(p),
+        TlsPath::Spc { relative, .. } => {
+            nodefs::open_dir(tls_dir).and_then(|base| nodefs::open_dir_beneath(&base, relative))
+        }
+    }
+    .map_err(|e| tls_error(tls_dir, path, &e))?;
+    let names =
+        nodefs::list_dir(&dir, MAX_CA_DIR_FILES).map_err(|e| tls_error(tls_dir, path, &e))?;
+    let mut roots = Vec::new();
+    let mut total = 0u64;
+    for name in names {
+        let Ok(pem) = nodefs::read_beneath(&dir, &name, MAX_TLS_FILE) else {
+            continue; // not a regular file, unreadable: skipped
+        };
+        total += pem.len() as u64;
+        if total > MAX_CA_DIR_BYTES {
+            return Err(ObjectError::FailedPrecondition(format!(
+                "{} holds more than {MAX_CA_DIR_BYTES} bytes of certificates",
+                path.describe(tls_dir)
+            )));
+        }
+        if let Ok(certs) = reqwest::Certificate::from_pem_bundle(&pem) {
+            roots.extend(certs);
+        }
+    }
+    Ok(roots)
+}
+
+fn load_material(tls_dir: &Path, tls: &Tls) -> Result<Material, ObjectError> {
+    let mut roots = Vec::new();
+    if let Some(path) = &tls.ca_cert {
+        roots.extend(parse_certs(
+            &read_tls(tls_dir, path)?,
+            &path.describe(tls_dir),
+        )?);
+    }
+    if let Some(path) = &tls.ca_dir {
+        roots.extend(read_ca_dir(tls_dir, path)?);
+    }
+    let identity = match (&tls.client_cert, &tls.client_key) {
+        (Some(cert), Some(key)) => {
+            let mut pem = Zeroizing::new(read_tls(tls_dir, cert)?);
+            pem.push(b'\n');
+            let key_pem = Zeroizing::new(read_tls(tls_dir, key)?);
+            pem.extend_from_slice(&key_pem);
+            Some(pem)
+        }
+        _ => None,
+    };
+    Ok(Material { roots, identity })
+}
+
+/// Modification times of the TLS files, so a rotated CA or client
+/// certificate is picked up without a restart.
+fn stamps(tls_dir: &Path, tls: &Tls) -> Vec<Option<SystemTime>> {
+    let stamp = |path: &Option<TlsPath>| -> Option<SystemTime> {
+        let file = match path.as_ref()? {
+            TlsPath::Operator(p) => std::fs::File::open(p).ok()?,
+            TlsPath::Spc { relative, .. } => {
+                let dir = nodefs::open_dir(tls_dir).ok()?;
+                nodefs::open_beneath(&dir, relative).ok()?
+            }
+        };
+        file.metadata().ok()?.modified().ok()
+    };
+    [&tls.ca_cert, &tls.ca_dir, &tls.client_cert, &tls.client_key]
+        .into_iter()
+        .map(stamp)
+        .collect()
+}
+
+fn has_files(tls: &Tls) -> bool {
+    tls.ca_cert.is_some() || tls.ca_dir.is_some() || tls.client_cert.is_some()
 }
 
 impl Clients {
-    pub fn new(timeout: Duration) -> Self {
+    pub fn new(timeout: Duration, tls_dir: PathBuf) -> Self {
         Self {
             timeout,
-            cache: Mutex::new(HashMap::new()),
+            tls_dir,
+            cache: BoundedMap::new(CLIENTS),
         }
     }
 
+    /// Clients kept (for tests).
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// TLS file work on the blocking pool: files may sit on slow storage.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        tls: &Tls,
+        job: impl FnOnce(&Path, &Tls) -> T + Send + 'static,
+    ) -> Result<T, ObjectError> {
+        let (dir, tls) = (self.tls_dir.clone(), tls.clone());
+        tokio::task::spawn_blocking(move || job(&dir, &tls))
+            .await
+            .map_err(|_| ObjectError::Internal("reading TLS files failed".into()))
+    }
+
     pub async fn get(&self, address: &str, tls: &Tls) -> Result<Endpoint, ObjectError> {
-        let key = Key {
-            address: address.to_string(),
-            tls: tls.clone(),
-            stamps: vec![
-                stamp(&tls.ca_cert),
-                stamp(&tls.ca_dir),
-                stamp(&tls.client_cert),
-                stamp(&tls.client_key),
-            ],
+        let key = tls
+            .key_fields(KeyBuilder::new("vault-client").field(address))
+            .finish();
+        let cached = self.cache.get(&key);
+        if let Some(built) = &cached {
+            if !has_files(tls) || built.checked.elapsed() < RECHECK {
+                return Ok(built.endpoint.clone());
+            }
+        }
+        let now_stamps = if has_files(tls) {
+            self.blocking(tls, stamps).await?
+        } else {
+            Vec::new()
         };
-        if let Some(found) = self.cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
-            return Ok(found);
+        if let Some(built) = cached {
+            if *built.stamps == now_stamps {
+                self.cache.insert(
+                    key,
+                    Built {
+                        checked: Instant::now(),
+                        ..built.clone()
+                    },
+                );
+                return Ok(built.endpoint);
+            }
         }
         let endpoint = self.build(address, tls).await?;
-        if let Ok(mut cache) = self.cache.lock() {
-            // Old entries for the same address (rotated files) are dropped.
-            cache.retain(|k, _| k.address != key.address || k.tls != key.tls);
-            cache.insert(key, endpoint.clone());
-        }
+        self.cache.insert(
+            key,
+            Built {
+                endpoint: endpoint.clone(),
+                stamps: Arc::new(now_stamps),
+                checked: Instant::now(),
+            },
+        );
         Ok(endpoint)
     }
 
     async fn build(&self, address: &str, tls: &Tls) -> Result<Endpoint, ObjectError> {
-        let mut url = url::Url::parse(address)
-            .map_err(|_| ObjectError::Invalid(format!("vaultAddress {address:?} is not a URL")))?;
+        let mut url = url::Url::parse(address).map_err(|_| {
+            ObjectError::Invalid(format!(
+                "vaultAddress {} is not a URL",
+                crate::error::shown(address)
+            ))
+        })?;
         let mut builder = reqwest::Client::builder()
             .timeout(self.timeout)
             .connect_timeout(Duration::from_secs(5).min(self.timeout))
             .pool_idle_timeout(Duration::from_secs(90))
             .no_proxy();
         if url.scheme() == "https" {
-            let mut roots = Vec::new();
-            if let Some(path) = &tls.ca_cert {
-                roots.extend(parse_certs(&read("vaultCACertPath", path)?, path)?);
-            }
-            if let Some(dir) = &tls.ca_dir {
-                let entries = std::fs::read_dir(dir).map_err(|e| {
-                    ObjectError::FailedPrecondition(format!(
-                        "cannot read vaultCADirectory {}: {}",
-                        dir.display(),
-                        e.kind()
-                    ))
-                })?;
-                for entry in entries.flatten() {
-                    let path = entry.path();
-                    if path.is_file() {
-                        // Like Vault's own client: files that hold no
-                        // certificate are skipped, not fatal.
-                        if let Ok(certs) = parse_certs(&read("CA file", &path)?, &path) {
-                            roots.extend(certs);
-                        }
-                    }
+            let material = if has_files(tls) {
+                self.blocking(tls, load_material).await??
+            } else {
+                Material {
+                    roots: Vec::new(),
+                    identity: None,
                 }
+            };
+            if !material.roots.is_empty() {
+                builder = builder.tls_certs_only(material.roots);
             }
-            if !roots.is_empty() {
-                builder = builder.tls_certs_only(roots);
-            }
-            if let (Some(cert), Some(key)) = (&tls.client_cert, &tls.client_key) {
-                let mut pem = read("vaultTLSClientCertPath", cert)?;
-                pem.push(b'\n');
-                let key_pem = zeroize::Zeroizing::new(read("vaultTLSClientKeyPath", key)?);
-                pem.extend_from_slice(&key_pem);
-                let identity = reqwest::Identity::from_pem(&pem).map_err(|_| {
-                    ObjectError::FailedPrecondition(format!(
-                        "{} and {} are not a PEM certificate and key",
-                        cert.display(),
-                        key.display()
-                    ))
-                });
-                zeroize::Zeroize::zeroize(&mut pem);
-                builder = builder.identity(identity?);
+            if let Some(pem) = &material.identity {
+                let identity = reqwest::Identity::from_pem(pem).map_err(|_| {
+                    ObjectError::FailedPrecondition(
+                        "the Vault client certificate and key are not a PEM certificate and key"
+                            .into(),
+                    )
+                })?;
+                builder = builder.identity(identity);
             }
             if tls.skip_verify {
                 builder = builder.tls_danger_accept_invalid_certs(true);
@@ -147,13 +272,17 @@ impl Clients {
                         .await
                         .map_err(|e| {
                             ObjectError::Unavailable(format!(
-                                "cannot resolve Vault host {host:?}: {e}"
+                                "cannot resolve Vault host {}: {e}",
+                                crate::error::shown(&host)
                             ))
                         })?
                         .collect();
                 builder = builder.resolve_to_addrs(name, &addrs);
                 url.set_host(Some(name)).map_err(|_| {
-                    ObjectError::Invalid(format!("vaultTLSServerName {name:?} is not a host name"))
+                    ObjectError::Invalid(format!(
+                        "vaultTLSServerName {} is not a host name",
+                        crate::error::shown(name)
+                    ))
                 })?;
             }
         }
@@ -168,13 +297,11 @@ impl Clients {
     }
 }
 
-fn parse_certs(pem: &[u8], path: &Path) -> Result<Vec<reqwest::Certificate>, ObjectError> {
+fn parse_certs(pem: &[u8], shown: &str) -> Result<Vec<reqwest::Certificate>, ObjectError> {
     reqwest::Certificate::from_pem_bundle(pem)
         .ok()
         .filter(|c| !c.is_empty())
-        .ok_or_else(|| {
-            ObjectError::FailedPrecondition(format!("{} holds no PEM certificate", path.display()))
-        })
+        .ok_or_else(|| ObjectError::FailedPrecondition(format!("{shown} holds no PEM certificate")))
 }
 
 /// A failed HTTP exchange, kept apart from `ObjectError` so the caller can
@@ -293,8 +420,12 @@ pub async fn send(
     token: &Credential,
     max_body: u64,
 ) -> Result<Vec<u8>, Failure> {
-    let mut url = url::Url::parse(&format!("{}{}", endpoint.base, req.path))
-        .map_err(|_| Failure::Transport(format!("{:?} is not a valid request path", req.path)))?;
+    let mut url = url::Url::parse(&format!("{}{}", endpoint.base, req.path)).map_err(|_| {
+        Failure::Transport(format!(
+            "{} is not a valid request path",
+            crate::error::shown(req.path)
+        ))
+    })?;
     if !req.query.is_empty() {
         url.query_pairs_mut().extend_pairs(req.query);
     }

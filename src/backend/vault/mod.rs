@@ -43,7 +43,7 @@ pub struct VaultBackend {
 impl VaultBackend {
     pub fn new(defaults: VaultArgs) -> Self {
         Self {
-            clients: http::Clients::new(defaults.request_timeout),
+            clients: http::Clients::new(defaults.request_timeout, defaults.tls_dir.clone()),
             defaults,
             tokens: auth::Tokens::default(),
             leases: Leases::default(),

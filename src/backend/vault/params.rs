@@ -16,15 +16,64 @@ use crate::spc::ObjectSpec;
 /// Object fields this backend reads.
 pub const OBJECT_FIELDS: &[&str] = &["secretPath", "secretKey", "method", "secretArgs"];
 
+/// A TLS file or directory on the node, and who chose it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum TlsPath {
+    /// A daemon flag: the operator's choice, read where it points.
+    Operator(PathBuf),
+    /// An SPC parameter: relative to `--vault-tls-dir` and resolved beneath
+    /// it, so an SPC cannot read (or probe for) other node files.
+    Spc {
+        param: &'static str,
+        relative: PathBuf,
+    },
+}
+
+impl TlsPath {
+    /// How the path is named in messages.
+    pub fn describe(&self, tls_dir: &std::path::Path) -> String {
+        match self {
+            TlsPath::Operator(p) => p.display().to_string(),
+            TlsPath::Spc { param, relative } => {
+                format!("{param} {}", tls_dir.join(relative).display())
+            }
+        }
+    }
+}
+
 /// TLS settings; part of the HTTP client cache key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Tls {
-    pub ca_cert: Option<PathBuf>,
-    pub ca_dir: Option<PathBuf>,
+    pub ca_cert: Option<TlsPath>,
+    pub ca_dir: Option<TlsPath>,
     pub server_name: Option<String>,
-    pub client_cert: Option<PathBuf>,
-    pub client_key: Option<PathBuf>,
+    pub client_cert: Option<TlsPath>,
+    pub client_key: Option<TlsPath>,
     pub skip_verify: bool,
+}
+
+impl Tls {
+    /// The key part of the client cache for these settings.
+    pub fn key_fields(&self, mut key: KeyBuilder) -> KeyBuilder {
+        for path in [
+            &self.ca_cert,
+            &self.ca_dir,
+            &self.client_cert,
+            &self.client_key,
+        ] {
+            key = match path {
+                None => key.opt(None::<&str>),
+                Some(TlsPath::Operator(p)) => key
+                    .field("operator")
+                    .field(p.as_os_str().as_encoded_bytes()),
+                Some(TlsPath::Spc { relative, .. }) => key
+                    .field("spc")
+                    .field(relative.as_os_str().as_encoded_bytes()),
+            };
+        }
+        key.opt(self.server_name.as_deref())
+            .field([u8::from(self.skip_verify)])
+    }
 }
 
 /// How coffer authenticates to Vault for this pod.
@@ -94,23 +143,33 @@ impl VaultParams {
                 shown(&address)
             )));
         }
-        let path_or = |key: &str, default: &Option<PathBuf>| {
-            param(ctx, key)
-                .map(PathBuf::from)
-                .or_else(|| default.clone())
+        let path_or = |key: &'static str, default: &Option<PathBuf>| match param(ctx, key) {
+            Some(raw) => match crate::nodefs::confine(&defaults.tls_dir, raw) {
+                Some(relative) => Ok(Some(TlsPath::Spc {
+                    param: key,
+                    relative,
+                })),
+                // Refused without looking: nothing is said about the file.
+                None => Err(ObjectError::PermissionDenied(format!(
+                    "{key} must name a file below {} (this node's --vault-tls-dir); \
+                     an SPC cannot make coffer read other node paths",
+                    defaults.tls_dir.display()
+                ))),
+            },
+            None => Ok(default.clone().map(TlsPath::Operator)),
         };
         let skip_verify = match param(ctx, "vaultSkipTLSVerify") {
             Some(raw) => parse_bool("vaultSkipTLSVerify", raw)?,
             None => defaults.skip_verify,
         };
         let tls = Tls {
-            ca_cert: path_or("vaultCACertPath", &defaults.ca_cert),
-            ca_dir: path_or("vaultCADirectory", &defaults.ca_path),
+            ca_cert: path_or("vaultCACertPath", &defaults.ca_cert)?,
+            ca_dir: path_or("vaultCADirectory", &defaults.ca_path)?,
             server_name: param(ctx, "vaultTLSServerName")
                 .map(str::to_string)
                 .or_else(|| defaults.tls_server_name.clone()),
-            client_cert: path_or("vaultTLSClientCertPath", &defaults.client_cert),
-            client_key: path_or("vaultTLSClientKeyPath", &defaults.client_key),
+            client_cert: path_or("vaultTLSClientCertPath", &defaults.client_cert)?,
+            client_key: path_or("vaultTLSClientKeyPath", &defaults.client_key)?,
             skip_verify,
         };
         if tls.client_cert.is_some() != tls.client_key.is_some() {
