@@ -28,9 +28,19 @@ fn parse_health_addr(raw: &str) -> Result<HealthAddr, String> {
     if raw.eq_ignore_ascii_case("off") {
         return Ok(HealthAddr::Off);
     }
-    raw.parse()
+    if let Ok(addr) = raw.parse() {
+        return Ok(HealthAddr::On(addr));
+    }
+    // `$(POD_IP):8080` with an IPv6 pod IP arrives without brackets.
+    raw.rsplit_once(':')
+        .and_then(|(ip, port)| {
+            Some(SocketAddr::new(
+                ip.parse::<std::net::IpAddr>().ok()?,
+                port.parse().ok()?,
+            ))
+        })
         .map(HealthAddr::On)
-        .map_err(|_| format!("{raw:?} is neither `off` nor an address such as 127.0.0.1:8080"))
+        .ok_or_else(|| format!("{raw:?} is neither `off` nor an address such as 127.0.0.1:8080"))
 }
 
 fn parse_octal_mode(raw: &str) -> Result<u32, String> {
@@ -100,6 +110,10 @@ pub struct ServeArgs {
         default_value = "none"
     )]
     pub file_backend_scope: Scope,
+    /// Refuse files with more than one hard link (for roots tenants can
+    /// write to: a hard link can point at any file of the same file system).
+    #[arg(long, env = "COFFER_FILE_BACKEND_REFUSE_HARDLINKS")]
+    pub file_backend_refuse_hardlinks: bool,
     /// How long a fetched value serves other Mounts with the same
     /// authorization identity (SPC/object `refreshInterval` override it;
     /// 0 disables the cache and call collapsing).
@@ -132,6 +146,10 @@ pub struct ServeArgs {
     /// count the loss).
     #[arg(long, env = "COFFER_AUDIT_FAIL_CLOSED")]
     pub audit_fail_closed: bool,
+    /// Async worker threads (default: the CPUs this process may use, which
+    /// respects a cgroup CPU limit).
+    #[arg(long, env = "COFFER_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub worker_threads: Option<u16>,
     /// Peer uids allowed to call besides root (the driver runs as root).
     #[arg(long, env = "COFFER_ALLOWED_UIDS", value_delimiter = ',')]
     pub allowed_uids: Vec<u32>,
@@ -324,6 +342,11 @@ mod tests {
             HealthAddr::On(_)
         ));
         assert!(parse_health_addr("localhost").is_err());
+        assert_eq!(
+            parse_health_addr("fd00::1:8080").unwrap(),
+            HealthAddr::On("[fd00::1]:8080".parse().unwrap())
+        );
+        assert!(parse_health_addr(":8080").is_err());
         assert_eq!(parse_octal_mode("0600").unwrap(), 0o600);
         assert_eq!(parse_octal_mode("660").unwrap(), 0o660);
         assert!(parse_octal_mode("0999").is_err());

@@ -1,6 +1,9 @@
 //! Log setup and process hardening. Secrets are kept out of logs by the types
 //! that hold them; this module keeps them out of panics and core dumps.
 
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogArgs, LogFormat};
@@ -50,4 +53,52 @@ pub fn harden_process() {
             .unwrap_or_else(|| "unknown location".into());
         eprintln!("coffer: internal error (panic) at {at}; message withheld to protect secrets");
     }));
+}
+
+/// At most one log line per interval for an event that can repeat at the
+/// rate an attacker chooses (a refused connection, a dropped audit record),
+/// with a count of the lines left out.
+pub struct Throttle {
+    interval: Duration,
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl Throttle {
+    pub const fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(left out since the last line)` when a line may be written now.
+    pub fn allow(&self) -> Option<u64> {
+        let mut state = match self.state.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        let (last, suppressed) = &mut *state;
+        if last.is_some_and(|t| t.elapsed() < self.interval) {
+            *suppressed += 1;
+            return None;
+        }
+        *last = Some(Instant::now());
+        Some(std::mem::take(suppressed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttle_counts_what_it_leaves_out() {
+        let t = Throttle::new(Duration::from_millis(50));
+        assert_eq!(t.allow(), Some(0));
+        for _ in 0..10 {
+            assert_eq!(t.allow(), None);
+        }
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(t.allow(), Some(10));
+    }
 }

@@ -28,15 +28,21 @@ enum Command {
     Check(check::CheckArgs),
 }
 
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+fn runtime(workers: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(usize::from(n));
+    }
+    builder.enable_all().build()
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match runtime() {
+    let workers = match &cli.command {
+        Command::Serve(args) => args.worker_threads,
+        _ => None,
+    };
+    let rt = match runtime(workers) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("coffer: cannot start the async runtime: {e}");

@@ -18,6 +18,14 @@ pub struct MountLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    /// provider | health
+    pub listener: &'static str,
+    /// uid | limit | accept_error
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendLabels {
     pub backend: &'static str,
     pub operation: &'static str,
@@ -65,6 +73,7 @@ pub struct Metrics {
     pub audit_dropped: Counter,
     pub audit_errors: Counter,
     pub refused_peers: Counter,
+    pub refused_connections: Family<ConnectionLabels, Counter>,
     pub build_info: Family<VersionLabel, Gauge>,
     registry: Registry,
 }
@@ -92,6 +101,7 @@ impl Metrics {
             audit_dropped: Counter::default(),
             audit_errors: Counter::default(),
             refused_peers: Counter::default(),
+            refused_connections: Family::default(),
             build_info: Family::default(),
             registry: Registry::with_prefix("coffer"),
         };
@@ -195,6 +205,11 @@ impl Metrics {
             "refused_peers",
             "Calls refused for their peer uid or authority",
             m.refused_peers.clone(),
+        );
+        r.register(
+            "refused_connections",
+            "Connections closed at accept (peer uid, connection limit) and accept errors",
+            m.refused_connections.clone(),
         );
         r.register("build_info", "Build information", m.build_info.clone());
         // Series that exist from the start, so dashboards see zeros.

@@ -5,9 +5,6 @@ use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use tokio_stream::wrappers::UnixListenerStream;
-use tokio_stream::StreamExt;
-
 use crate::audit::Auditor;
 use crate::backend::{file::FileBackend, gcp::GcpBackend, vault::VaultBackend, Registry};
 use crate::cache::Cache;
@@ -17,6 +14,7 @@ use crate::mount::{MountConfig, Mounter};
 use crate::proto::csi_driver_provider_server::CsiDriverProviderServer;
 use crate::version::{VersionKey, VersionKeyError};
 
+pub mod admit;
 pub mod grpc;
 pub mod health;
 pub mod peer;
@@ -37,14 +35,36 @@ pub enum ServeError {
     Grpc(#[from] tonic::transport::Error),
 }
 
+/// Concurrent Mounts on one connection (the driver multiplexes every pod's
+/// Mount over one connection; grpc-go queues beyond this, it does not fail).
+const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+/// Request bytes one connection may have buffered in flight.
+const CONNECTION_WINDOW: u32 = 1024 * 1024;
+/// Largest MountRequest accepted: the gRPC default, stated here because
+/// every parsing bound downstream is sized against it.
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// Raises the soft open-file limit to the hard one (as Go programs do at
+/// start), so connection caps, not the descriptor table, bound the load.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::debug!(error = %e, "cannot raise the open-file limit");
+            }
+        }
+    }
+}
+
 /// Builds the backends enabled by the flags.
 pub fn backends(args: &ServeArgs) -> Registry {
     let mut registry = Registry::new();
     if let Some(root) = &args.file_backend_root {
-        registry.register(Arc::new(FileBackend::new(
-            root.clone(),
-            args.file_backend_scope,
-        )));
+        registry.register(Arc::new(
+            FileBackend::new(root.clone(), args.file_backend_scope)
+                .refuse_hardlinks(args.file_backend_refuse_hardlinks),
+        ));
     }
     // Always on: it does nothing until an SPC (or --vault-addr) names a Vault.
     registry.register(Arc::new(VaultBackend::new(args.vault.clone())));
@@ -99,6 +119,7 @@ pub async fn serve_with_backends(
             VersionKey::random()?
         }
     };
+    raise_nofile_limit();
     let auditor = Auditor::start(args.audit_log.clone(), args.audit_fail_closed);
     let mounter = Arc::new(Mounter::new(
         registry,
@@ -125,29 +146,40 @@ pub async fn serve_with_backends(
                 None
             }
             Ok(listener) => {
-                let mut rx = stop_rx.clone();
                 let app = health::router(bound.path().to_path_buf());
                 tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "health endpoints listening");
-                Some(tokio::spawn(async move {
-                    let stop = async move {
-                        let _ = rx.wait_for(|s| *s).await;
-                    };
-                    if let Err(e) = axum::serve(listener, app)
-                        .with_graceful_shutdown(stop)
-                        .await
-                    {
-                        tracing::error!(error = %e, "health server failed");
-                    }
-                }))
+                Some(tokio::spawn(admit::serve_health(
+                    listener,
+                    app,
+                    stop_rx.clone(),
+                )))
             }
         },
     };
 
     let mut rx = stop_rx.clone();
-    let incoming = UnixListenerStream::new(listener).map(|s| s.map(peer::PeerStream::new));
+    let guard = peer::GuardLayer::new(&args.allowed_uids);
+    let incoming = admit::provider_incoming(listener, guard.allowed());
     let server = tonic::transport::Server::builder()
-        .layer(peer::GuardLayer::new(&args.allowed_uids))
-        .add_service(CsiDriverProviderServer::new(service))
+        // HTTP/2 limits: a caller cannot park unbounded streams, headers or
+        // buffered bytes; dead peers are found by pings; connections are
+        // recycled (gracefully) so none is held forever.
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_max_header_list_size(16 * 1024)
+        .http2_max_pending_accept_reset_streams(Some(32))
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_stream_window_size(CONNECTION_WINDOW / 4)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .max_connection_age(std::time::Duration::from_secs(3600))
+        .max_connection_age_grace(args.mount_timeout + std::time::Duration::from_secs(5))
+        .timeout(args.mount_timeout + std::time::Duration::from_secs(10))
+        .layer(guard)
+        .add_service(
+            CsiDriverProviderServer::new(service)
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(usize::MAX),
+        )
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = rx.wait_for(|s| *s).await;
         });

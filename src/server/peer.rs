@@ -10,13 +10,20 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use std::time::Duration;
+
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tonic::transport::server::Connected;
 use tower::{Layer, Service};
 
+use crate::logging::Throttle;
 use crate::metrics::METRICS;
+
+/// Refusals are logged at most every few seconds: a caller chooses their rate.
+static REFUSALS: Throttle = Throttle::new(std::time::Duration::from_secs(5));
 
 /// The authority the driver dials with.
 pub const AUTHORITY: &str = "localhost";
@@ -29,10 +36,14 @@ pub struct PeerInfo {
     pub pid: i32,
 }
 
-/// A provider-socket connection that knows its peer.
+/// A provider-socket connection that knows its peer. Once admitted it
+/// holds a connection slot until it closes, and must send its first bytes
+/// within a handshake window.
 pub struct PeerStream {
     inner: UnixStream,
     peer: Option<PeerInfo>,
+    _slot: Option<OwnedSemaphorePermit>,
+    handshake: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl PeerStream {
@@ -42,7 +53,24 @@ impl PeerStream {
             gid: c.gid(),
             pid: c.pid(),
         });
-        Self { inner, peer }
+        Self {
+            inner,
+            peer,
+            _slot: None,
+            handshake: None,
+        }
+    }
+
+    pub fn peer(&self) -> Option<PeerInfo> {
+        self.peer
+    }
+
+    /// Holds `slot` for the connection's life; the peer must start talking
+    /// within `handshake`.
+    pub fn admitted(mut self, slot: OwnedSemaphorePermit, handshake: Duration) -> Self {
+        self._slot = Some(slot);
+        self.handshake = Some(Box::pin(tokio::time::sleep(handshake)));
+        self
     }
 }
 
@@ -59,7 +87,22 @@ impl AsyncRead for PeerStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Some(deadline) = this.handshake.as_mut() {
+            match &polled {
+                Poll::Ready(Ok(())) if buf.filled().len() > before => this.handshake = None,
+                Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the peer sent nothing within the handshake window",
+                    )));
+                }
+                _ => {}
+            }
+        }
+        polled
     }
 }
 
@@ -104,6 +147,11 @@ impl GuardLayer {
             allowed: Arc::new(allowed),
         }
     }
+
+    /// The uids allowed to call.
+    pub fn allowed(&self) -> Arc<BTreeSet<u32>> {
+        Arc::clone(&self.allowed)
+    }
 }
 
 impl<S> Layer<S> for GuardLayer {
@@ -132,18 +180,26 @@ impl<S> Guard<S> {
         match peer {
             Some(p) if self.allowed.contains(&p.uid) => {}
             Some(p) => {
-                tracing::warn!(
-                    uid = p.uid,
-                    pid = p.pid,
-                    "refused a call from a peer uid that is not allowed"
-                );
+                if let Some(suppressed) = REFUSALS.allow() {
+                    tracing::warn!(
+                        uid = p.uid,
+                        pid = p.pid,
+                        suppressed,
+                        "refused a call from a peer uid that is not allowed"
+                    );
+                }
                 return Some(tonic::Status::permission_denied(format!(
                     "peer uid {} may not call this provider (allowed: {:?}; see --allowed-uids)",
                     p.uid, self.allowed
                 )));
             }
             None => {
-                tracing::warn!("refused a call whose peer credentials cannot be read");
+                if let Some(suppressed) = REFUSALS.allow() {
+                    tracing::warn!(
+                        suppressed,
+                        "refused a call whose peer credentials cannot be read"
+                    );
+                }
                 return Some(tonic::Status::permission_denied(
                     "peer credentials unavailable",
                 ));
@@ -161,9 +217,12 @@ impl<S> Guard<S> {
             })
             .unwrap_or_default();
         if authority != AUTHORITY {
-            tracing::warn!(authority = %authority, "refused a call with an unexpected :authority");
+            if let Some(suppressed) = REFUSALS.allow() {
+                tracing::warn!(authority = %crate::error::shown(&authority), suppressed, "refused a call with an unexpected :authority");
+            }
             return Some(tonic::Status::permission_denied(format!(
-                ":authority {authority:?} is not {AUTHORITY:?}, which the driver always sends"
+                ":authority {} is not {AUTHORITY:?}, which the driver always sends",
+                crate::error::shown(&authority)
             )));
         }
         None
