@@ -25,6 +25,7 @@ use async_trait::async_trait;
 use coffer::backend::{Backend, FetchLimits, Fetched};
 use coffer::client::ProviderClient;
 use coffer::error::ObjectError;
+use coffer::key::Key;
 use coffer::manifest::{DriverRequest, Pod, SecretProviderClass};
 use coffer::proto;
 use coffer::request::MountContext;
@@ -55,14 +56,14 @@ impl Backend for LatencyBackend {
     fn validate(&self, object: &ObjectSpec, _: &MountContext) -> Result<(), ObjectError> {
         object.reject_unknown_fields(&[])
     }
-    fn cache_key(&self, object: &ObjectSpec, ctx: &MountContext) -> Option<String> {
-        Some(format!(
-            "{}/{} {}",
-            ctx.pod.namespace, ctx.pod.service_account, object.name
+    fn cache_key(&self, object: &ObjectSpec, ctx: &MountContext) -> Option<Key> {
+        Some(Key::of(
+            "latency",
+            &[&ctx.pod.namespace, &ctx.pod.service_account, &object.name],
         ))
     }
-    fn limit_scope(&self, _: &MountContext) -> Option<String> {
-        Some("latency".into())
+    fn limit_scope(&self, _: &MountContext) -> Option<Key> {
+        Some(Key::of("latency", &[]))
     }
     async fn fetch(
         &self,

@@ -1,20 +1,23 @@
 //! The audit log: one JSON record per object per Mount saying who (pod,
 //! service account) read what (backend, object address, version served,
 //! from cache or backend) and how it went. Never a value. A separate stream
-//! from the logs, written by its own task so Mounts never wait on it; a full
-//! or failing sink is counted and logged, and `--audit-fail-closed` makes
-//! Mounts fail instead of going unrecorded.
+//! from the logs, written by its own thread: by default Mounts never wait on
+//! it, and a full or failing sink is counted and logged. With
+//! `--audit-fail-closed` a Mount is answered only after its records are
+//! written (accepted by the kernel), and fails otherwise; the writer tries
+//! the sink again with every batch, so it recovers by itself.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
+use crate::logging::Throttle;
 use crate::metrics::METRICS;
 
 /// Where audit records go.
@@ -64,35 +67,59 @@ pub struct Record<'a> {
 )]
 pub struct AuditUnavailable(pub &'static str);
 
+/// The records of one Mount, written together; in fail-closed mode the
+/// Mount waits for `ack`.
+struct Batch {
+    lines: Vec<u8>,
+    records: u64,
+    ack: Option<oneshot::Sender<bool>>,
+}
+
 pub struct Auditor {
-    tx: Option<mpsc::Sender<String>>,
+    tx: Option<mpsc::Sender<Batch>>,
     fail_closed: bool,
-    healthy: Arc<AtomicBool>,
+    /// Bytes queued and not yet written: the queue is bounded by bytes, not
+    /// by Mounts, since one Mount may carry up to a thousand records.
+    queued: Arc<AtomicUsize>,
     /// The writer has written everything it took from the queue.
     idle: Arc<AtomicBool>,
 }
 
-/// Records queued at most; at the batching pause below this absorbs
-/// ~50,000 records per second without drops.
-const CAPACITY: usize = 65536;
-/// The writer collects records for this long between writes: one write and
-/// one wake-up per batch instead of per record keeps auditing off the
-/// Mount path's CPU budget. It is also the longest a record waits.
+/// Mounts queued at most.
+const CAPACITY: usize = 8192;
+/// Bytes queued at most (about 40,000 records).
+const MAX_QUEUED_BYTES: usize = 16 * 1024 * 1024;
+/// Records of one failed Mount written one by one; the rest are summarised
+/// in one record, so a list of 1,000 bad objects costs 51 lines, not 1,000.
+pub const MAX_FAILURE_RECORDS: usize = 50;
+/// In fail-open mode the writer collects records for this long between
+/// writes: one write and one wake-up per batch keeps auditing off the Mount
+/// path's CPU budget. It is also the longest a record waits. In fail-closed
+/// mode Mounts wait for their records, so the writer does not pause.
 const BATCH_PAUSE: Duration = Duration::from_millis(25);
+/// How long a fail-closed Mount waits for its records to be written.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+static DROP_WARNINGS: Throttle = Throttle::new(Duration::from_secs(10));
 
 impl Auditor {
-    /// Starts the writer task for `sink` (needs a tokio runtime).
+    /// Starts the writer thread for `sink`.
     pub fn start(sink: Sink, fail_closed: bool) -> Arc<Self> {
-        let healthy = Arc::new(AtomicBool::new(true));
         let idle = Arc::new(AtomicBool::new(true));
+        let queued = Arc::new(AtomicUsize::new(0));
         let tx = match sink {
             Sink::Off => None,
             sink => {
                 let (tx, rx) = mpsc::channel(CAPACITY);
-                let (h, i) = (Arc::clone(&healthy), Arc::clone(&idle));
+                let (i, q) = (Arc::clone(&idle), Arc::clone(&queued));
+                let pause = if fail_closed {
+                    Duration::ZERO
+                } else {
+                    BATCH_PAUSE
+                };
                 std::thread::Builder::new()
                     .name("coffer-audit".into())
-                    .spawn(move || writer(sink, rx, h, i))
+                    .spawn(move || writer(sink, rx, i, q, pause))
                     .ok()
                     .map(|_| tx)
             }
@@ -100,7 +127,7 @@ impl Auditor {
         Arc::new(Self {
             tx,
             fail_closed,
-            healthy,
+            queued,
             idle,
         })
     }
@@ -109,12 +136,8 @@ impl Auditor {
         Self::start(Sink::Off, false)
     }
 
-    /// May Mounts proceed? (Only ever false when failing closed.)
-    pub fn check(&self) -> Result<(), AuditUnavailable> {
-        if self.fail_closed && self.tx.is_some() && !self.healthy.load(Ordering::Relaxed) {
-            return Err(AuditUnavailable("the sink is failing"));
-        }
-        Ok(())
+    pub fn fail_closed(&self) -> bool {
+        self.fail_closed && self.tx.is_some()
     }
 
     /// Waits (up to `limit`) until every queued record has been written;
@@ -132,105 +155,184 @@ impl Auditor {
         }
     }
 
-    /// Queues a record without waiting.
-    pub fn record(&self, record: &Record<'_>) -> Result<(), AuditUnavailable> {
+    /// Records one Mount. Fail-open: queued without waiting, dropped (and
+    /// counted) when the queue is full. Fail-closed: returns once the
+    /// records are written (accepted by the kernel), or an error.
+    pub async fn record(&self, records: &[Record<'_>]) -> Result<(), AuditUnavailable> {
         let Some(tx) = &self.tx else {
             return Ok(());
         };
-        let line = match serde_json::to_string(record) {
-            Ok(l) => l,
-            Err(_) => return Ok(()),
-        };
-        match tx.try_send(line) {
-            Ok(()) => Ok(()),
-            Err(_) => {
-                METRICS.audit_dropped.inc();
-                tracing::warn!("audit record dropped: the audit sink is full or gone");
-                if self.fail_closed {
-                    Err(AuditUnavailable("the sink is full"))
-                } else {
-                    Ok(())
-                }
+        let mut lines = Vec::with_capacity(records.len() * 320);
+        for r in records {
+            if serde_json::to_writer(&mut lines, r).is_ok() {
+                lines.push(b'\n');
             }
         }
+        let size = lines.len();
+        let count = records.len() as u64;
+        if self.queued.fetch_add(size, Ordering::AcqRel) + size > MAX_QUEUED_BYTES {
+            self.queued.fetch_sub(size, Ordering::AcqRel);
+            return self.lost(count, "the sink is full");
+        }
+        let (ack, done) = if self.fail_closed {
+            let (a, d) = oneshot::channel();
+            (Some(a), Some(d))
+        } else {
+            (None, None)
+        };
+        let batch = Batch {
+            lines,
+            records: count,
+            ack,
+        };
+        if tx.try_send(batch).is_err() {
+            self.queued.fetch_sub(size, Ordering::AcqRel);
+            return self.lost(count, "the sink is full");
+        }
+        let Some(done) = done else {
+            return Ok(());
+        };
+        match tokio::time::timeout(ACK_TIMEOUT, done).await {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => Err(AuditUnavailable("the sink is failing")),
+            Ok(Err(_)) => Err(AuditUnavailable("the audit writer is gone")),
+            Err(_) => Err(AuditUnavailable("the sink is too slow")),
+        }
     }
+
+    fn lost(&self, count: u64, why: &'static str) -> Result<(), AuditUnavailable> {
+        METRICS.audit_dropped.inc_by(count);
+        if let Some(suppressed) = DROP_WARNINGS.allow() {
+            tracing::warn!(records = count, suppressed, "audit records dropped: {why}");
+        }
+        if self.fail_closed {
+            Err(AuditUnavailable(why))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Longest field in a record: object names and addresses come from the SPC
+/// and could otherwise make one record as large as the SPC itself.
+const MAX_FIELD: usize = 512;
+
+/// `s` cut to [`MAX_FIELD`] bytes on a character boundary.
+pub fn clip(s: &str) -> &str {
+    if s.len() <= MAX_FIELD {
+        return s;
+    }
+    let mut end = MAX_FIELD;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
-/// The writer thread: blocking writes, flushed whenever the queue drains.
+/// Where the writer writes.
+enum Out {
+    Stderr,
+    File {
+        path: PathBuf,
+        file: Option<std::fs::File>,
+    },
+}
+
+impl Out {
+    /// Writes `bytes` whole, or not at all: after a failed write (a full
+    /// disk) the file is cut back to where it was, so no half record is
+    /// left for a reader to trip on.
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Out::Stderr => std::io::stderr().lock().write_all(bytes),
+            Out::File { path, file } => {
+                if file.is_none() {
+                    *file = Some(open(path)?);
+                }
+                let Some(f) = file.as_mut() else {
+                    return Err(std::io::Error::other("audit log not open"));
+                };
+                let before = f.metadata().map(|m| m.len()).ok();
+                let written = f.write_all(bytes).and_then(|_| f.flush());
+                if written.is_err() {
+                    if let Some(len) = before {
+                        let _ = f.set_len(len);
+                    }
+                    // Reopen next time (rotated, replaced or unmounted file).
+                    *file = None;
+                }
+                written
+            }
+        }
+    }
+}
+
+fn open(path: &PathBuf) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// The writer thread: blocking writes, one per batch of Mounts; every
+/// Mount waiting in fail-closed mode learns whether its records landed.
+/// It recovers by itself: each batch tries the sink again.
 fn writer(
     sink: Sink,
-    mut rx: mpsc::Receiver<String>,
-    healthy: Arc<AtomicBool>,
+    mut rx: mpsc::Receiver<Batch>,
     idle: Arc<AtomicBool>,
+    queued: Arc<AtomicUsize>,
+    pause: Duration,
 ) {
-    let mut last_warning: Option<Instant> = None;
-    let mut report = |e: &std::io::Error| {
-        METRICS.audit_errors.inc();
-        healthy.store(false, Ordering::Relaxed);
-        if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
-            last_warning = Some(Instant::now());
-            tracing::error!(error = %e, "cannot write the audit log");
-        }
+    let mut last_error: Option<Instant> = None;
+    let mut failing = false;
+    let mut out = match sink {
+        Sink::File(path) => Out::File { path, file: None },
+        _ => Out::Stderr,
     };
-    let open = |path: &PathBuf| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path)
-    };
-    let mut file = match &sink {
-        Sink::File(p) => match open(p) {
-            Ok(f) => Some(f),
-            Err(e) => {
-                report(&e);
-                None
-            }
-        },
-        _ => None,
-    };
-    while let Some(line) = rx.blocking_recv() {
+    while let Some(first) = rx.blocking_recv() {
         idle.store(false, Ordering::Release);
-        let mut batch = line;
-        batch.push('\n');
-        while let Ok(more) = rx.try_recv() {
-            batch.push_str(&more);
-            batch.push('\n');
-            if batch.len() > 1 << 20 {
-                break;
-            }
+        let mut bytes = first.lines;
+        let mut records = first.records;
+        let mut acks: Vec<oneshot::Sender<bool>> = first.ack.into_iter().collect();
+        while bytes.len() < 1 << 20 {
+            let Ok(more) = rx.try_recv() else { break };
+            bytes.extend_from_slice(&more.lines);
+            records += more.records;
+            acks.extend(more.ack);
         }
-        let written = match &sink {
-            Sink::Stderr => std::io::stderr().lock().write_all(batch.as_bytes()),
-            Sink::File(p) => {
-                if file.is_none() {
-                    file = open(p).map_err(|e| report(&e)).ok();
-                }
-                match file.as_mut() {
-                    Some(f) => f.write_all(batch.as_bytes()).and_then(|_| f.flush()),
-                    None => Err(std::io::Error::other("audit log not open")),
-                }
-            }
-            Sink::Off => Ok(()),
-        };
-        let lines = batch.matches('\n').count() as u64;
+        let written = out.write(&bytes);
+        queued.fetch_sub(bytes.len(), Ordering::AcqRel);
+        let ok = written.is_ok();
+        for ack in acks {
+            let _ = ack.send(ok);
+        }
         match written {
             Ok(()) => {
-                METRICS.audit_records.inc_by(lines);
-                healthy.store(true, Ordering::Relaxed);
+                METRICS.audit_records.inc_by(records);
+                if failing {
+                    failing = false;
+                    tracing::info!("the audit log is writable again");
+                }
             }
             Err(e) => {
-                METRICS.audit_dropped.inc_by(lines);
-                report(&e);
-                // Reopen next time (rotated or replaced file).
-                file = None;
+                METRICS.audit_dropped.inc_by(records);
+                METRICS.audit_errors.inc();
+                failing = true;
+                if last_error.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
+                    last_error = Some(Instant::now());
+                    tracing::error!(error = %e, "cannot write the audit log");
+                }
             }
         }
         idle.store(true, Ordering::Release);
-        std::thread::sleep(BATCH_PAUSE);
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
+        }
     }
 }

@@ -17,10 +17,14 @@ pub fn init(args: &LogArgs) -> Result<(), LogError> {
     let filter = EnvFilter::builder()
         .parse(&args.log_level)
         .map_err(|e| LogError(args.log_level.clone(), e.to_string()))?;
+    // Text lines go through `EscapingStderr`, so no field (an object name,
+    // an address from an SPC) can start a forged line or carry terminal
+    // escapes; colours would be escaped too, so there are none. JSON escapes
+    // by itself.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(|| EscapingStderr)
+        .with_ansi(false)
         .with_target(true);
     let installed = match args.log_format {
         LogFormat::Json => builder
@@ -34,6 +38,46 @@ pub fn init(args: &LogArgs) -> Result<(), LogError> {
     // A second init (tests, the demo) keeps the first subscriber.
     let _ = installed;
     Ok(())
+}
+
+/// Stderr that writes each log line with its control characters escaped:
+/// only the line's own final newline stays a newline.
+pub struct EscapingStderr;
+
+/// `line` with control characters (C0 but tab, DEL, C1, Unicode line and
+/// paragraph separators) written as `\u{..}` escapes, except a final `\n`.
+pub fn escape_line(line: &str) -> std::borrow::Cow<'_, str> {
+    let body = line.strip_suffix('\n').unwrap_or(line);
+    let bad = |c: char| (c.is_control() && c != '\t') || c == '\u{2028}' || c == '\u{2029}';
+    if !body.contains(bad) {
+        return std::borrow::Cow::Borrowed(line);
+    }
+    let mut out = String::with_capacity(line.len() + 16);
+    for c in body.chars() {
+        if bad(c) {
+            out.push_str(&c.escape_unicode().to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    if body.len() < line.len() {
+        out.push('\n');
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+impl std::io::Write for EscapingStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        std::io::stderr()
+            .lock()
+            .write_all(escape_line(&text).as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }
 
 /// Makes the process undumpable (no core files, no ptrace by other users'
@@ -90,6 +134,16 @@ impl Throttle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_lines_cannot_be_forged() {
+        let forged = "mount failed object=\"a\nINFO mount served outcome=ok\u{1b}[2K\r\"\n";
+        let out = escape_line(forged);
+        assert_eq!(out.matches('\n').count(), 1, "{out}");
+        assert!(out.ends_with('\n') && !out.contains('\u{1b}') && !out.contains('\r'));
+        assert!(out.contains("\\u{a}INFO"), "{out}");
+        assert_eq!(escape_line("plain\tline\n"), "plain\tline\n");
+    }
 
     #[test]
     fn throttle_counts_what_it_leaves_out() {

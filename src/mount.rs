@@ -142,14 +142,14 @@ fn record<'a>(
     Record {
         time: time.to_string(),
         audit: "mount",
-        pod_namespace: &ctx.pod.namespace,
-        pod_name: &ctx.pod.name,
-        pod_uid: &ctx.pod.uid,
-        service_account: &ctx.pod.service_account,
-        spc: &ctx.spc_name,
+        pod_namespace: audit::clip(&ctx.pod.namespace),
+        pod_name: audit::clip(&ctx.pod.name),
+        pod_uid: audit::clip(&ctx.pod.uid),
+        service_account: audit::clip(&ctx.pod.service_account),
+        spc: audit::clip(&ctx.spc_name),
         backend,
-        object,
-        address,
+        object: audit::clip(object),
+        address: audit::clip(address),
         version: None,
         source: "none",
         outcome: "error",
@@ -311,15 +311,15 @@ impl Mounter {
         .map_err(|e| MountError::Request(e.to_string()))
     }
 
-    /// Runs a Mount for an already-parsed request and audits it.
+    /// Runs a Mount for an already-parsed request and audits it. With a
+    /// fail-closed audit log, nothing is returned unless its records are
+    /// written.
     pub async fn mount(&self, ctx: &MountContext) -> Result<proto::MountResponse, MountError> {
-        self.auditor
-            .check()
-            .map_err(|e| MountError::Audit(e.to_string()))?;
         let result = self.mount_inner(ctx).await;
         let time = audit::now_rfc3339();
         let base = |object, backend, address| record(ctx, &time, object, backend, address);
-        let mut audited = Ok(());
+        let mut records = Vec::new();
+        let summary;
         match &result {
             Ok((_, ready)) => {
                 for r in ready {
@@ -328,30 +328,49 @@ impl Mounter {
                     rec.source = r.source;
                     rec.outcome = "ok";
                     rec.code = "OK";
-                    audited = audited.and(self.auditor.record(&rec));
+                    records.push(rec);
                 }
             }
             Err(err) => {
                 let code = err.code().as_str();
-                let objects: Vec<(String, &'static str)> = match err {
+                let objects: Vec<(&str, &'static str)> = match err {
                     MountError::Objects { failures, .. } => failures
                         .iter()
-                        .map(|f| (f.object.clone(), f.error.code().as_str()))
+                        .map(|f| (f.object.as_str(), f.error.code().as_str()))
                         .collect(),
                     MountError::Deadline { outstanding, .. } => {
-                        outstanding.iter().map(|o| (o.clone(), code)).collect()
+                        outstanding.iter().map(|o| (o.as_str(), code)).collect()
                     }
-                    _ => vec![(String::new(), code)],
+                    _ => vec![("", code)],
                 };
-                for (object, code) in &objects {
+                for (object, code) in objects.iter().take(audit::MAX_FAILURE_RECORDS) {
                     let mut rec = base(object, "", "");
                     rec.code = code;
-                    audited = audited.and(self.auditor.record(&rec));
+                    records.push(rec);
+                }
+                if objects.len() > audit::MAX_FAILURE_RECORDS {
+                    summary = format!(
+                        "(and {} more objects)",
+                        objects.len() - audit::MAX_FAILURE_RECORDS
+                    );
+                    let mut rec = base(&summary, "", "");
+                    rec.code = code;
+                    records.push(rec);
                 }
             }
         }
-        audited.map_err(|e| MountError::Audit(e.to_string()))?;
-        result.map(|(response, _)| response)
+        let audited = self.auditor.record(&records).await;
+        drop(records);
+        match (result, audited) {
+            (Ok((response, _)), Ok(())) => Ok(response),
+            (Ok((mut response, _)), Err(e)) => {
+                for f in &mut response.files {
+                    zeroize::Zeroize::zeroize(&mut f.contents);
+                }
+                Err(MountError::Audit(e.to_string()))
+            }
+            (Err(e), _) => Err(e),
+        }
     }
 
     async fn mount_inner(

@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use hmac::{Hmac, Mac};
@@ -21,6 +21,9 @@ pub enum VersionKeyError {
     Create { path: PathBuf, source: io::Error },
     #[error("version key {path} holds {len} bytes; expected {KEY_BYTES} (delete it to generate a new one)")]
     BadLength { path: PathBuf, len: usize },
+    /// The file is there but must not be trusted or used: fix it by hand.
+    #[error("version key {path} {why}")]
+    Unsafe { path: PathBuf, why: String },
     #[error("cannot generate a random key: {0}")]
     Random(String),
 }
@@ -35,32 +38,86 @@ impl std::fmt::Debug for VersionKey {
 }
 
 impl VersionKey {
-    /// Loads the key, or generates and persists one (mode 0600) on first start.
+    /// Loads the key, or generates and persists one (mode 0600) on first
+    /// start. The file must be a regular file (not a symlink, FIFO or
+    /// device: those could hang start-up or point anywhere), not readable by
+    /// other users, and not all zeros.
     pub fn load_or_create(path: &Path) -> Result<Self, VersionKeyError> {
-        match fs::File::open(path) {
-            Ok(mut f) => {
-                let mut key = Zeroizing::new(Vec::with_capacity(KEY_BYTES));
-                Read::by_ref(&mut f)
-                    .take(KEY_BYTES as u64 + 1)
-                    .read_to_end(&mut key)
-                    .map_err(|source| VersionKeyError::Read {
-                        path: path.to_path_buf(),
-                        source,
-                    })?;
-                if key.len() != KEY_BYTES {
-                    return Err(VersionKeyError::BadLength {
-                        path: path.to_path_buf(),
-                        len: key.len(),
-                    });
+        // Two rounds at most: another starter may create the file between
+        // our failed open and our create.
+        for _ in 0..2 {
+            match Self::load(path) {
+                Err(VersionKeyError::Read { source, .. })
+                    if source.kind() == io::ErrorKind::NotFound =>
+                {
+                    match Self::create(path) {
+                        Err(VersionKeyError::Create { source, .. })
+                            if source.kind() == io::ErrorKind::AlreadyExists =>
+                        {
+                            continue
+                        }
+                        other => return other,
+                    }
                 }
-                Ok(Self(key))
+                other => return other,
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Self::create(path),
-            Err(source) => Err(VersionKeyError::Read {
+        }
+        Err(VersionKeyError::Unsafe {
+            path: path.to_path_buf(),
+            why: "keeps appearing and disappearing; is something else managing it?".into(),
+        })
+    }
+
+    fn load(path: &Path) -> Result<Self, VersionKeyError> {
+        let unsafe_key = |why: &str| VersionKeyError::Unsafe {
+            path: path.to_path_buf(),
+            why: why.to_string(),
+        };
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags((nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK).bits())
+            .open(path)
+            .map_err(|source| match source.raw_os_error() {
+                Some(code) if code == nix::errno::Errno::ELOOP as i32 => {
+                    unsafe_key("is a symlink; give the key file itself")
+                }
+                _ => VersionKeyError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                },
+            })?;
+        let meta = file.metadata().map_err(|source| VersionKeyError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if !meta.file_type().is_file() {
+            return Err(unsafe_key("is not a regular file"));
+        }
+        if meta.permissions().mode() & 0o007 != 0 {
+            return Err(unsafe_key(
+                "is accessible to other users; make it 0600 (chmod 600)",
+            ));
+        }
+        let mut key = Zeroizing::new(Vec::with_capacity(KEY_BYTES));
+        Read::by_ref(&mut &file)
+            .take(KEY_BYTES as u64 + 1)
+            .read_to_end(&mut key)
+            .map_err(|source| VersionKeyError::Read {
                 path: path.to_path_buf(),
                 source,
-            }),
+            })?;
+        if key.len() != KEY_BYTES {
+            return Err(VersionKeyError::BadLength {
+                path: path.to_path_buf(),
+                len: key.len(),
+            });
         }
+        if key.iter().all(|b| *b == 0) {
+            return Err(unsafe_key(
+                "is all zeros, which is no key; delete it to generate a new one",
+            ));
+        }
+        Ok(Self(key))
     }
 
     fn create(path: &Path) -> Result<Self, VersionKeyError> {
@@ -84,11 +141,7 @@ impl VersionKey {
         let written = f.write_all(&key.0).and_then(|_| f.sync_all());
         let linked = written.and_then(|_| fs::hard_link(&tmp, path));
         let _ = fs::remove_file(&tmp);
-        match linked {
-            Ok(()) => Ok(key),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Self::load_or_create(path),
-            Err(e) => Err(err(e)),
-        }
+        linked.map(|()| key).map_err(err)
     }
 
     /// A fresh random key that is not persisted (tests, benchmarks).
@@ -114,7 +167,6 @@ impl VersionKey {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn key_is_created_once_and_stable_across_loads() {
@@ -142,10 +194,34 @@ mod tests {
     }
 
     #[test]
+    fn unsafe_key_files_are_refused_without_hanging() {
+        let dir = tempfile::tempdir().unwrap();
+        let dangling = dir.path().join("dangling");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
+        let err = VersionKey::load_or_create(&dangling).unwrap_err();
+        assert!(err.to_string().contains("symlink"), "{err}");
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let err = VersionKey::load_or_create(&fifo).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        let open = dir.path().join("open");
+        fs::write(&open, [7u8; KEY_BYTES]).unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = VersionKey::load_or_create(&open).unwrap_err();
+        assert!(err.to_string().contains("other users"), "{err}");
+        let zeros = dir.path().join("zeros");
+        fs::write(&zeros, [0u8; KEY_BYTES]).unwrap();
+        fs::set_permissions(&zeros, fs::Permissions::from_mode(0o600)).unwrap();
+        let err = VersionKey::load_or_create(&zeros).unwrap_err();
+        assert!(err.to_string().contains("all zeros"), "{err}");
+    }
+
+    #[test]
     fn wrong_length_key_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k");
         fs::write(&path, b"short").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
         let err = VersionKey::load_or_create(&path).unwrap_err();
         assert!(err.to_string().contains("holds 5 bytes"), "{err}");
     }

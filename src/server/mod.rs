@@ -110,8 +110,10 @@ pub async fn serve_with_backends(
 ) -> Result<(), ServeError> {
     let version_key = match VersionKey::load_or_create(&args.version_key_file) {
         Ok(key) => key,
-        // A key file that exists but is damaged needs the admin.
-        Err(e @ VersionKeyError::BadLength { .. }) => return Err(e.into()),
+        // A key file that exists but is damaged or unsafe needs the admin.
+        Err(e @ (VersionKeyError::BadLength { .. } | VersionKeyError::Unsafe { .. })) => {
+            return Err(e.into())
+        }
         // Unwritable or unreadable location: serve with a key of this run
         // only; the cost is one rewrite of unchanged files after a restart.
         Err(e) => {
