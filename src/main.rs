@@ -30,6 +30,9 @@ enum Command {
 
 fn runtime(workers: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // File reads and large parses run on blocking threads; a bound keeps a
+    // flood from costing a thread (and its stack) each.
+    builder.max_blocking_threads(32);
     if let Some(n) = workers {
         builder.worker_threads(usize::from(n));
     }
@@ -39,7 +42,10 @@ fn runtime(workers: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let workers = match &cli.command {
-        Command::Serve(args) => args.worker_threads,
+        Command::Serve(args) => {
+            coffer::work::tune_allocator();
+            args.worker_threads
+        }
         _ => None,
     };
     let rt = match runtime(workers) {

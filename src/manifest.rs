@@ -12,6 +12,14 @@ use crate::secret::Credential;
 
 pub const API_GROUP: &str = "secrets-store.csi.x-k8s.io";
 
+/// Bounds of a manifest file (several SPCs, each holding documents).
+const MANIFEST_LIMITS: crate::yaml::Limits = crate::yaml::Limits {
+    max_bytes: 16 * 1024 * 1024,
+    max_depth: 64,
+    max_nodes: 1_000_000,
+    max_scalar_bytes: 64 * 1024 * 1024,
+};
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SecretProviderClass {
     pub name: String,
@@ -33,6 +41,10 @@ pub enum ManifestError {
 impl SecretProviderClass {
     /// Parses every SecretProviderClass in a (multi-document) YAML file.
     pub fn all_from_yaml(text: &str) -> Result<Vec<Self>, ManifestError> {
+        // Manifest files may come from anywhere (a pull request checked in
+        // CI): bounded like request documents, with room for many SPCs.
+        crate::yaml::check(text, &MANIFEST_LIMITS)
+            .map_err(|e| ManifestError::Yaml(format!("the file {e}")))?;
         let mut out = Vec::new();
         for doc in serde_yaml_ng::Deserializer::from_str(text) {
             let value = <Value as serde::Deserialize>::deserialize(doc)

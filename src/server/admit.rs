@@ -35,7 +35,7 @@ pub const STRANGER_CONNECTIONS: usize = 4;
 /// A provider connection must start talking within this.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Health-port connections at once, and per client address.
-pub const HEALTH_CONNECTIONS: usize = 64;
+pub const HEALTH_CONNECTIONS: usize = 256;
 pub const HEALTH_CONNECTIONS_PER_CLIENT: usize = 8;
 /// How long a health request's headers may take to arrive.
 pub const HEALTH_HEADER_TIMEOUT: Duration = Duration::from_secs(5);

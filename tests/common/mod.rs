@@ -29,6 +29,7 @@ pub struct Daemon {
     pub health: Option<String>,
     pub child: Option<Child>,
     env: Vec<(String, String)>,
+    rlimits: Vec<(nix::sys::resource::Resource, u64)>,
 }
 
 #[derive(Default)]
@@ -37,6 +38,8 @@ pub struct Options {
     pub health: bool,
     /// Extra environment of the daemon process.
     pub env: Vec<(String, String)>,
+    /// Resource limits (soft = hard) set in the daemon process before exec.
+    pub rlimits: Vec<(nix::sys::resource::Resource, u64)>,
 }
 
 /// A free loopback port (bound then released).
@@ -65,6 +68,7 @@ impl Daemon {
             dir,
             child: None,
             env: opts.env.clone(),
+            rlimits: opts.rlimits.clone(),
         };
         d.spawn(&opts.extra_args);
         d.wait_ready();
@@ -96,15 +100,29 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(BIN)
-            .args(self.args(extra))
+        let mut cmd = Command::new(BIN);
+        cmd.args(self.args(extra))
             .env("RUST_BACKTRACE", "0")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn coffer");
+            .stderr(log);
+        let limits = self.rlimits.clone();
+        if !limits.is_empty() {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs
+            // between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for (resource, value) in &limits {
+                        nix::sys::resource::setrlimit(*resource, *value, *value)
+                            .map_err(std::io::Error::from)?;
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().expect("spawn coffer");
         self.child = Some(child);
     }
 
@@ -128,6 +146,25 @@ impl Daemon {
 
     pub fn pid(&self) -> i32 {
         self.child.as_ref().map(|c| c.id() as i32).unwrap_or(-1)
+    }
+
+    /// Resident memory of the daemon, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        proc_status(self.pid(), "VmRSS:")
+    }
+
+    /// CPU time the daemon has used (user + system), in seconds.
+    pub fn cpu_secs(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces) in parens.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = [11, 12]
+            .iter()
+            .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
+            .sum();
+        ticks as f64 / 100.0
     }
 
     pub fn logs(&self) -> String {
@@ -249,4 +286,39 @@ pub async fn http_get(addr: &str, path: &str) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out
+}
+
+/// A `/proc/<pid>/status` value in KiB (0 if unreadable).
+pub fn proc_status(pid: i32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// An HTTP/1.1 GET from a chosen loopback source address, with a timeout;
+/// `None` if the connection was refused, closed or too slow.
+pub async fn http_get_from(
+    source: &str,
+    addr: &str,
+    path: &str,
+    within: Duration,
+) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let socket = tokio::net::TcpSocket::new_v4().ok()?;
+        socket.bind(format!("{source}:0").parse().ok()?).ok()?;
+        let mut s = socket.connect(addr.parse().ok()?).await.ok()?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.ok()?;
+        (!out.is_empty()).then_some(out)
+    };
+    tokio::time::timeout(within, attempt).await.ok().flatten()
 }
