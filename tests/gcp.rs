@@ -81,6 +81,9 @@ fn daemon(g: &Google, extra: &[&str]) -> Daemon {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    if extra.contains(&"--gcp-secretmanager-endpoint") {
+        args.drain(0..2);
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     Daemon::start_with(Options {
         extra_args: args,
@@ -492,4 +495,72 @@ async fn one_volume_mixes_gcp_and_vault_objects() {
         !logs.contains("fed-") && !logs.contains("gsa-"),
         "access tokens in logs"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_manager_faults_end_the_mount_cleanly() {
+    use common::proxy::{Fault, Proxy};
+    let signer = Signer::new();
+    let g = google(&signer).await;
+    let upstream = g.addr.trim_start_matches("http://").parse().unwrap();
+    let proxy = Proxy::start(upstream).await;
+    // Token exchange goes straight to the fake; Secret Manager through the
+    // proxy.
+    let d = daemon(
+        &g,
+        &[
+            "--gcp-secretmanager-endpoint",
+            &proxy.url(),
+            "--mount-timeout",
+            "4s",
+            "--vault-request-timeout",
+            "1500ms",
+        ],
+    );
+    let mut c = d.client().await;
+    let spc = gcp_spc(&[(
+        "secrets",
+        "- resourceName: projects/proj/secrets/db/versions/1\n  fileName: f\n",
+    )]);
+    for (fault, ok) in [
+        (Fault::Pass, true),
+        (Fault::Reset, false),
+        (Fault::HalfOpen, false),
+        (Fault::Truncate(60), false),
+        (Fault::Garbage, false),
+        (Fault::Pass, true),
+    ] {
+        proxy.set(fault);
+        let started = std::time::Instant::now();
+        let result = c.mount(pod(&spc, &signer)).await;
+        let took = started.elapsed();
+        println!(
+            "{fault:?}: {:?} in {took:?}",
+            result.as_ref().map(|_| ()).map_err(|s| s.code())
+        );
+        assert!(
+            took < std::time::Duration::from_secs(5),
+            "{fault:?}: {took:?}"
+        );
+        match result {
+            Ok(r) => {
+                assert!(ok, "{fault:?} mounted");
+                assert_eq!(files(r.get_ref())["f"].0, b"pw-1");
+            }
+            Err(s) => {
+                assert!(!ok, "{fault:?}: {}", s.message());
+                assert!(
+                    matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded),
+                    "{fault:?}: {:?} {}",
+                    s.code(),
+                    s.message()
+                );
+                assert!(
+                    s.message().contains("object \"f\"") || s.message().contains("outstanding: f"),
+                    "{}",
+                    s.message()
+                );
+            }
+        }
+    }
 }

@@ -4,6 +4,7 @@
 
 pub mod bao;
 pub mod google;
+pub mod proxy;
 pub mod python;
 
 use std::collections::BTreeMap;

@@ -35,6 +35,9 @@ const CLIENTS: Bounds = Bounds {
 
 pub struct GcpBackend {
     defaults: GcpArgs,
+    /// Per-call timeout (a half-open endpoint must not hold a call until
+    /// the Mount deadline; the retry layer tries again).
+    timeout: Duration,
     tokens: auth::Tokens,
     /// Clients by (endpoint, identity): building one is not free.
     clients: BoundedMap<SecretManagerService>,
@@ -44,6 +47,7 @@ impl GcpBackend {
     pub fn new(defaults: GcpArgs, timeout: Duration) -> Self {
         Self {
             defaults,
+            timeout,
             tokens: auth::Tokens::new(timeout),
             clients: BoundedMap::new(CLIENTS),
         }
@@ -82,6 +86,7 @@ impl GcpBackend {
             .with_endpoint(endpoint)
             .with_credentials(resolved.credentials)
             .with_retry_policy(google_cloud_gax::retry_policy::NeverRetry)
+            .with_attempt_timeout(self.timeout)
             .build()
             .await
             .map_err(|e| {
