@@ -3,6 +3,7 @@
 //! before fetching anything, so the error is early and names the object.
 
 use std::collections::BTreeSet;
+use std::ops::Bound;
 
 use crate::error::shown;
 
@@ -82,21 +83,20 @@ pub fn validate_path_set<'a>(paths: impl IntoIterator<Item = &'a str>) -> Vec<Pa
             errors.push(PathSetError::Duplicate(path.to_string()));
         }
     }
-    // In sorted order a directory prefix "a" comes right before "a/..." entries
-    // (possibly with other "a<something>" entries between, so scan forward).
-    let sorted: Vec<&str> = seen.into_iter().collect();
-    for (i, file) in sorted.iter().enumerate() {
-        for other in &sorted[i + 1..] {
-            if !other.starts_with(file) {
-                break;
-            }
-            if other.as_bytes().get(file.len()) == Some(&b'/') {
-                errors.push(PathSetError::FileIsDirectory {
-                    file: file.to_string(),
-                    other: other.to_string(),
-                });
-                break;
-            }
+    // A file that is also a directory: the first path at or after
+    // "<file>/" in sorted order starts with it. One range look-up per path
+    // keeps this O(n log n) whatever the names (scanning sorted neighbours
+    // was quadratic for names such as "x", "x-", "x--", …).
+    for file in &seen {
+        let dir = format!("{file}/");
+        let next = seen
+            .range::<str, _>((Bound::Included(dir.as_str()), Bound::Unbounded))
+            .next();
+        if let Some(other) = next.filter(|o| o.starts_with(&dir)) {
+            errors.push(PathSetError::FileIsDirectory {
+                file: file.to_string(),
+                other: other.to_string(),
+            });
         }
     }
     errors
@@ -105,6 +105,23 @@ pub fn validate_path_set<'a>(paths: impl IntoIterator<Item = &'a str>) -> Vec<Pa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn path_sets_are_checked_in_near_linear_time() {
+        // Shapes that made the old neighbour scan quadratic.
+        let names: Vec<String> = (1..=1000)
+            .map(|i| "x".to_string() + &"-".repeat(i))
+            .collect();
+        let deep: Vec<String> = (1..=250)
+            .map(|i| format!("{i}/{}", "a/".repeat(2000)))
+            .collect();
+        let started = std::time::Instant::now();
+        assert!(validate_path_set(names.iter().map(String::as_str)).is_empty());
+        assert!(validate_path_set(deep.iter().map(String::as_str)).is_empty());
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        let errs = validate_path_set(["a", "a-b", "a.c", "a/b", "b/c", "b"]);
+        assert_eq!(errs.len(), 2, "{errs:?}");
+    }
 
     #[test]
     fn driver_path_rules() {

@@ -159,6 +159,18 @@ fn retry_hint(e: &google_cloud_gax::error::Error) -> Option<Duration> {
     })
 }
 
+/// [`extract`] for `coffer::fuzzing`.
+pub fn extract_for_fuzzing(payload: &[u8], key: &str, yaml: bool) -> Result<usize, String> {
+    let how = if yaml {
+        Extract::Yaml(key.to_string())
+    } else {
+        Extract::Json(key.to_string())
+    };
+    extract(payload, &how)
+        .map(|v| v.len())
+        .map_err(|e| e.to_string())
+}
+
 /// The value of a top-level key of a JSON or YAML payload; it must be a string.
 /// The payload is already bounded in bytes; YAML is also bounded in what
 /// its aliases and nesting may cost.

@@ -1,0 +1,91 @@
+//! Release figures for the parsing bounds: every worst shape of
+//! `coffer::fuzzing::worst_shapes` (and request JSON shapes) through the
+//! Mount validation path, timed (best of 5) with peak allocation counted.
+//! Fails if any input under 1 MiB takes more than 100 ms or 64 MiB.
+//!
+//! `cargo bench --bench bounds`
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use coffer::fuzzing::{self, fill, worst_shapes};
+
+struct Counting;
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(live, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn attributes(objects: &str) -> String {
+    serde_json::json!({
+        "csi.storage.k8s.io/pod.namespace": "ns",
+        "csi.storage.k8s.io/serviceAccount.name": "sa",
+        "objects": objects,
+    })
+    .to_string()
+}
+
+fn main() {
+    let mut cases: Vec<(String, String)> = worst_shapes()
+        .into_iter()
+        .map(|(label, doc)| (label.to_string(), attributes(&doc)))
+        .collect();
+    cases.push(("deep attributes JSON".into(), fill("[", (1 << 20) - 1)));
+    let wide: Vec<String> = (0..40_000).map(|i| format!("\"k{i}\":\"v\"")).collect();
+    cases.push((
+        "40,000 attributes".into(),
+        format!("{{{}}}", wide.join(",")),
+    ));
+    let mut worst = (Duration::ZERO, 0usize);
+    let mut failed = false;
+    println!(
+        "{:44} {:>9} {:>10} {:>10}",
+        "input", "bytes", "time", "peak KiB"
+    );
+    for (label, attrs) in &cases {
+        let mut best = Duration::MAX;
+        let mut peak = 0;
+        for _ in 0..5 {
+            let base = LIVE.load(Ordering::Relaxed);
+            PEAK.store(base, Ordering::Relaxed);
+            let t = Instant::now();
+            let _ = std::hint::black_box(fuzzing::mount_request(attrs, "null", "420"));
+            best = best.min(t.elapsed());
+            peak = peak.max(PEAK.load(Ordering::Relaxed).saturating_sub(base));
+        }
+        println!(
+            "{label:44} {:>9} {best:>10.2?} {:>10}",
+            attrs.len(),
+            peak / 1024
+        );
+        worst = (worst.0.max(best), worst.1.max(peak));
+        if best > Duration::from_millis(100) || peak > 64 << 20 {
+            failed = true;
+        }
+    }
+    println!(
+        "worst: {:.2?} and {} KiB peak (bounds: 100 ms, 65536 KiB)",
+        worst.0,
+        worst.1 / 1024
+    );
+    if failed {
+        std::process::exit(1);
+    }
+}

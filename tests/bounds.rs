@@ -1,0 +1,246 @@
+//! Resource bounds of every parser a caller reaches, measured: no input
+//! under 1 MiB may take more than 100 ms (release; ten times that in a
+//! debug build) or 64 MiB of allocation to accept or reject. The worst
+//! shapes known are tried by name; proptest throws generated documents in
+//! the YAML and JSON alphabets at the same entry points. Every blow-up the
+//! fuzzers find becomes a named case here. Release figures: `cargo bench
+//! --bench bounds`.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use coffer::fuzzing;
+use proptest::prelude::*;
+
+/// Counts live and peak heap bytes.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(live, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// One measurement at a time: the counters are process-wide.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const MAX_BYTES: usize = 64 * 1024 * 1024;
+fn max_time() -> Duration {
+    if cfg!(debug_assertions) {
+        Duration::from_millis(1000)
+    } else {
+        Duration::from_millis(100)
+    }
+}
+
+/// Runs `f`, returning (time, peak bytes allocated above the start).
+fn measure<T>(f: impl FnOnce() -> T) -> (T, Duration, usize) {
+    let base = LIVE.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    let started = Instant::now();
+    let out = f();
+    let took = started.elapsed();
+    (out, took, PEAK.load(Ordering::Relaxed).saturating_sub(base))
+}
+
+fn bounded<T: std::fmt::Debug>(label: &str, input_len: usize, f: impl FnOnce() -> T) -> T {
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let (out, took, peak) = measure(f);
+    println!(
+        "{label:40} {input_len:>8} B  {took:>10.1?}  peak {:>6} KiB",
+        peak / 1024
+    );
+    assert!(took <= max_time(), "{label}: {took:?}");
+    assert!(peak <= MAX_BYTES, "{label}: {} MiB", peak >> 20);
+    out
+}
+
+fn attributes(objects: &str) -> String {
+    serde_json::json!({
+        "secretProviderClass": "s",
+        "csi.storage.k8s.io/pod.name": "p",
+        "csi.storage.k8s.io/pod.namespace": "ns",
+        "csi.storage.k8s.io/pod.uid": "u",
+        "csi.storage.k8s.io/serviceAccount.name": "sa",
+        "objects": objects,
+    })
+    .to_string()
+}
+
+const MIB: usize = 1 << 20;
+use coffer::fuzzing::{fill, worst_shapes as named_shapes};
+
+#[test]
+fn named_shapes_are_accepted_or_refused_within_bounds() {
+    for (label, doc) in named_shapes() {
+        assert!(doc.len() < MIB + 1024, "{label}: {} bytes", doc.len());
+        let attrs = attributes(&doc);
+        let _ = bounded(label, doc.len(), || {
+            fuzzing::mount_request(&attrs, "null", "420")
+        });
+    }
+}
+
+#[test]
+fn request_json_shapes_are_bounded() {
+    let cases = [
+        ("deep attributes", fill("[", MIB - 1)),
+        ("deep attribute object", fill("{\"a\":", MIB - 1)),
+        ("wide attributes", {
+            let body: Vec<String> = (0..40_000).map(|i| format!("\"k{i}\":\"v\"")).collect();
+            format!("{{{}}}", body.join(","))
+        }),
+        (
+            "deep tokens",
+            attributes("- objectName: a").replace(
+                "\"objects\"",
+                &format!(
+                    "\"csi.storage.k8s.io/serviceAccount.tokens\":{:?},\"objects\"",
+                    "[".repeat(MIB / 2)
+                ),
+            ),
+        ),
+    ];
+    for (label, attrs) in cases {
+        let _ = bounded(label, attrs.len(), || {
+            fuzzing::mount_request(&attrs, "null", "420")
+        });
+    }
+    let secrets = format!(
+        "{{{}}}",
+        (0..30_000)
+            .map(|i| format!("\"k{i}\":\"v\""))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let attrs = attributes("- objectName: a");
+    let _ = bounded("wide nodePublish secrets", secrets.len(), || {
+        fuzzing::mount_request(&attrs, &secrets, "420")
+    });
+}
+
+#[test]
+fn payload_and_value_shapes_are_bounded() {
+    for (label, doc) in named_shapes() {
+        let _ = bounded(&format!("extractYAMLKey: {label}"), doc.len(), || {
+            fuzzing::extract_key(doc.as_bytes(), "objectName", true)
+        });
+    }
+    let json = fill("[", MIB - 1);
+    let _ = bounded("extractJSONKey: deep", json.len(), || {
+        fuzzing::extract_key(json.as_bytes(), "a", false)
+    });
+    let b64 = fill("QUJD", MIB - 1);
+    let _ = bounded("base64 1 MiB", b64.len(), || {
+        fuzzing::decode("base64", b64.as_bytes())
+    });
+    let hex = fill("4142", MIB - 1);
+    let _ = bounded("hex 1 MiB", hex.len(), || {
+        fuzzing::decode("hex", hex.as_bytes())
+    });
+}
+
+/// Text from the characters YAML and JSON give meaning to.
+fn structured(max: usize) -> impl Strategy<Value = String> {
+    let atoms = prop::sample::select(vec![
+        "[",
+        "]",
+        "{",
+        "}",
+        ",",
+        ": ",
+        "- ",
+        "? ",
+        "&a ",
+        "&b ",
+        "*a",
+        "*b",
+        "!!str ",
+        "'",
+        "\"",
+        "\\",
+        "#",
+        "|",
+        ">",
+        "\n",
+        "\n  ",
+        "\n    ",
+        " ",
+        "objectName",
+        "secretPath",
+        "backend",
+        "path",
+        "encoding",
+        "filePermission",
+        "0644",
+        "vault",
+        "gcp",
+        "file",
+        "..",
+        "/",
+        "x",
+        "1",
+        "secretArgs",
+        "method",
+        "PUT",
+        "resourceName",
+        "projects/p/secrets/s/versions/1",
+        "\t",
+        "\u{0}",
+        "\u{1b}",
+        "é",
+        "%YAML 1.2\n",
+        "---\n",
+        "...\n",
+    ]);
+    prop::collection::vec(atoms, 0..max).prop_map(|v| v.concat())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn generated_objects_documents_are_bounded(doc in structured(4000)) {
+        let attrs = attributes(&doc);
+        let _ = bounded("generated objects", doc.len(), || fuzzing::mount_request(&attrs, "null", "420"));
+    }
+
+    #[test]
+    fn generated_google_lists_are_bounded(doc in structured(4000)) {
+        let attrs = attributes("x").replace("\"objects\":\"x\"", &format!("\"secrets\":{doc:?}"));
+        let _ = bounded("generated secrets", doc.len(), || fuzzing::mount_request(&attrs, "null", "420"));
+    }
+
+    #[test]
+    fn generated_attributes_are_bounded(raw in "[\\[\\]{}\":,a-z0-9 \\\\]{0,20000}") {
+        let _ = bounded("generated attributes", raw.len(), || fuzzing::mount_request(&raw, &raw, &raw));
+    }
+
+    #[test]
+    fn generated_paths_are_bounded(list in prop::collection::vec("[a./-]{0,40}", 0..300)) {
+        let refs: Vec<&str> = list.iter().map(String::as_str).collect();
+        let _ = bounded("generated paths", list.len(), || fuzzing::paths(&refs));
+    }
+
+    #[test]
+    fn generated_payloads_are_bounded(doc in structured(4000), yaml in any::<bool>()) {
+        let _ = bounded("generated payloads", doc.len(), || fuzzing::extract_key(doc.as_bytes(), "a", yaml));
+    }
+}
