@@ -163,6 +163,9 @@ pub enum MountError {
     /// The audit log cannot record the Mount and the daemon fails closed.
     #[error("{0}")]
     Audit(String),
+    /// The node cannot take this request now (large requests queue).
+    #[error("{0}")]
+    Busy(String),
     #[error("mount response would be {size} bytes; the limit is {limit} (--max-response-bytes, and the driver's gRPC receive limit)")]
     ResponseTooLarge { size: u64, limit: u64 },
 }
@@ -207,7 +210,7 @@ impl MountError {
                 .unwrap_or(Code::Internal),
             MountError::Deadline { .. } => Code::DeadlineExceeded,
             MountError::ResponseTooLarge { .. } => Code::ResourceExhausted,
-            MountError::Audit(_) => Code::Unavailable,
+            MountError::Audit(_) | MountError::Busy(_) => Code::Unavailable,
         }
     }
 }

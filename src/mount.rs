@@ -51,6 +51,15 @@ impl Default for MountConfig {
     }
 }
 
+impl From<work::WorkError> for MountError {
+    fn from(e: work::WorkError) -> Self {
+        match e {
+            work::WorkError::Busy => MountError::Busy(e.to_string()),
+            work::WorkError::Failed => MountError::Request(e.to_string()),
+        }
+    }
+}
+
 /// SPC parameter: default `refreshInterval` of its objects.
 pub const REFRESH_PARAM: &str = "refreshInterval";
 /// SPC parameter: serve cached values this old when the backend is down.
@@ -308,7 +317,7 @@ impl Mounter {
             )
         })
         .await
-        .map_err(|e| MountError::Request(e.to_string()))?
+        .map_err(MountError::from)?
         .map_err(|e| MountError::Request(e.to_string()))
     }
 

@@ -15,9 +15,17 @@ pub const INLINE_BYTES: usize = 64 * 1024;
 /// of occupying every core.
 static HEAVY: Semaphore = Semaphore::const_new(1);
 
+/// How long a large request waits for its turn before it is turned away
+/// (Unavailable: the driver retries) rather than wait out its deadline.
+pub const MAX_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Debug, thiserror::Error)]
-#[error("internal error: a parsing task failed")]
-pub struct WorkError;
+pub enum WorkError {
+    #[error("the node is busy parsing other large requests; try again")]
+    Busy,
+    #[error("internal error: a parsing task failed")]
+    Failed,
+}
 
 /// Runs `job`, which does work proportional to `input_bytes`, inline or on
 /// the blocking pool.
@@ -29,7 +37,10 @@ where
     if input_bytes <= INLINE_BYTES {
         return Ok(job());
     }
-    let _permit = HEAVY.acquire().await.map_err(|_| WorkError)?;
+    let _permit = tokio::time::timeout(MAX_QUEUE_WAIT, HEAVY.acquire())
+        .await
+        .map_err(|_| WorkError::Busy)?
+        .map_err(|_| WorkError::Failed)?;
     tokio::task::spawn_blocking(move || {
         let out = job();
         // A large parse leaves megabytes of freed memory behind; give it
@@ -38,7 +49,7 @@ where
         out
     })
     .await
-    .map_err(|_| WorkError)
+    .map_err(|_| WorkError::Failed)
 }
 
 /// Caps glibc's malloc arenas. By default glibc makes up to 8 per core,

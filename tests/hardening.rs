@@ -670,3 +670,64 @@ fn unsafe_version_keys_stop_start_up_without_hanging() {
         assert!(stderr.contains(want), "{stderr}");
     }
 }
+
+/// A "Vault" that answers every request with an endless JSON body.
+async fn lying_vault() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 8192];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n{\"auth\": {\"client_token\": \"")
+                    .await;
+                let chunk = vec![b'A'; 64 * 1024];
+                for _ in 0..4096 {
+                    if s.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_vault_cannot_balloon_the_daemon() {
+    let d = Daemon::start_with(Options {
+        extra_args: vec!["--backend-retries".into(), "0".into()],
+        ..Default::default()
+    });
+    let vault = lying_vault().await;
+    let before = d.rss_kib();
+    let mut c = d.client().await;
+    // A login answer of 256 MiB, and a read answer of 256 MiB.
+    let login = with_tokens(driver(Path::new("/t")), &[("vault", "jwt")]).to_proto(&spc_with(&[
+        ("backend", "vault"),
+        ("vaultAddress", &vault),
+        ("roleName", "r"),
+        ("objects", "- objectName: v\n  secretPath: secret/data/x"),
+    ]));
+    let (code, msg) = mount_err(&mut c, login).await;
+    assert_eq!(code, Code::Unavailable, "{msg}");
+    assert!(msg.contains("exceeded"), "{msg}");
+    let mut with_token = driver(Path::new("/t"));
+    with_token.node_publish_secrets = Some(BTreeMap::from([(
+        "token".to_string(),
+        Credential::new("t".into()),
+    )]));
+    let read = with_token.to_proto(&spc_with(&[
+        ("backend", "vault"),
+        ("vaultAddress", &vault),
+        ("objects", "- objectName: v\n  secretPath: secret/data/x"),
+    ]));
+    let (code, msg) = mount_err(&mut c, read).await;
+    assert_eq!(code, Code::ResourceExhausted, "{msg}");
+    let after = d.rss_kib();
+    println!("RSS against a lying Vault: {before} → {after} KiB");
+    assert!(after < before + 24 * 1024, "{before} → {after} KiB");
+}

@@ -1,66 +1,25 @@
 //! Logging in to Vault as the pod, and reusing the resulting Vault token
-//! across Mounts until shortly before it expires. Logins go through vaultrs;
-//! its client runs over coffer's own HTTP client so TLS settings apply.
+//! across Mounts until shortly before it expires. Logins are plain
+//! `POST /v1/auth/<mount>/login` requests through coffer's own HTTP client
+//! (TLS settings apply) with the answer read under a byte bound: vaultrs
+//! reads whole bodies, and the address comes from an SPC.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vaultrs::api::EndpointMiddleware;
-use vaultrs::client::{Client, VaultClientSettings, VaultClientSettingsBuilder};
-use vaultrs::error::ClientError;
+use serde_json::Value as Json;
 
-use super::http::Endpoint;
+use super::http::{self, Endpoint};
 use super::params::{Auth, VaultParams};
 use crate::bounded_map::{BoundedMap, Bounds};
-use crate::error::ObjectError;
+use crate::error::{shown, ObjectError};
 use crate::key::{fingerprint, Key, KeyBuilder};
 use crate::request::MountContext;
 use crate::secret::Credential;
 
-/// vaultrs over an existing reqwest client, with no token of its own.
-struct LoginClient {
-    http: rustify::clients::reqwest::Client,
-    middle: EndpointMiddleware,
-    settings: VaultClientSettings,
-}
-
-#[async_trait::async_trait]
-impl Client for LoginClient {
-    fn http(&self) -> &rustify::clients::reqwest::Client {
-        &self.http
-    }
-    fn middle(&self) -> &EndpointMiddleware {
-        &self.middle
-    }
-    fn settings(&self) -> &VaultClientSettings {
-        &self.settings
-    }
-    fn set_token(&mut self, _token: &str) {}
-}
-
-impl LoginClient {
-    fn new(endpoint: &Endpoint, namespace: Option<&str>) -> Result<Self, ObjectError> {
-        let settings = VaultClientSettingsBuilder::default()
-            .address(endpoint.base.as_str())
-            .token(String::new())
-            .verify(true)
-            .ca_certs(Vec::new())
-            .identity(None)
-            .namespace(namespace.map(str::to_string))
-            .build()
-            .map_err(|e| ObjectError::Internal(format!("vault client settings: {e}")))?;
-        Ok(Self {
-            http: rustify::clients::reqwest::Client::new(&endpoint.base, endpoint.client.clone()),
-            middle: EndpointMiddleware {
-                token: String::new(),
-                version: "v1".into(),
-                wrap: None,
-                namespace: namespace.map(str::to_string),
-            },
-            settings,
-        })
-    }
-}
+/// Largest login answer read: a token and its metadata are a few KB. The
+/// address an SPC names may be anyone's server.
+const MAX_LOGIN_ANSWER: u64 = 64 * 1024;
 
 /// A Vault token and when to stop using it.
 #[derive(Clone)]
@@ -208,9 +167,8 @@ async fn login(
     params: &VaultParams,
     ctx: &MountContext,
 ) -> Result<Cached, ObjectError> {
-    let client = LoginClient::new(endpoint, params.namespace.as_deref())?;
     let started = Instant::now();
-    let (info, what) = match &params.auth {
+    let (mount, mut body, what) = match &params.auth {
         Auth::Login {
             mount,
             role,
@@ -218,12 +176,14 @@ async fn login(
         } => {
             let jwt = ctx.token_for(audience).ok_or_else(|| {
                 ObjectError::FailedPrecondition(format!(
-                    "no service-account token for audience {audience:?}"
+                    "no service-account token for audience {}",
+                    shown(audience)
                 ))
             })?;
             (
-                vaultrs::auth::kubernetes::login(&client, mount, role, jwt.token.expose()).await,
-                format!("login as role {role:?} at auth/{mount}"),
+                mount,
+                serde_json::json!({"role": role, "jwt": jwt.token.expose()}),
+                format!("login as role {} at auth/{mount}", shown(role)),
             )
         }
         Auth::AppRole {
@@ -231,50 +191,82 @@ async fn login(
             role_id,
             secret_id,
         } => (
-            vaultrs::auth::approle::login(&client, mount, role_id, secret_id.expose()).await,
+            mount,
+            serde_json::json!({"role_id": role_id, "secret_id": secret_id.expose()}),
             format!("AppRole login at auth/{mount}"),
         ),
         Auth::Token(_) => return Err(ObjectError::Internal("static tokens need no login".into())),
     };
-    let info = info.map_err(|e| login_error(e, &endpoint.address, &what))?;
-    let ttl = Duration::from_secs(info.lease_duration);
+    let path = format!("/v1/auth/{mount}/login");
+    let answer = http::send(
+        endpoint,
+        &http::Request {
+            method: reqwest::Method::POST,
+            path: &path,
+            query: &[],
+            body: Some(&body),
+            namespace: params.namespace.as_deref(),
+        },
+        None,
+        MAX_LOGIN_ANSWER,
+    )
+    .await;
+    super::zeroize_json(&mut body);
+    let mut answer =
+        zeroize::Zeroizing::new(answer.map_err(|f| login_error(f, &endpoint.address, &what))?);
+    let mut parsed: Json = serde_json::from_slice(&answer).map_err(|_| {
+        ObjectError::Unavailable(format!("Vault's answer to the {what} is not JSON"))
+    })?;
+    zeroize::Zeroize::zeroize(&mut *answer);
+    let auth = parsed.get("auth");
+    let token = auth
+        .and_then(|a| a.get("client_token"))
+        .and_then(Json::as_str)
+        .filter(|t| !t.is_empty())
+        .map(|t| Credential::new(t.to_string()));
+    let ttl = auth
+        .and_then(|a| a.get("lease_duration"))
+        .and_then(Json::as_u64)
+        .unwrap_or(0);
+    super::zeroize_json(&mut parsed);
+    let token = token.ok_or_else(|| {
+        ObjectError::Unavailable(format!(
+            "Vault's answer to the {what} holds no client token"
+        ))
+    })?;
     Ok(Cached {
-        token: Credential::new(info.client_token),
-        use_until: started + usable_for(ttl),
+        token,
+        use_until: started + usable_for(Duration::from_secs(ttl)),
     })
 }
 
 /// Login failures: a refusal (400/401/403) is a permission problem of the
 /// pod's identity; anything else says Vault could not be asked.
-fn login_error(e: ClientError, address: &str, what: &str) -> ObjectError {
-    match e {
-        ClientError::APIError { code, errors } => {
-            let said = errors.join("; ");
-            match code {
-                400 | 401 | 403 => ObjectError::PermissionDenied(format!(
-                    "Vault refused the {what} ({code}): {said}"
-                )),
-                429 => {
-                    ObjectError::ResourceExhausted(format!("Vault rate-limited the {what}: {said}"))
-                }
-                404 => ObjectError::FailedPrecondition(format!(
-                    "Vault has no auth method for the {what} (404): {said}"
-                )),
-                _ => ObjectError::Unavailable(format!("Vault failed the {what} ({code}): {said}")),
-            }
-        }
-        ClientError::RestClientError { source } => {
-            let mut cause = source.to_string();
-            let mut s = std::error::Error::source(&source);
-            while let Some(inner) = s {
-                cause = inner.to_string();
-                s = inner.source();
-            }
-            ObjectError::Unavailable(format!(
-                "cannot reach Vault at {address} for the {what}: {cause}"
-            ))
-        }
-        other => ObjectError::Unavailable(format!("the {what} at {address} failed: {other}")),
+fn login_error(f: http::Failure, address: &str, what: &str) -> ObjectError {
+    match f {
+        http::Failure::Status {
+            code,
+            errors,
+            retry_after,
+        } => match code {
+            400 | 401 | 403 => ObjectError::PermissionDenied(format!(
+                "Vault refused the {what} ({code}): {errors}"
+            )),
+            429 => ObjectError::Throttled {
+                message: format!("Vault rate-limited the {what}: {errors}"),
+                retry_after,
+            },
+            404 => ObjectError::FailedPrecondition(format!(
+                "Vault has no auth method for the {what} (404): {errors}"
+            )),
+            _ => ObjectError::Unavailable(format!("Vault failed the {what} ({code}): {errors}")),
+        },
+        http::Failure::Transport(cause) => ObjectError::Unavailable(format!(
+            "cannot reach Vault at {address} for the {what}: {cause}"
+        )),
+        http::Failure::TooLarge(limit) => ObjectError::Unavailable(format!(
+            "Vault's answer to the {what} exceeded {limit} bytes"
+        )),
     }
 }
 

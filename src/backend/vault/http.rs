@@ -417,7 +417,7 @@ pub struct Request<'a> {
 pub async fn send(
     endpoint: &Endpoint,
     req: &Request<'_>,
-    token: &Credential,
+    token: Option<&Credential>,
     max_body: u64,
 ) -> Result<Vec<u8>, Failure> {
     let mut url = url::Url::parse(&format!("{}{}", endpoint.base, req.path)).map_err(|_| {
@@ -432,8 +432,14 @@ pub async fn send(
     let mut builder = endpoint
         .client
         .request(req.method.clone(), url)
-        .header("X-Vault-Request", "true")
-        .header("X-Vault-Token", token.expose());
+        .header("X-Vault-Request", "true");
+    if let Some(token) = token {
+        let mut value = reqwest::header::HeaderValue::from_str(token.expose()).map_err(|_| {
+            Failure::Transport("the Vault token is not a valid header value".into())
+        })?;
+        value.set_sensitive(true);
+        builder = builder.header("X-Vault-Token", value);
+    }
     if let Some(ns) = req.namespace {
         builder = builder.header("X-Vault-Namespace", ns);
     }

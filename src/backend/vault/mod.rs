@@ -67,7 +67,7 @@ impl VaultBackend {
         max_body: u64,
     ) -> Result<Vec<u8>, ObjectError> {
         let token = self.tokens.token(endpoint, params, ctx, None).await?;
-        match http::send(endpoint, req, &token, max_body).await {
+        match http::send(endpoint, req, Some(&token), max_body).await {
             Err(http::Failure::Status { code: 403, .. })
                 if !matches!(params.auth, params::Auth::Token(_)) =>
             {
@@ -76,7 +76,7 @@ impl VaultBackend {
                     .tokens
                     .token(endpoint, params, ctx, Some(&token))
                     .await?;
-                http::send(endpoint, req, &fresh, max_body)
+                http::send(endpoint, req, Some(&fresh), max_body)
                     .await
                     .map_err(|f| f.into_object_error(&endpoint.address, what))
             }
@@ -305,7 +305,7 @@ fn extract_from(
 }
 
 /// Scrubs the strings of a parsed answer before it is dropped.
-fn zeroize_json(v: &mut Json) {
+pub(crate) fn zeroize_json(v: &mut Json) {
     match v {
         Json::String(s) => zeroize::Zeroize::zeroize(s),
         Json::Array(a) => a.iter_mut().for_each(zeroize_json),

@@ -199,6 +199,18 @@ impl VaultParams {
         let mount = k8s_mount
             .or(auth_mount)
             .map(|m| m.trim_matches('/').to_string());
+        // The mount becomes part of the login URL: a plain Vault path only.
+        if let Some(m) = &mount {
+            if m.split('/').any(|s| s.is_empty() || s == "." || s == "..")
+                || m.contains(['?', '#', '%', '\\'])
+                || m.chars().any(char::is_control)
+            {
+                return Err(ObjectError::Invalid(format!(
+                    "auth mount path {} is not a Vault path such as kubernetes or auth/cluster-a",
+                    shown(m)
+                )));
+            }
+        }
         let secrets = ctx.node_publish_secrets.as_ref();
         let secret = |k: &str| {
             secrets
@@ -446,6 +458,15 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("only one"));
+        for bad in ["../sys", "a/../b", "x?y", "a//b", "%2e%2e"] {
+            let c = ctx(
+                serde_json::json!({"roleName": "r", "vaultAuthMountPath": bad,
+                    "csi.storage.k8s.io/serviceAccount.tokens": tokens}),
+                "null",
+            );
+            let err = VaultParams::from_context(&c, &defaults).unwrap_err();
+            assert!(err.to_string().contains("auth mount path"), "{bad}: {err}");
+        }
         let c = ctx(serde_json::json!({}), r#"{"token": "t"}"#);
         assert!(VaultParams::from_context(&c, &VaultArgs::default())
             .unwrap_err()
