@@ -5,33 +5,16 @@
 //!
 //! `cargo bench --bench bounds`
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use coffer::fuzzing::{self, fill, worst_shapes};
 
-struct Counting;
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(live, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-}
+#[path = "../tests/common/counting_alloc.rs"]
+mod counting_alloc;
+use counting_alloc::measure;
 
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: counting_alloc::Counting = counting_alloc::Counting;
 
 fn attributes(objects: &str) -> String {
     serde_json::json!({
@@ -63,12 +46,10 @@ fn main() {
         let mut best = Duration::MAX;
         let mut peak = 0;
         for _ in 0..5 {
-            let base = LIVE.load(Ordering::Relaxed);
-            PEAK.store(base, Ordering::Relaxed);
-            let t = Instant::now();
-            let _ = std::hint::black_box(fuzzing::mount_request(attrs, "null", "420"));
-            best = best.min(t.elapsed());
-            peak = peak.max(PEAK.load(Ordering::Relaxed).saturating_sub(base));
+            let (_, took, bytes) =
+                measure(|| std::hint::black_box(fuzzing::mount_request(attrs, "null", "420")));
+            best = best.min(took);
+            peak = peak.max(bytes);
         }
         println!(
             "{label:44} {:>9} {best:>10.2?} {:>10}",

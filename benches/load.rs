@@ -31,13 +31,7 @@ use coffer::proto;
 use coffer::request::MountContext;
 use coffer::secret::SecretBytes;
 use coffer::spc::ObjectSpec;
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use common::env_num;
 
 /// A backend that answers after a fixed latency, counting its calls.
 /// Pods of one service account share cache keys, as a real backend's

@@ -22,14 +22,7 @@ use std::time::{Duration, Instant};
 use coffer::manifest::SecretProviderClass;
 use coffer::proto;
 use coffer::secret::Credential;
-use common::{driver, Daemon, Options};
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use common::{driver, env_num, Daemon, Options};
 
 const NAMESPACES: usize = 50;
 const PODS_PER_NAMESPACE: usize = 10;

@@ -159,9 +159,14 @@ fn io_errno(e: &io::Error) -> Errno {
     e.raw_os_error().map(Errno::from_raw).unwrap_or(Errno::EIO)
 }
 
-fn describe(kind: std::fs::FileType) -> &'static str {
+/// What kind of file `kind` is, for messages.
+pub fn describe(kind: std::fs::FileType) -> &'static str {
     if kind.is_dir() {
         "a directory"
+    } else if kind.is_symlink() {
+        "a symlink"
+    } else if kind.is_file() {
+        "a regular file"
     } else if kind.is_fifo() {
         "a FIFO"
     } else if kind.is_socket() {

@@ -6,37 +6,18 @@
 //! fuzzers find becomes a named case here. Release figures: `cargo bench
 //! --bench bounds`.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use coffer::fuzzing;
 use proptest::prelude::*;
 
-/// Counts live and peak heap bytes.
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(live, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-}
+#[path = "common/counting_alloc.rs"]
+mod counting_alloc;
+use counting_alloc::measure;
 
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: counting_alloc::Counting = counting_alloc::Counting;
 
 /// One measurement at a time: the counters are process-wide.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -48,16 +29,6 @@ fn max_time() -> Duration {
     } else {
         Duration::from_millis(100)
     }
-}
-
-/// Runs `f`, returning (time, peak bytes allocated above the start).
-fn measure<T>(f: impl FnOnce() -> T) -> (T, Duration, usize) {
-    let base = LIVE.load(Ordering::Relaxed);
-    PEAK.store(base, Ordering::Relaxed);
-    let started = Instant::now();
-    let out = f();
-    let took = started.elapsed();
-    (out, took, PEAK.load(Ordering::Relaxed).saturating_sub(base))
 }
 
 fn bounded<T: std::fmt::Debug>(label: &str, input_len: usize, f: impl FnOnce() -> T) -> T {

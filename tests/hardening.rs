@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use coffer::manifest::SecretProviderClass;
+use coffer::manifest::{DriverRequest, SecretProviderClass};
 use coffer::proto;
 use coffer::secret::Credential;
 use common::*;
@@ -107,6 +107,16 @@ fn constrained_daemon(extra: &[&str]) -> Daemon {
         rlimits: vec![(Resource::RLIMIT_AS, 128 * 1024 * 1024)],
     });
     d.write_secret("ok", "fine");
+    d
+}
+
+/// A driver request carrying a Vault token in nodePublishSecretRef.
+fn with_vault_token() -> DriverRequest {
+    let mut d = driver(Path::new("/t"));
+    d.node_publish_secrets = Some(BTreeMap::from([(
+        "token".to_string(),
+        Credential::new("t".into()),
+    )]));
     d
 }
 
@@ -244,12 +254,7 @@ async fn hostile_documents_are_refused_while_the_node_keeps_serving() {
         "/proc/self/environ",
         "/etc/shadow",
     ] {
-        let mut drv = driver(Path::new("/t"));
-        drv.node_publish_secrets = Some(BTreeMap::from([(
-            "token".to_string(),
-            Credential::new("t".into()),
-        )]));
-        let req = drv.to_proto(&spc_with(&[
+        let req = with_vault_token().to_proto(&spc_with(&[
             ("backend", "vault"),
             ("vaultAddress", "https://127.0.0.1:1"),
             ("vaultCACertPath", path),
@@ -331,11 +336,7 @@ async fn distinct_spcs_and_vault_addresses_do_not_pin_memory() {
 
     // 1,500 Vault addresses (connection refused at once): each used to keep
     // an HTTP client and a limiter scope forever (~105 KB).
-    let mut drv = driver(Path::new("/t"));
-    drv.node_publish_secrets = Some(BTreeMap::from([(
-        "token".to_string(),
-        Credential::new("t".into()),
-    )]));
+    let drv = with_vault_token();
     for i in 0..1500 {
         let req = drv.to_proto(&spc_with(&[
             ("backend", "vault"),
@@ -715,12 +716,7 @@ async fn a_lying_vault_cannot_balloon_the_daemon() {
     let (code, msg) = mount_err(&mut c, login).await;
     assert_eq!(code, Code::Unavailable, "{msg}");
     assert!(msg.contains("exceeded"), "{msg}");
-    let mut with_token = driver(Path::new("/t"));
-    with_token.node_publish_secrets = Some(BTreeMap::from([(
-        "token".to_string(),
-        Credential::new("t".into()),
-    )]));
-    let read = with_token.to_proto(&spc_with(&[
+    let read = with_vault_token().to_proto(&spc_with(&[
         ("backend", "vault"),
         ("vaultAddress", &vault),
         ("objects", "- objectName: v\n  secretPath: secret/data/x"),

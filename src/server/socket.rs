@@ -51,20 +51,6 @@ impl Drop for SocketGuard {
     }
 }
 
-fn describe(kind: std::fs::FileType) -> &'static str {
-    if kind.is_dir() {
-        "a directory"
-    } else if kind.is_symlink() {
-        "a symlink"
-    } else if kind.is_file() {
-        "a regular file"
-    } else if kind.is_fifo() {
-        "a FIFO"
-    } else {
-        "a special file"
-    }
-}
-
 /// Binds the provider socket at `path` with permissions `mode`.
 pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, SocketGuard), SocketError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -88,7 +74,7 @@ pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, SocketGuard), Socke
         Ok(meta) => {
             return Err(SocketError::NotASocket {
                 path: path.to_path_buf(),
-                kind: describe(meta.file_type()),
+                kind: crate::nodefs::describe(meta.file_type()),
             })
         }
         Err(_) => {}

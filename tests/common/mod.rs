@@ -289,6 +289,14 @@ pub async fn http_get(addr: &str, path: &str) -> String {
     out
 }
 
+/// A number from the environment (benchmark knobs), or `default`.
+pub fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// A `/proc/<pid>/status` value in KiB (0 if unreadable).
 pub fn proc_status(pid: i32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
