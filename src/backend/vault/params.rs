@@ -23,10 +23,7 @@ pub enum TlsPath {
     Operator(PathBuf),
     /// An SPC parameter: relative to `--vault-tls-dir` and resolved beneath
     /// it, so an SPC cannot read (or probe for) other node files.
-    Spc {
-        param: &'static str,
-        relative: PathBuf,
-    },
+    Spc { param: String, relative: PathBuf },
 }
 
 impl TlsPath {
@@ -112,6 +109,56 @@ fn param<'a>(ctx: &'a MountContext, key: &str) -> Option<&'a str> {
         .filter(|s| !s.is_empty())
 }
 
+/// The spellings of one connection setting: vault-csi-provider's `vault…`
+/// and openbao-csi-provider's `bao…` and `openbao…`.
+const PREFIXES: [&str; 3] = ["vault", "bao", "openbao"];
+
+/// Every SPC parameter this backend reads, in all its spellings.
+pub fn parameter_names() -> Vec<String> {
+    let mut names: Vec<String> = SETTINGS
+        .iter()
+        .flat_map(|s| PREFIXES.iter().map(move |p| format!("{p}{s}")))
+        .collect();
+    names.extend(["roleName", "audience"].map(String::from));
+    names
+}
+
+const SETTINGS: [&str; 11] = [
+    "Address",
+    "Namespace",
+    "CACertPath",
+    "CADirectory",
+    "TLSServerName",
+    "TLSClientCertPath",
+    "TLSClientKeyPath",
+    "SkipTLSVerify",
+    "KubernetesMountPath",
+    "AuthMountPath",
+    "RoleName",
+];
+
+/// A setting under whichever spelling the SPC used, with that spelling for
+/// messages. Two spellings of one setting are refused: which one wins would
+/// be a guess.
+fn setting<'a>(
+    ctx: &'a MountContext,
+    suffix: &str,
+) -> Result<Option<(String, &'a str)>, ObjectError> {
+    let mut found: Vec<(String, &'a str)> = PREFIXES
+        .iter()
+        .map(|p| format!("{p}{suffix}"))
+        .filter_map(|k| param(ctx, &k).map(|v| (k, v)))
+        .collect();
+    if found.len() > 1 {
+        let names: Vec<&str> = found.iter().map(|(k, _)| k.as_str()).collect();
+        return Err(ObjectError::Invalid(format!(
+            "set only one of {}: they are the same setting",
+            names.join(" and ")
+        )));
+    }
+    Ok(found.pop())
+}
+
 fn parse_bool(key: &str, raw: &str) -> Result<bool, ObjectError> {
     match raw.to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" => Ok(true),
@@ -125,8 +172,8 @@ fn parse_bool(key: &str, raw: &str) -> Result<bool, ObjectError> {
 
 impl VaultParams {
     pub fn from_context(ctx: &MountContext, defaults: &VaultArgs) -> Result<Self, ObjectError> {
-        let address = param(ctx, "vaultAddress")
-            .map(str::to_string)
+        let address = setting(ctx, "Address")?
+            .map(|(_, v)| v.to_string())
             .or_else(|| defaults.address.clone())
             .ok_or_else(|| {
                 ObjectError::FailedPrecondition(
@@ -143,8 +190,8 @@ impl VaultParams {
                 shown(&address)
             )));
         }
-        let path_or = |key: &'static str, default: &Option<PathBuf>| match param(ctx, key) {
-            Some(raw) => match crate::nodefs::confine(&defaults.tls_dir, raw) {
+        let path_or = |suffix: &str, default: &Option<PathBuf>| match setting(ctx, suffix)? {
+            Some((key, raw)) => match crate::nodefs::confine(&defaults.tls_dir, raw) {
                 Some(relative) => Ok(Some(TlsPath::Spc {
                     param: key,
                     relative,
@@ -158,18 +205,18 @@ impl VaultParams {
             },
             None => Ok(default.clone().map(TlsPath::Operator)),
         };
-        let skip_verify = match param(ctx, "vaultSkipTLSVerify") {
-            Some(raw) => parse_bool("vaultSkipTLSVerify", raw)?,
+        let skip_verify = match setting(ctx, "SkipTLSVerify")? {
+            Some((key, raw)) => parse_bool(&key, raw)?,
             None => defaults.skip_verify,
         };
         let tls = Tls {
-            ca_cert: path_or("vaultCACertPath", &defaults.ca_cert)?,
-            ca_dir: path_or("vaultCADirectory", &defaults.ca_path)?,
-            server_name: param(ctx, "vaultTLSServerName")
-                .map(str::to_string)
+            ca_cert: path_or("CACertPath", &defaults.ca_cert)?,
+            ca_dir: path_or("CADirectory", &defaults.ca_path)?,
+            server_name: setting(ctx, "TLSServerName")?
+                .map(|(_, v)| v.to_string())
                 .or_else(|| defaults.tls_server_name.clone()),
-            client_cert: path_or("vaultTLSClientCertPath", &defaults.client_cert)?,
-            client_key: path_or("vaultTLSClientKeyPath", &defaults.client_key)?,
+            client_cert: path_or("TLSClientCertPath", &defaults.client_cert)?,
+            client_key: path_or("TLSClientKeyPath", &defaults.client_key)?,
             skip_verify,
         };
         if tls.client_cert.is_some() != tls.client_key.is_some() {
@@ -179,8 +226,8 @@ impl VaultParams {
         }
         Ok(Self {
             address: address.trim_end_matches('/').to_string(),
-            namespace: param(ctx, "vaultNamespace")
-                .map(str::to_string)
+            namespace: setting(ctx, "Namespace")?
+                .map(|(_, v)| v.to_string())
                 .or_else(|| defaults.namespace.clone())
                 .filter(|n| !n.is_empty()),
             tls,
@@ -189,16 +236,14 @@ impl VaultParams {
     }
 
     fn auth(ctx: &MountContext, defaults: &VaultArgs) -> Result<Auth, ObjectError> {
-        let k8s_mount = param(ctx, "vaultKubernetesMountPath");
-        let auth_mount = param(ctx, "vaultAuthMountPath");
-        if k8s_mount.is_some() && auth_mount.is_some() {
-            return Err(ObjectError::Invalid(
-                "set only one of vaultKubernetesMountPath and vaultAuthMountPath".into(),
-            ));
+        let k8s_mount = setting(ctx, "KubernetesMountPath")?;
+        let auth_mount = setting(ctx, "AuthMountPath")?;
+        if let (Some((a, _)), Some((b, _))) = (&k8s_mount, &auth_mount) {
+            return Err(ObjectError::Invalid(format!("set only one of {a} and {b}")));
         }
         let mount = k8s_mount
             .or(auth_mount)
-            .map(|m| m.trim_matches('/').to_string());
+            .map(|(_, m)| m.trim_matches('/').to_string());
         // The mount becomes part of the login URL: a plain Vault path only.
         if let Some(m) = &mount {
             if m.split('/').any(|s| s.is_empty() || s == "." || s == "..")
@@ -229,15 +274,29 @@ impl VaultParams {
                     .unwrap_or_else(|| Credential::new(String::new())),
             });
         }
-        let role = param(ctx, "roleName").ok_or_else(|| {
+        let prefixed_role = setting(ctx, "RoleName")?;
+        if let (Some((key, _)), Some(_)) = (&prefixed_role, param(ctx, "roleName")) {
+            return Err(ObjectError::Invalid(format!(
+                "set only one of roleName and {key}: they are the same setting"
+            )));
+        }
+        let role = prefixed_role.map(|(_, v)| v).or_else(|| param(ctx, "roleName")).ok_or_else(|| {
             ObjectError::Invalid(
                 "roleName is required for Kubernetes/JWT auth (or give nodePublishSecretRef a token or role_id)"
                     .into(),
             )
         })?;
-        let audience = param(ctx, "audience")
-            .unwrap_or(&defaults.audience)
-            .to_string();
+        // Without an SPC audience: the daemon's default, or else the one
+        // openbao-csi-provider uses by default, if the driver passed it.
+        let audience = match param(ctx, "audience") {
+            Some(a) => a.to_string(),
+            None if ctx.token_for(&defaults.audience).is_none()
+                && ctx.token_for(OPENBAO_AUDIENCE).is_some() =>
+            {
+                OPENBAO_AUDIENCE.to_string()
+            }
+            None => defaults.audience.clone(),
+        };
         if ctx.token_for(&audience).is_none() {
             return Err(ObjectError::FailedPrecondition(format!(
                 "the driver passed no service-account token for audience {audience:?}: add \
@@ -251,6 +310,9 @@ impl VaultParams {
         })
     }
 }
+
+/// The audience openbao-csi-provider asks tokens for when the SPC names none.
+pub const OPENBAO_AUDIENCE: &str = "openbao";
 
 /// One object's request.
 #[derive(Debug, Clone, PartialEq)]
@@ -408,6 +470,48 @@ mod tests {
         assert!(
             object("- objectName: c\n  secretPath: x\n  method: PUT\n  secretArgs: [1]").is_err()
         );
+    }
+
+    #[test]
+    fn openbao_provider_spellings_are_synonyms_and_never_both() {
+        let defaults = VaultArgs::default();
+        let tokens = serde_json::json!({"openbao": {"token": "jwt"}}).to_string();
+        let c = ctx(
+            serde_json::json!({
+                "baoAddress": "https://bao.example:8200",
+                "openbaoNamespace": "team",
+                "baoRoleName": "kv-role",
+                "baoAuthMountPath": "jwt",
+                "baoSkipTLSVerify": "true",
+                "csi.storage.k8s.io/serviceAccount.tokens": tokens,
+            }),
+            "null",
+        );
+        let p = VaultParams::from_context(&c, &defaults).unwrap();
+        assert_eq!(p.address, "https://bao.example:8200");
+        assert_eq!(p.namespace.as_deref(), Some("team"));
+        assert!(p.tls.skip_verify);
+        assert!(
+            matches!(p.auth, Auth::Login { ref mount, ref role, ref audience } if mount == "jwt" && role == "kv-role" && audience == "openbao"),
+            "{:?}",
+            p.auth
+        );
+        for (a, b) in [
+            ("vaultAddress", "baoAddress"),
+            ("baoNamespace", "openbaoNamespace"),
+            ("roleName", "baoRoleName"),
+            ("vaultCACertPath", "baoCACertPath"),
+        ] {
+            let c = ctx(
+                serde_json::json!({a: "x", b: "y", "vaultAddress": "https://v:1", "roleName": "r",
+                    "csi.storage.k8s.io/serviceAccount.tokens": tokens}),
+                "null",
+            );
+            let err = VaultParams::from_context(&c, &defaults)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("set only one of"), "{a}/{b}: {err}");
+        }
     }
 
     #[test]
