@@ -23,6 +23,11 @@ impl Key {
     /// Bytes this key occupies, for memory accounting.
     pub const SIZE: u64 = 32;
 
+    /// The first 8 hex digits, for short tags in versions.
+    pub fn short_hex(&self) -> String {
+        hex::encode(&self.0[..4])
+    }
+
     /// The key of `domain` with string `fields`, for the common case.
     pub fn of(domain: &str, fields: &[&str]) -> Key {
         fields

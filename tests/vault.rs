@@ -134,10 +134,11 @@ async fn kv_v1_and_v2_reads() {
     assert_eq!(whole["data"]["metadata"]["version"], 2);
     assert_eq!(f["apikey"], b"k1-value");
     let v = versions(&resp);
+    let number = |v: &str| v.split('-').next().unwrap().to_string();
     assert_eq!(
-        (v["password"].as_str(), v["old-password"].as_str()),
-        ("2", "1"),
-        "KV v2 metadata versions"
+        (number(&v["password"]), number(&v["old-password"])),
+        ("2".to_string(), "1".to_string()),
+        "KV v2 metadata versions (with a tag of their creation time)"
     );
     assert_eq!(v["apikey"].len(), 32, "KV v1 has no version: HMAC");
     // Identical requests of one Mount are made once: password, config and
@@ -156,9 +157,9 @@ async fn kv_v1_and_v2_reads() {
     .await;
     let again = c.mount(pod_request(&spc, &jwt)).await.unwrap().into_inner();
     assert_eq!(files(&again)["password"], b"pw-v3");
-    assert_eq!(versions(&again)["password"], "3");
+    assert_eq!(number(&versions(&again)["password"]), "3");
     assert_eq!(versions(&again)["apikey"], v["apikey"]);
-    assert_eq!(versions(&again)["old-password"], "1");
+    assert_eq!(versions(&again)["old-password"], v["old-password"]);
     // The pod logged in once for both Mounts.
     assert_eq!(audited_requests(&audit, "update", "auth/jwt/login"), 1);
 
@@ -931,4 +932,93 @@ spec:
         .await
         .unwrap();
     assert_eq!(files(&resp.into_inner())["db-password"], b"peer-compatible");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv2_versions_change_when_a_secret_is_deleted_and_created_again() {
+    let bao = Bao::start().await;
+    let d = vault_daemon();
+    let mut c = d.client().await;
+    let mut drv = driver(Path::new("/t"));
+    drv.node_publish_secrets = Some(BTreeMap::from([(
+        "token".to_string(),
+        Credential::new(ROOT.into()),
+    )]));
+    let spc = vault_spc(
+        &bao,
+        &[],
+        "- objectName: p\n  secretPath: secret/data/reborn\n  secretKey: password",
+    );
+    bao.put_kv2("reborn", json!({"password": "first"})).await;
+    let first = c.mount(drv.to_proto(&spc)).await.unwrap().into_inner();
+    let again = c.mount(drv.to_proto(&spc)).await.unwrap().into_inner();
+    assert_eq!(
+        versions(&first),
+        versions(&again),
+        "stable while nothing changes"
+    );
+    // Metadata and every version deleted, then written again: version 1 anew.
+    bao.ok("DELETE", "secret/metadata/reborn", json!({})).await;
+    bao.put_kv2("reborn", json!({"password": "second"})).await;
+    let reborn = c.mount(drv.to_proto(&spc)).await.unwrap().into_inner();
+    assert_eq!(files(&reborn)["p"], b"second");
+    let (a, b) = (&versions(&first)["p"], &versions(&reborn)["p"]);
+    assert!(a.starts_with("1-") && b.starts_with("1-"), "{a} {b}");
+    assert_ne!(a, b, "a recreated secret is a rotation");
+    // A restarted daemon reports the same version.
+    let d2 = vault_daemon();
+    let after = d2
+        .client()
+        .await
+        .mount(drv.to_proto(&spc))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(versions(&after)["p"], *b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_method_and_kv1_secrets_holding_a_data_map() {
+    let bao = Bao::start().await;
+    bao.ok(
+        "POST",
+        "sys/mounts/kv1",
+        json!({"type": "kv", "options": {"version": "1"}}),
+    )
+    .await;
+    bao.ok(
+        "POST",
+        "kv1/nested",
+        json!({"data": {"password": "inner"}, "top": "level"}),
+    )
+    .await;
+    bao.put_kv2("dir/a", json!({"x": "1"})).await;
+    bao.put_kv2("dir/b", json!({"x": "2"})).await;
+    let d = vault_daemon();
+    let mut c = d.client().await;
+    let mut drv = driver(Path::new("/t"));
+    drv.node_publish_secrets = Some(BTreeMap::from([(
+        "token".to_string(),
+        Credential::new(ROOT.into()),
+    )]));
+    let spc = vault_spc(
+        &bao,
+        &[],
+        "- objectName: keys\n  secretPath: secret/metadata/dir\n  method: LIST\n  secretKey: keys\n\
+         - objectName: inner\n  secretPath: kv1/nested\n  secretKey: password\n\
+         - objectName: top\n  secretPath: kv1/nested\n  secretKey: top\n\
+         - objectName: map\n  secretPath: kv1/nested\n  secretKey: data\n",
+    );
+    let r = c.mount(drv.to_proto(&spc)).await.unwrap().into_inner();
+    let f = files(&r);
+    let keys: Vec<String> = serde_json::from_slice(&f["keys"]).unwrap();
+    assert_eq!(keys, ["a", "b"]);
+    // As vault-csi-provider: a key inside a KV v1 secret's `data` map is found.
+    assert_eq!(f["inner"], b"inner");
+    // Unlike it: the secret's other keys, and the map itself, stay reachable.
+    assert_eq!(f["top"], b"level");
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&f["map"]).unwrap(),
+        json!({"password": "inner"})
+    );
 }

@@ -266,10 +266,7 @@ fn extract_from(
         data.and_then(|d| d.get("data"))
             .is_some_and(Json::is_object)
     });
-    let version = kv2
-        .and_then(|m| m.get("version"))
-        .and_then(Json::as_u64)
-        .map(|v| v.to_string());
+    let version = kv2.and_then(kv2_version);
     let Some(key) = key else {
         // The whole answer, as vault-csi-provider writes it, minus the
         // per-request id that would make every poll look like a rotation.
@@ -279,29 +276,57 @@ fn extract_from(
         let bytes = serde_json::to_vec(parsed).map_err(|e| ObjectError::Internal(e.to_string()))?;
         return Ok((bytes, version));
     };
-    let source = match data {
-        Some(d) if kv2.is_some() => d.get("data"),
-        other => other,
+    // KV v2 answers: `data.data[key]`. Anything else: `data[key]`, and, as
+    // vault-csi-provider does, `data.data[key]` when `data` holds a map
+    // named `data` without the key itself (a KV v1 secret with a `data`
+    // map). Where both exist, coffer takes `data[key]`; the peer would
+    // take the nested one, leaving the top-level key unreachable.
+    let nested = data.and_then(|d| d.get("data")).filter(|d| d.is_object());
+    let found = match data {
+        Some(_) if kv2.is_some() => nested.and_then(|d| d.get(key)),
+        Some(d) => d.get(key).or_else(|| nested.and_then(|n| n.get(key))),
+        None => None,
     };
-    let Some(Json::Object(fields)) = source else {
-        return Err(ObjectError::NotFound(format!(
-            "Vault's answer to {what} has no data"
-        )));
-    };
-    match fields.get(key) {
+    match found {
         Some(Json::String(s)) => Ok((s.as_bytes().to_vec(), version)),
         Some(other) => serde_json::to_vec(other)
             .map(|b| (b, version))
             .map_err(|e| ObjectError::Internal(e.to_string())),
         None => {
+            let source = if kv2.is_some() { nested } else { data };
+            let Some(Json::Object(fields)) = source else {
+                return Err(ObjectError::NotFound(format!(
+                    "Vault's answer to {what} has no data"
+                )));
+            };
             let mut keys: Vec<&str> = fields.keys().map(String::as_str).collect();
             keys.sort_unstable();
+            keys.truncate(crate::error::LISTED_FAILURES);
             Err(ObjectError::NotFound(format!(
-                "secretKey {key:?} is not in the secret at {what} (it has: {})",
-                keys.join(", ")
+                "secretKey {} is not in the secret at {what} (it has: {})",
+                crate::error::shown(key),
+                keys.iter()
+                    .map(|k| crate::error::shown_bare(k))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )))
         }
     }
+}
+
+/// The version of a KV v2 answer: its metadata version, plus a digest of the
+/// version's creation time, because a secret deleted (metadata and all) and
+/// written again starts over at version 1 with other content. Stable while
+/// nothing changes, and across restarts.
+fn kv2_version(metadata: &Json) -> Option<String> {
+    let n = metadata.get("version").and_then(Json::as_u64)?;
+    Some(match metadata.get("created_time").and_then(Json::as_str) {
+        Some(created) if !created.is_empty() => {
+            let digest = crate::key::Key::of("kv2-created", &[created]);
+            format!("{n}-{}", digest.short_hex())
+        }
+        _ => n.to_string(),
+    })
 }
 
 /// Scrubs the strings of a parsed answer before it is dropped.

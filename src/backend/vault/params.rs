@@ -338,7 +338,7 @@ impl VaultObject {
                 shown(raw)
             )));
         }
-        let query: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
+        let mut query: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
             .collect();
         let method = match object
@@ -349,9 +349,17 @@ impl VaultObject {
             None | Some("") | Some("GET") => reqwest::Method::GET,
             Some("PUT") => reqwest::Method::PUT,
             Some("POST") => reqwest::Method::POST,
+            // Vault's LIST verb, sent the way Vault's own clients do when a
+            // proxy may not know it: GET with list=true.
+            Some("LIST") => {
+                if !query.iter().any(|(k, _)| k == "list") {
+                    query.push(("list".into(), "true".into()));
+                }
+                reqwest::Method::GET
+            }
             Some(other) => {
                 return Err(ObjectError::Invalid(format!(
-                    "method {} is not GET, PUT or POST",
+                    "method {} is not GET, LIST, PUT or POST",
                     shown(other)
                 )))
             }
