@@ -120,6 +120,33 @@ pub fn check_objects(
     failures
 }
 
+/// Warnings about `objects` that do not stop a Mount: fields a backend
+/// ignores, as the peer provider whose form it reads ignores them.
+pub fn object_warnings(backends: &Registry, objects: &[ObjectSpec]) -> Vec<(String, String)> {
+    let mut warnings = Vec::new();
+    for object in objects {
+        let Ok(backend) = backends.get(&object.backend) else {
+            continue;
+        };
+        let ignored = backend.ignored_fields(object);
+        if !ignored.is_empty() {
+            warnings.push((
+                object.label(),
+                format!(
+                    "field(s) {} ignored by the {} backend, as the peer provider ignores them",
+                    ignored
+                        .iter()
+                        .map(|f| crate::error::shown_bare(f))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    backend.name()
+                ),
+            ));
+        }
+    }
+    warnings
+}
+
 /// The SPC-level parameters checked before any object: `refreshInterval`
 /// and `staleIfError` must be durations.
 pub fn check_parameters(ctx: &MountContext) -> Vec<Failure> {
@@ -445,6 +472,13 @@ impl Mounter {
         let failures = check_objects(&self.backends, &objects, ctx);
         if failures.is_empty() {
             if !memoised {
+                // Once per distinct SPC, not on every rotation poll.
+                for (object, warning) in object_warnings(&self.backends, &objects)
+                    .into_iter()
+                    .take(crate::error::LISTED_FAILURES)
+                {
+                    tracing::warn!(object = %crate::error::shown(&object), "{warning}");
+                }
                 self.remember(ctx, &objects);
             }
             Ok(objects)

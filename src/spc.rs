@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_yaml_ng::Value;
 
-use crate::error::{shown, Failure, ObjectError};
+use crate::error::{shown, shown_bare, Failure, ObjectError};
 
 /// SPC parameter holding the YAML list of objects.
 pub const OBJECTS_PARAM: &str = "objects";
@@ -141,14 +141,10 @@ impl ObjectSpec {
             .ok_or_else(|| ObjectError::Invalid(format!("{key} is missing")))
     }
 
-    /// Fails on fields that `known` does not list, so typos are caught early.
+    /// Fails on fields that `known` does not list, so typos are caught
+    /// early, suggesting the field that was probably meant.
     pub fn reject_unknown_fields(&self, known: &[&str]) -> Result<(), ObjectError> {
-        let unknown: Vec<&str> = self
-            .fields
-            .keys()
-            .map(String::as_str)
-            .filter(|k| !known.contains(k))
-            .collect();
+        let unknown = self.unknown_fields(known);
         if unknown.is_empty() {
             return Ok(());
         }
@@ -156,13 +152,90 @@ impl ObjectSpec {
             "unknown field(s) {} for backend {} (known: {})",
             unknown
                 .iter()
-                .map(|u| crate::error::shown_bare(u))
+                .map(|u| with_suggestion(u, known))
                 .collect::<Vec<_>>()
                 .join(", "),
             shown(&self.backend),
             known.join(", ")
         )))
     }
+
+    /// For objects in a peer provider's form: that provider ignores fields
+    /// it does not know (leftovers of a migration pass there), so only a
+    /// near miss of a known field (a typo) is refused; the rest are
+    /// returned by [`ObjectSpec::unknown_fields`] for a warning.
+    pub fn reject_typos(&self, known: &[&str]) -> Result<(), ObjectError> {
+        let typos: Vec<String> = self
+            .unknown_fields(known)
+            .into_iter()
+            .filter(|u| suggestion(u, known).is_some())
+            .map(|u| with_suggestion(u, known))
+            .collect();
+        if typos.is_empty() {
+            return Ok(());
+        }
+        Err(ObjectError::Invalid(format!(
+            "unknown field(s) {} for backend {} (known: {})",
+            typos.join(", "),
+            shown(&self.backend),
+            known.join(", ")
+        )))
+    }
+
+    /// The backend-specific fields that `known` does not list.
+    pub fn unknown_fields(&self, known: &[&str]) -> Vec<&str> {
+        self.fields
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !known.contains(k))
+            .collect()
+    }
+}
+
+/// `name`, plus "(did you mean X?)" when a known name is close.
+pub fn with_suggestion(name: &str, known: &[&str]) -> String {
+    match suggestion(name, known) {
+        Some(s) => format!("{} (did you mean {s}?)", shown_bare(name)),
+        None => shown_bare(name),
+    }
+}
+
+/// The known name `name` is most likely a misspelling of: equal but for
+/// case, or within a small edit distance.
+pub fn suggestion<'a>(name: &str, known: &[&'a str]) -> Option<&'a str> {
+    if name.len() > 64 {
+        return None;
+    }
+    let lower = name.to_ascii_lowercase();
+    if let Some(k) = known.iter().find(|k| k.to_ascii_lowercase() == lower) {
+        return Some(k);
+    }
+    let limit = (name.len() / 4).clamp(1, 2);
+    known
+        .iter()
+        .map(|k| (edit_distance(&lower, &k.to_ascii_lowercase()), *k))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// Levenshtein distance with adjacent transpositions (names are short).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut prev2 = vec![0usize; b.len() + 1];
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for i in 1..=a.len() {
+        let mut cur = vec![i; b.len() + 1];
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            cur[j] = (prev[j] + 1).min(cur[j - 1] + 1).min(prev[j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                cur[j] = cur[j].min(prev2[j - 2] + 1);
+            }
+        }
+        prev2 = std::mem::replace(&mut prev, cur);
+    }
+    prev[b.len()]
 }
 
 fn yaml_kind(v: &Value) -> &'static str {
@@ -548,6 +621,25 @@ mod tests {
         assert!(!e.contains("s3cr3t") && !e.contains('!'), "{e}");
         let e = Encoding::Hex.decode(b"zz-secret").unwrap_err().to_string();
         assert!(!e.contains("secret") && !e.contains('z'), "{e}");
+    }
+
+    #[test]
+    fn typos_get_a_suggestion_and_peer_leftovers_pass() {
+        let known = ["secretPath", "secretKey", "method", "secretArgs"];
+        assert_eq!(suggestion("secertPath", &known), Some("secretPath"));
+        assert_eq!(suggestion("secretpath", &known), Some("secretPath"));
+        assert_eq!(suggestion("secretKye", &known), Some("secretKey"));
+        assert_eq!(suggestion("objectAlias", &known), None);
+        assert_eq!(suggestion("mthd", &known), None);
+        let o = &parse_objects(
+            &params("- objectName: a\n  secertPath: x\n  objectAlias: y"),
+            "vault",
+        )
+        .unwrap()[0];
+        let e = o.reject_typos(&known).unwrap_err().to_string();
+        assert!(e.contains("secertPath (did you mean secretPath?)"), "{e}");
+        assert!(!e.contains("objectAlias"), "{e}");
+        assert_eq!(o.unknown_fields(&known), ["objectAlias", "secertPath"]);
     }
 
     #[test]

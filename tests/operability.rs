@@ -293,8 +293,13 @@ fn check_validates_spcs_like_mount_without_fetching() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
-    assert!(stdout.contains("shop-vault: ok (3 objects)"), "{stdout}");
-    assert!(stdout.contains("shop-gcp: ok (3 objects)"), "{stdout}");
+    assert!(stdout.contains("shop-vault: ok (3 objects"), "{stdout}");
+    assert!(stdout.contains("shop-gcp: ok (3 objects"), "{stdout}");
+    // The audiences the CSIDriver must request.
+    assert!(
+        stdout.contains("audience(s) vault in the CSIDriver's tokenRequests"),
+        "{stdout}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.yaml");
@@ -303,15 +308,24 @@ fn check_validates_spcs_like_mount_without_fetching() {
         "apiVersion: secrets-store.csi.x-k8s.io/v1\nkind: SecretProviderClass\nmetadata: {name: typos}\n\
          spec:\n  provider: coffer\n  parameters:\n    backend: vault\n    roleName: app\n    vaultAddress: https://v:8200\n\
          \x20   objects: |\n      - objectName: ../x\n        secretPath: a\n      - objectName: b\n        secertPath: a\n\
-         \x20     - objectName: c\n        secretPath: a\n        encoding: rot13\n",
+         \x20     - objectName: c\n        secretPath: a\n        encoding: rot13\n\
+         \x20     - objectName: d\n        secretPath: a\n        objectAlias: left-over\n",
     )
     .unwrap();
     let out = Command::new(BIN).arg("check").arg(&bad).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success());
     assert!(stdout.contains("object \"../x\""), "{stdout}");
-    assert!(stdout.contains("unknown field(s) secertPath"), "{stdout}");
+    assert!(
+        stdout.contains("unknown field(s) secertPath (did you mean secretPath?)"),
+        "{stdout}"
+    );
     assert!(stdout.contains("rot13"), "{stdout}");
+    // A field vault-csi-provider would ignore passes, with a warning.
+    assert!(
+        stdout.contains("warning: object \"d\": field(s) objectAlias ignored by the vault backend"),
+        "{stdout}"
+    );
 }
 
 fn yaml_docs(path: &Path) -> Vec<serde_yaml_ng::Value> {

@@ -59,6 +59,19 @@ pub trait Backend: Send + Sync {
     /// uses) before anything is fetched for the Mount.
     fn validate(&self, object: &ObjectSpec, ctx: &MountContext) -> Result<(), ObjectError>;
 
+    /// Fields of `object` this backend ignores (as the peer provider whose
+    /// form it accepts does), for a warning: leftovers of a migration.
+    fn ignored_fields<'a>(&self, _object: &'a ObjectSpec) -> Vec<&'a str> {
+        Vec::new()
+    }
+
+    /// The audience of the service-account token this caller's fetches of
+    /// `object` authenticate with, if any: the CSIDriver must request it
+    /// (`tokenRequests`), since coffer mints no tokens.
+    fn token_audience(&self, _object: &ObjectSpec, _ctx: &MountContext) -> Option<String> {
+        None
+    }
+
     /// The node-wide cache identity of `object` for this caller. Two callers
     /// get the same key only when the backend would authorize them
     /// identically; `None` means never cache.

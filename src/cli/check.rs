@@ -16,7 +16,7 @@ use crate::backend::Registry;
 use crate::config::{GcpArgs, VaultArgs};
 use crate::error::Failure;
 use crate::manifest::{DriverRequest, Pod, SecretProviderClass};
-use crate::mount::{check_objects, check_parameters};
+use crate::mount::{check_objects, check_parameters, object_warnings};
 use crate::request::MountContext;
 use crate::secret::Credential;
 use crate::spc;
@@ -54,6 +54,11 @@ pub struct Finding {
     pub spc: String,
     pub objects: usize,
     pub problems: Vec<String>,
+    /// Things Mount accepts but the user should know (ignored fields).
+    pub warnings: Vec<String>,
+    /// Service-account token audiences the driver must pass (CSIDriver
+    /// `tokenRequests`).
+    pub audiences: std::collections::BTreeSet<String>,
 }
 
 fn registry(args: &CheckArgs) -> Registry {
@@ -143,6 +148,8 @@ pub fn check(args: &CheckArgs) -> Vec<Finding> {
                     spc: String::new(),
                     objects: 0,
                     problems: vec![problem],
+                    warnings: Vec::new(),
+                    audiences: Default::default(),
                 });
                 continue;
             }
@@ -156,6 +163,8 @@ pub fn check(args: &CheckArgs) -> Vec<Finding> {
                 ));
             }
             let mut objects = 0;
+            let mut warnings = Vec::new();
+            let mut audiences = std::collections::BTreeSet::new();
             match context(&spc_doc) {
                 Err(e) => problems.push(e),
                 Ok(ctx) => {
@@ -166,6 +175,14 @@ pub fn check(args: &CheckArgs) -> Vec<Finding> {
                     objects = list.len() + failures.len();
                     problems.extend(failures.iter().map(show));
                     problems.extend(check_objects(&registry, &list, &ctx).iter().map(show));
+                    warnings.extend(object_warnings(&registry, &list).into_iter().map(
+                        |(object, w)| format!("object {}: {w}", crate::error::shown(&object)),
+                    ));
+                    for object in &list {
+                        if let Ok(backend) = registry.get(&object.backend) {
+                            audiences.extend(backend.token_audience(object, &ctx));
+                        }
+                    }
                 }
             }
             findings.push(Finding {
@@ -173,6 +190,8 @@ pub fn check(args: &CheckArgs) -> Vec<Finding> {
                 spc: spc_doc.name,
                 objects,
                 problems,
+                warnings,
+                audiences,
             });
         }
     }
@@ -189,8 +208,23 @@ pub fn run(args: CheckArgs) -> bool {
         } else {
             format!(" {}", f.spc)
         };
+        for w in &f.warnings {
+            println!("{}:{name}: warning: {w}", f.file.display());
+        }
         if f.problems.is_empty() {
-            println!("{}:{name}: ok ({} objects)", f.file.display(), f.objects);
+            let tokens = if f.audiences.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; needs service-account tokens for audience(s) {} in the CSIDriver's tokenRequests",
+                    f.audiences.iter().cloned().collect::<Vec<_>>().join(", ")
+                )
+            };
+            println!(
+                "{}:{name}: ok ({} objects{tokens})",
+                f.file.display(),
+                f.objects
+            );
         } else {
             clean = false;
             for p in &f.problems {

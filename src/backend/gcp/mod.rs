@@ -237,6 +237,17 @@ impl Backend for GcpBackend {
         GcpObject::from_spec(object).map(|_| ())
     }
 
+    fn ignored_fields<'a>(&self, object: &'a ObjectSpec) -> Vec<&'a str> {
+        object.unknown_fields(params::OBJECT_FIELDS)
+    }
+
+    fn token_audience(&self, _object: &ObjectSpec, ctx: &MountContext) -> Option<String> {
+        match GcpParams::from_context(ctx, &self.defaults).ok()?.auth {
+            params::Auth::PodAdc { audience, .. } => Some(audience),
+            _ => None,
+        }
+    }
+
     fn describe(&self, object: &ObjectSpec) -> String {
         object
             .str_field("resourceName")

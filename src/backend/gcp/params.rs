@@ -140,7 +140,9 @@ pub struct GcpObject {
 
 impl GcpObject {
     pub fn from_spec(object: &ObjectSpec) -> Result<Self, ObjectError> {
-        object.reject_unknown_fields(OBJECT_FIELDS)?;
+        // Google's provider ignores fields it does not know; so does coffer,
+        // but for near misses of its own (typos).
+        object.reject_typos(OBJECT_FIELDS)?;
         let resource = object.required_str("resourceName")?.to_string();
         let parts: Vec<&str> = resource.split('/').collect();
         let bad = || {

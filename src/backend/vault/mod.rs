@@ -350,6 +350,17 @@ impl Backend for VaultBackend {
         VaultObject::from_spec(object).map(|_| ())
     }
 
+    fn ignored_fields<'a>(&self, object: &'a ObjectSpec) -> Vec<&'a str> {
+        object.unknown_fields(params::OBJECT_FIELDS)
+    }
+
+    fn token_audience(&self, _object: &ObjectSpec, ctx: &MountContext) -> Option<String> {
+        match VaultParams::from_context(ctx, &self.defaults).ok()?.auth {
+            params::Auth::Login { audience, .. } => Some(audience),
+            _ => None,
+        }
+    }
+
     async fn fetch(
         &self,
         object: &ObjectSpec,

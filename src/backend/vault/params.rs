@@ -327,7 +327,9 @@ pub struct VaultObject {
 
 impl VaultObject {
     pub fn from_spec(object: &ObjectSpec) -> Result<Self, ObjectError> {
-        object.reject_unknown_fields(OBJECT_FIELDS)?;
+        // vault-csi-provider ignores fields it does not know; so does coffer,
+        // but for near misses of its own (typos).
+        object.reject_typos(OBJECT_FIELDS)?;
         let raw = object.required_str("secretPath")?;
         let (path, query) = raw.split_once('?').unwrap_or((raw, ""));
         let path = path.trim_start_matches('/');
