@@ -180,6 +180,13 @@ pub struct GcpArgs {
         env = "COFFER_GCP_SECRETMANAGER_ENDPOINT"
     )]
     pub secretmanager_endpoint: Option<String>,
+    /// Parameter Manager endpoint (regional parameters use
+    /// `https://parametermanager.<location>.rep.googleapis.com` unless this is set).
+    #[arg(
+        long = "gcp-parametermanager-endpoint",
+        env = "COFFER_GCP_PARAMETERMANAGER_ENDPOINT"
+    )]
+    pub parametermanager_endpoint: Option<String>,
     /// Security Token Service endpoint.
     #[arg(
         long = "gcp-sts-endpoint",
@@ -214,6 +221,7 @@ impl Default for GcpArgs {
             cluster_location: None,
             cluster_name: None,
             secretmanager_endpoint: None,
+            parametermanager_endpoint: None,
             sts_endpoint: "https://sts.googleapis.com".into(),
             iam_credentials_endpoint: "https://iamcredentials.googleapis.com".into(),
             allow_node_publish_secret: false,

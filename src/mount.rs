@@ -97,7 +97,7 @@ pub fn check_objects(
     let mut failures = Vec::new();
     for object in objects {
         let checked = paths::validate_path(&object.name)
-            .map_err(|e| ObjectError::Invalid(format!("objectName: {e}")))
+            .map_err(|e| ObjectError::Invalid(format!("{}: {e}", object.name_field)))
             .and_then(|_| backends.get(&object.backend))
             .and_then(|backend| backend.validate(object, ctx));
         if let Err(error) = checked {

@@ -14,21 +14,21 @@ pub const MAX_ELEMENT_BYTES: usize = 255;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
-    #[error("path is empty")]
+    #[error("invalid path: it is empty")]
     Empty,
-    #[error("path must be relative, not absolute")]
+    #[error("invalid path: it must be relative, not absolute")]
     Absolute,
-    #[error("path is {0} bytes long; the limit is {MAX_PATH_BYTES}")]
+    #[error("invalid path: it is {0} bytes long; the limit is {MAX_PATH_BYTES}")]
     TooLong(usize),
-    #[error("path element is {0} bytes long; the limit is {MAX_ELEMENT_BYTES}")]
+    #[error("invalid path: an element is {0} bytes long; the limit is {MAX_ELEMENT_BYTES}")]
     ElementTooLong(usize),
-    #[error("path must not contain a '..' element")]
+    #[error("invalid path: it must not contain a '..' element")]
     DotDot,
-    #[error("path must not start with '..'")]
+    #[error("invalid path: it must not start with '..'")]
     LeadingDotDot,
-    #[error("path is not clean (no empty, '.' elements or trailing '/')")]
+    #[error("invalid path: it is not clean (no empty or '.' elements, no trailing '/')")]
     NotClean,
-    #[error("path contains a NUL byte")]
+    #[error("invalid path: it contains a NUL byte")]
     Nul,
 }
 

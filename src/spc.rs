@@ -108,6 +108,9 @@ pub struct ObjectSpec {
     pub optional: bool,
     /// The remaining, backend-specific fields.
     pub fields: BTreeMap<String, Value>,
+    /// The field that named the output path, for messages in the words of
+    /// the form the SPC was written in (`objectName`, or Google's `path`).
+    pub name_field: &'static str,
 }
 
 impl ObjectSpec {
@@ -335,7 +338,7 @@ fn parse_all(
         } else {
             entry
         };
-        match parse_object(index, entry, spc_backend, default_backend) {
+        match parse_object(index, entry, spc_backend, default_backend, param_name) {
             Ok(o) => objects.push(o),
             Err((object, error)) => failures.push(Failure { object, error }),
         }
@@ -348,8 +351,10 @@ fn parse_object(
     entry: Value,
     spc_backend: Option<&str>,
     default_backend: &str,
+    list: &'static str,
 ) -> Result<ObjectSpec, (String, ObjectError)> {
-    let position = format!("objects[{index}]");
+    let position = format!("{list}[{index}]");
+    let google = list == GCP_SECRETS_PARAM;
     let Value::Mapping(map) = entry else {
         return Err((
             position,
@@ -384,10 +389,12 @@ fn parse_object(
         };
     let name = take_string(&mut fields, "objectName", &position)?.unwrap_or_default();
     if name.is_empty() {
-        return Err((
-            position,
-            ObjectError::Invalid("objectName is missing".into()),
-        ));
+        let what = if google {
+            "fileName or path is missing"
+        } else {
+            "objectName is missing"
+        };
+        return Err((position, ObjectError::Invalid(what.into())));
     }
     let label = name.clone();
     // The object's own backend, else the SPC's, else — for an SPC moved
@@ -443,6 +450,7 @@ fn parse_object(
     };
     Ok(ObjectSpec {
         index,
+        name_field: if google { "path" } else { "objectName" },
         name,
         backend,
         mode,
@@ -621,6 +629,33 @@ mod tests {
         assert!(!e.contains("s3cr3t") && !e.contains('!'), "{e}");
         let e = Encoding::Hex.decode(b"zz-secret").unwrap_err().to_string();
         assert!(!e.contains("secret") && !e.contains('z'), "{e}");
+    }
+
+    #[test]
+    fn google_lists_are_reported_in_googles_words() {
+        let p = BTreeMap::from([(
+            GCP_SECRETS_PARAM.to_string(),
+            "- resourceName: projects/p/secrets/s/versions/1\n  path: ok\n\
+             - resourceName: projects/p/secrets/s/versions/1\n"
+                .to_string(),
+        )]);
+        let failures = parse_objects(&p, "file").unwrap_err();
+        assert_eq!(failures[0].object, "secrets[1]");
+        assert!(failures[0]
+            .error
+            .to_string()
+            .contains("fileName or path is missing"));
+        let p = BTreeMap::from([(
+            GCP_SECRETS_PARAM.to_string(),
+            "- resourceName: projects/p/secrets/s/versions/1\n  path: my/invalid/../path/x\n"
+                .to_string(),
+        )]);
+        let o = parse_objects(&p, "file").unwrap();
+        assert_eq!(o[0].name_field, "path");
+        let e = crate::paths::validate_path(&o[0].name)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("invalid path"), "{e}");
     }
 
     #[test]

@@ -564,3 +564,181 @@ async fn secret_manager_faults_end_the_mount_cleanly() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parameter_manager_versions_render_like_googles_provider() {
+    use common::google::Parameter;
+    let signer = Signer::new();
+    let g = google(&signer).await;
+    let reader = BTreeSet::from([POD.to_string()]);
+    {
+        let mut w = g.world.lock().unwrap();
+        // The parameters' principal may read db; nobody's may read gsa-only.
+        let principal = "parameter-principal@proj.iam".to_string();
+        w.readers
+            .get_mut("projects/proj/secrets/db")
+            .unwrap()
+            .insert(principal.clone());
+        let mut add = |name: &str, format: &'static str, payload: &str| {
+            w.parameters.insert(
+                name.into(),
+                Parameter {
+                    format,
+                    versions: BTreeMap::from([("v1".to_string(), payload.as_bytes().to_vec())]),
+                    principal: principal.clone(),
+                    accessors: reader.clone(),
+                },
+            );
+        };
+        add(
+            "projects/proj/locations/global/parameters/app",
+            "YAML",
+            "db:\n  host: db.internal\n  password: __REF__(\"//secretmanager.googleapis.com/projects/proj/secrets/db/versions/latest\")\nport: \"5432\"\n",
+        );
+        add(
+            "projects/proj/locations/us-central1/parameters/json",
+            "JSON",
+            "{\"user\": \"svc\", \"password\": \"__REF__(\\\"//secretmanager.googleapis.com/projects/proj/secrets/db/versions/1\\\")\"}",
+        );
+        add(
+            "projects/proj/locations/global/parameters/plain",
+            "UNFORMATTED",
+            "kept as is: __REF__(\"//secretmanager.googleapis.com/projects/proj/secrets/db/versions/1\")",
+        );
+        add(
+            "projects/proj/locations/global/parameters/forbidden-ref",
+            "YAML",
+            "x: __REF__(\"//secretmanager.googleapis.com/projects/proj/secrets/gsa-only/versions/1\")\n",
+        );
+        let mut locked = Parameter {
+            format: "YAML",
+            versions: BTreeMap::from([("v1".to_string(), b"a: b\n".to_vec())]),
+            principal: principal.clone(),
+            accessors: BTreeSet::new(),
+        };
+        locked.accessors.insert("someone-else".into());
+        w.parameters.insert(
+            "projects/proj/locations/global/parameters/locked".into(),
+            locked,
+        );
+    }
+    let d = daemon(&g, &["--gcp-parametermanager-endpoint", &g.addr]);
+    let mut c = d.client().await;
+    // Google's app-parameters example shape, global and regional.
+    let spc = gcp_spc(&[(
+        "secrets",
+        "- resourceName: projects/proj/locations/global/parameters/app/versions/v1\n  fileName: app.yaml\n\
+         - resourceName: projects/proj/locations/global/parameters/app/versions/v1\n  fileName: port\n  extractYAMLKey: port\n\
+         - resourceName: projects/proj/locations/us-central1/parameters/json/versions/v1\n  fileName: user\n  extractJSONKey: user\n\
+         - resourceName: projects/proj/locations/us-central1/parameters/json/versions/v1\n  fileName: password\n  extractJSONKey: password\n\
+         - resourceName: projects/proj/locations/global/parameters/plain/versions/v1\n  fileName: plain\n",
+    )]);
+    let r = c
+        .mount(pod(&spc, &signer))
+        .await
+        .expect("parameters")
+        .into_inner();
+    let f = files(&r);
+    assert_eq!(
+        String::from_utf8_lossy(&f["app.yaml"].0),
+        "db:\n  host: db.internal\n  password: pw-2\nport: \"5432\"\n",
+        "references rendered"
+    );
+    assert_eq!(f["port"].0, b"5432");
+    assert_eq!(f["user"].0, b"svc");
+    assert_eq!(f["password"].0, b"pw-1");
+    assert!(
+        String::from_utf8_lossy(&f["plain"].0).contains("__REF__"),
+        "unformatted: as is"
+    );
+    let ids: BTreeSet<&str> = r.object_version.iter().map(|v| v.id.as_str()).collect();
+    assert!(ids.contains("projects/proj/locations/global/parameters/app/versions/v1"));
+    // A referenced secret moving is a rotation of the rendered file.
+    let before = r.object_version.clone();
+    g.world
+        .lock()
+        .unwrap()
+        .secrets
+        .get_mut("projects/proj/secrets/db")
+        .unwrap()
+        .push(b"pw-3".to_vec());
+    let again = c.mount(pod(&spc, &signer)).await.unwrap().into_inner();
+    assert!(String::from_utf8_lossy(&files(&again)["app.yaml"].0).contains("pw-3"));
+    assert_ne!(again.object_version[0].version, before[0].version);
+    assert_eq!(
+        again.object_version[2].version, before[2].version,
+        "json pins db v1"
+    );
+    // Refusals: a reference the parameter's principal may not read, and a
+    // parameter the pod may not render.
+    for (resource, want) in [
+        (
+            "projects/proj/locations/global/parameters/forbidden-ref/versions/v1",
+            "secretmanager.versions.access",
+        ),
+        (
+            "projects/proj/locations/global/parameters/locked/versions/v1",
+            "gcpServiceAccount",
+        ),
+    ] {
+        let spc = gcp_spc(&[(
+            "secrets",
+            &format!("- resourceName: {resource}\n  fileName: x\n"),
+        )]);
+        let (code, msg) = mount_err(&mut c, pod(&spc, &signer)).await;
+        assert_eq!(code, Code::PermissionDenied, "{msg}");
+        assert!(msg.contains(want), "{msg}");
+    }
+    let missing = gcp_spc(&[(
+        "secrets",
+        "- resourceName: projects/proj/locations/global/parameters/app/versions/v9\n  fileName: x\n",
+    )]);
+    let (code, _) = mount_err(&mut c, pod(&missing, &signer)).await;
+    assert_eq!(code, Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_adc_without_credentials_says_so_plainly() {
+    let signer = Signer::new();
+    let g = google(&signer).await;
+    let home = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with(Options {
+        extra_args: vec![
+            "--gcp-secretmanager-endpoint".into(),
+            g.addr.clone(),
+            "--gcp-allow-provider-adc".into(),
+            "--backend-retries".into(),
+            "0".into(),
+        ],
+        env: vec![
+            (
+                "GOOGLE_APPLICATION_CREDENTIALS".into(),
+                "/nonexistent/adc.json".into(),
+            ),
+            ("HOME".into(), home.path().display().to_string()),
+        ],
+        ..Default::default()
+    });
+    let spc = gcp_spc(&[
+        ("auth", "provider-adc"),
+        (
+            "secrets",
+            "- resourceName: projects/proj/secrets/db/versions/1\n  fileName: f\n",
+        ),
+    ]);
+    let (code, msg) = mount_err(
+        &mut d.client().await,
+        driver(Path::new("/t")).to_proto(&spc),
+    )
+    .await;
+    assert_eq!(code, Code::FailedPrecondition, "{msg}");
+    assert!(
+        msg.contains("no usable Application Default Credentials"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("/nonexistent/adc.json, which is not a readable file"),
+        "{msg}"
+    );
+    assert!(!msg.contains("might succeed"), "{msg}");
+}

@@ -242,6 +242,7 @@ mod tests {
         }
         ObjectSpec {
             index: 0,
+            name_field: "objectName",
             name: name.into(),
             backend: "file".into(),
             mode: None,

@@ -1,5 +1,5 @@
-//! Loopback stand-ins for Google's Secret Manager, STS and IAM Credentials
-//! REST APIs (no installable emulator exists). They follow the documented
+//! Loopback stand-ins for Google's Secret Manager, Parameter Manager, STS
+//! and IAM Credentials REST APIs (no installable emulator exists). They follow the documented
 //! wire format — paths, JSON shapes, `{"error": {code, message, status}}` —
 //! and check what the real services check: the bearer token on every call,
 //! the exchanged subject token and audience, who may impersonate whom and
@@ -17,8 +17,24 @@ use axum::Router;
 use base64::Engine as _;
 use serde_json::{json, Value};
 
+/// A Parameter Manager parameter.
+#[derive(Default, Clone)]
+pub struct Parameter {
+    /// YAML, JSON or UNFORMATTED; only the first two render references.
+    pub format: &'static str,
+    /// version id → payload.
+    pub versions: BTreeMap<String, Vec<u8>>,
+    /// The parameter's own identity: rendering reads referenced secrets as
+    /// this principal (Google's model), not as the caller.
+    pub principal: String,
+    /// Who may render it (roles/parametermanager.parameterAccessor).
+    pub accessors: BTreeSet<String>,
+}
+
 #[derive(Default)]
 pub struct World {
+    /// "projects/p/locations/l/parameters/n" → parameter.
+    pub parameters: BTreeMap<String, Parameter>,
     /// "projects/p/secrets/s" (or with locations) → versions' payloads.
     pub secrets: BTreeMap<String, Vec<Vec<u8>>>,
     /// secret name → principals allowed to access it.
@@ -98,6 +114,10 @@ async fn access(
     headers: HeaderMap,
 ) -> (StatusCode, HeaderMap, String) {
     accesses.fetch_add(1, Ordering::SeqCst);
+    if let Some(name) = rest.strip_suffix(":render") {
+        let w = world.lock().unwrap();
+        return render(&w, name, &headers);
+    }
     let Some(name) = rest.strip_suffix(":access") else {
         return error(404, "NOT_FOUND", "unknown method");
     };
@@ -245,6 +265,133 @@ async fn impersonate(
         std::time::SystemTime::now() + std::time::Duration::from_secs(3600),
     );
     ok(json!({"accessToken": token, "expireTime": expire.to_string()}))
+}
+
+/// `GET /v1/{name=projects/*/locations/*/parameters/*/versions/*}:render`:
+/// the payload and, for JSON and YAML parameters, the payload with every
+/// `__REF__("//secretmanager.googleapis.com/<secret version>")` replaced by
+/// that secret's value, read as the parameter's principal.
+fn render(w: &World, name: &str, headers: &HeaderMap) -> (StatusCode, HeaderMap, String) {
+    let Some(who) = bearer(headers).and_then(|t| principal(w, &t)) else {
+        return error(
+            401,
+            "UNAUTHENTICATED",
+            "Request had invalid authentication credentials.",
+        );
+    };
+    let Some((parameter, version)) = name.rsplit_once("/versions/") else {
+        return error(400, "INVALID_ARGUMENT", "bad name");
+    };
+    let Some(p) = w.parameters.get(parameter) else {
+        return error(
+            404,
+            "NOT_FOUND",
+            &format!("Parameter [{parameter}] not found."),
+        );
+    };
+    if !p.accessors.contains(&who) {
+        return error(
+            403,
+            "PERMISSION_DENIED",
+            &format!("Permission 'parametermanager.parameterVersions.render' denied for {who}"),
+        );
+    }
+    let Some(payload) = p.versions.get(version) else {
+        return error(
+            404,
+            "NOT_FOUND",
+            &format!("Parameter Version [{name}] not found."),
+        );
+    };
+    let text = String::from_utf8_lossy(payload).into_owned();
+    let rendered = match p.format {
+        "UNFORMATTED" => Ok(text),
+        // In JSON the reference sits in a string, its quotes escaped:
+        // substitute in the decoded strings.
+        "JSON" => match serde_json::from_str::<Value>(&text) {
+            Err(_) => Err(error(
+                400,
+                "INVALID_ARGUMENT",
+                "the JSON payload does not parse",
+            )),
+            Ok(mut doc) => substitute_json(w, &p.principal, &mut doc).map(|()| doc.to_string()),
+        },
+        _ => substitute(w, &p.principal, &text),
+    };
+    let rendered = match rendered {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    ok(json!({
+        "parameterVersion": name,
+        "payload": {"data": b64(payload)},
+        "renderedPayload": b64(rendered.as_bytes()),
+    }))
+}
+
+type Answer = (StatusCode, HeaderMap, String);
+
+fn substitute_json(w: &World, principal: &str, v: &mut Value) -> Result<(), Answer> {
+    match v {
+        Value::String(s) => *s = substitute(w, principal, s)?,
+        Value::Array(a) => a
+            .iter_mut()
+            .try_for_each(|x| substitute_json(w, principal, x))?,
+        Value::Object(o) => o
+            .values_mut()
+            .try_for_each(|x| substitute_json(w, principal, x))?,
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Replaces each `__REF__("//secretmanager.googleapis.com/<version>")` in
+/// `text` by the secret's value, read as `principal`.
+fn substitute(w: &World, principal: &str, text: &str) -> Result<String, Answer> {
+    const REF: &str = "__REF__(\"//secretmanager.googleapis.com/";
+    let mut rendered = text.to_string();
+    while let Some(start) = rendered.find(REF) {
+        let rest = &rendered[start + REF.len()..];
+        let Some(end) = rest.find("\")") else {
+            return Err(error(400, "INVALID_ARGUMENT", "malformed secret reference"));
+        };
+        let reference = rest[..end].to_string();
+        let Some((secret, v)) = reference.rsplit_once("/versions/") else {
+            return Err(error(400, "INVALID_ARGUMENT", "malformed secret reference"));
+        };
+        if !w.readers.get(secret).is_some_and(|r| r.contains(principal)) {
+            return Err(error(
+                403,
+                "PERMISSION_DENIED",
+                &format!(
+                    "Permission 'secretmanager.versions.access' denied on {secret} for the parameter's principal"
+                ),
+            ));
+        }
+        let Some(versions) = w.secrets.get(secret) else {
+            return Err(error(
+                404,
+                "NOT_FOUND",
+                &format!("Secret [{secret}] not found."),
+            ));
+        };
+        let n = if v == "latest" {
+            versions.len()
+        } else {
+            v.parse().unwrap_or(0)
+        };
+        let Some(value) = n.checked_sub(1).and_then(|i| versions.get(i)) else {
+            return Err(error(
+                404,
+                "NOT_FOUND",
+                &format!("Secret Version [{reference}] not found."),
+            ));
+        };
+        let value = String::from_utf8_lossy(value).into_owned();
+        rendered.replace_range(start..start + REF.len() + end + 2, &value);
+    }
+    Ok(rendered)
 }
 
 impl Google {

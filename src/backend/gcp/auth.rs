@@ -126,9 +126,10 @@ impl Tokens {
                     .get_or_try_init(|| async {
                         google_cloud_auth::credentials::Builder::default()
                             .build()
-                            .map_err(|e| {
+                            .map_err(|_| {
                                 ObjectError::FailedPrecondition(format!(
-                                    "the daemon's Application Default Credentials: {e}"
+                                    "auth: provider-adc, but the daemon has no usable Application Default Credentials ({})",
+                                    adc_sources()
                                 ))
                             })
                     })
@@ -347,6 +348,30 @@ impl Tokens {
             .unwrap_or(Duration::from_secs(3600));
         Ok((Credential::new(token.to_string()), ttl))
     }
+}
+
+/// Where Application Default Credentials were looked for, for messages.
+pub fn adc_sources() -> String {
+    let env = match std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS") {
+        None => "GOOGLE_APPLICATION_CREDENTIALS is unset".to_string(),
+        Some(p) if std::path::Path::new(&p).is_file() => format!(
+            "GOOGLE_APPLICATION_CREDENTIALS names {}, which did not give a token",
+            std::path::Path::new(&p).display()
+        ),
+        Some(p) => format!(
+            "GOOGLE_APPLICATION_CREDENTIALS names {}, which is not a readable file",
+            std::path::Path::new(&p).display()
+        ),
+    };
+    let home = std::env::var_os("HOME").map(|h| {
+        std::path::Path::new(&h).join(".config/gcloud/application_default_credentials.json")
+    });
+    let file = match home {
+        Some(f) if f.is_file() => format!("{} exists but did not give a token", f.display()),
+        Some(f) => format!("no {}", f.display()),
+        None => "no HOME for gcloud's credentials file".to_string(),
+    };
+    format!("{env}; {file}; and the GCE metadata server gave no token")
 }
 
 /// A token service's answer, read with a byte bound (a lying server cannot

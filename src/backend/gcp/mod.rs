@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use google_cloud_parametermanager_v1::client::ParameterManager;
 use google_cloud_secretmanager_v1::client::SecretManagerService;
 
 use super::{Backend, FetchLimits, Fetched};
@@ -21,9 +22,34 @@ use crate::spc::ObjectSpec;
 pub mod auth;
 pub mod params;
 
-use params::{Extract, GcpObject, GcpParams};
+use params::{Extract, GcpObject, GcpParams, Kind};
 
 const GLOBAL_ENDPOINT: &str = "https://secretmanager.googleapis.com";
+const GLOBAL_PARAMETER_ENDPOINT: &str = "https://parametermanager.googleapis.com";
+
+/// Adds what the user can do about a refusal or a credentials failure.
+fn explain(e: ObjectError, auth: &params::Auth) -> ObjectError {
+    match (e, auth) {
+        (
+            ObjectError::PermissionDenied(m),
+            params::Auth::PodAdc {
+                impersonate: None, ..
+            },
+        ) => ObjectError::PermissionDenied(format!(
+            "{m}; the pod's own Workload Identity was refused: if a Google service account holds \
+             the grant, name it in the SPC parameter gcpServiceAccount (Google's provider takes it \
+             from the service account's iam.gke.io/gcp-service-account annotation; coffer reads \
+             no Kubernetes objects)"
+        )),
+        (ObjectError::PermissionDenied(m), params::Auth::ProviderAdc) if m.starts_with("credentials") => {
+            ObjectError::FailedPrecondition(format!(
+                "auth: provider-adc, but the daemon has no usable Application Default Credentials ({})",
+                auth::adc_sources()
+            ))
+        }
+        (e, _) => e,
+    }
+}
 
 /// Clients kept: one per (endpoint, access token) in use; an idle one
 /// belongs to a token that has since been replaced.
@@ -41,6 +67,27 @@ pub struct GcpBackend {
     tokens: auth::Tokens,
     /// Clients by (endpoint, identity): building one is not free.
     clients: BoundedMap<SecretManagerService>,
+    parameter_clients: BoundedMap<ParameterManager>,
+}
+
+/// Builds a Google client of either service the same way: coffer's retry
+/// layer decides about retries, every attempt has a timeout.
+macro_rules! google_client {
+    ($client:ty, $service:literal, $endpoint:expr, $credentials:expr, $timeout:expr) => {
+        <$client>::builder()
+            .with_endpoint($endpoint)
+            .with_credentials($credentials)
+            .with_retry_policy(google_cloud_gax::retry_policy::NeverRetry)
+            .with_attempt_timeout($timeout)
+            .build()
+            .await
+            .map_err(|e| {
+                ObjectError::FailedPrecondition(format!(
+                    concat!("cannot set up the ", $service, " client: {}"),
+                    e
+                ))
+            })
+    };
 }
 
 impl GcpBackend {
@@ -50,6 +97,7 @@ impl GcpBackend {
             timeout,
             tokens: auth::Tokens::new(timeout),
             clients: BoundedMap::new(CLIENTS),
+            parameter_clients: BoundedMap::new(CLIENTS),
         }
     }
 
@@ -61,11 +109,32 @@ impl GcpBackend {
     }
 
     fn endpoint(&self, object: &GcpObject) -> String {
-        match (&self.defaults.secretmanager_endpoint, &object.location) {
+        let (flag, service, global) = match object.kind {
+            Kind::Secret => (
+                &self.defaults.secretmanager_endpoint,
+                "secretmanager",
+                GLOBAL_ENDPOINT,
+            ),
+            Kind::Parameter => (
+                &self.defaults.parametermanager_endpoint,
+                "parametermanager",
+                GLOBAL_PARAMETER_ENDPOINT,
+            ),
+        };
+        match (flag, object.location.as_deref()) {
             (Some(ep), _) => ep.trim_end_matches('/').to_string(),
-            (None, Some(loc)) => format!("https://secretmanager.{loc}.rep.googleapis.com"),
-            (None, None) => GLOBAL_ENDPOINT.to_string(),
+            (None, None | Some("global")) => global.to_string(),
+            (None, Some(loc)) => format!("https://{service}.{loc}.rep.googleapis.com"),
         }
+    }
+
+    /// Bearer identities carry their token's fingerprint: a fresh token
+    /// gets a fresh client, an unchanged one reuses its client.
+    fn client_key(endpoint: &str, resolved: &auth::Resolved) -> Key {
+        KeyBuilder::new("gcp-client")
+            .field(endpoint)
+            .key(&resolved.identity)
+            .finish()
     }
 
     async fn client(
@@ -73,37 +142,114 @@ impl GcpBackend {
         endpoint: &str,
         resolved: auth::Resolved,
     ) -> Result<SecretManagerService, ObjectError> {
-        // Bearer identities carry their token's fingerprint: a fresh token
-        // gets a fresh client, an unchanged one reuses its client.
-        let key = KeyBuilder::new("gcp-client")
-            .field(endpoint)
-            .key(&resolved.identity)
-            .finish();
+        let key = Self::client_key(endpoint, &resolved);
         if let Some(c) = self.clients.get(&key) {
             return Ok(c);
         }
-        let client = SecretManagerService::builder()
-            .with_endpoint(endpoint)
-            .with_credentials(resolved.credentials)
-            .with_retry_policy(google_cloud_gax::retry_policy::NeverRetry)
-            .with_attempt_timeout(self.timeout)
-            .build()
-            .await
-            .map_err(|e| {
-                ObjectError::FailedPrecondition(format!(
-                    "cannot set up the Secret Manager client: {e}"
-                ))
-            })?;
+        let client = google_client!(
+            SecretManagerService,
+            "Secret Manager",
+            endpoint,
+            resolved.credentials,
+            self.timeout
+        )?;
         self.clients.insert(key, client.clone());
         Ok(client)
     }
+
+    async fn parameter_client(
+        &self,
+        endpoint: &str,
+        resolved: auth::Resolved,
+    ) -> Result<ParameterManager, ObjectError> {
+        let key = Self::client_key(endpoint, &resolved);
+        if let Some(c) = self.parameter_clients.get(&key) {
+            return Ok(c);
+        }
+        let client = google_client!(
+            ParameterManager,
+            "Parameter Manager",
+            endpoint,
+            resolved.credentials,
+            self.timeout
+        )?;
+        self.parameter_clients.insert(key, client.clone());
+        Ok(client)
+    }
+
+    /// A secret version's payload, CRC32C-checked, and its resolved name.
+    async fn access(
+        &self,
+        request: &GcpObject,
+        resolved: auth::Resolved,
+        limits: FetchLimits,
+    ) -> Result<(bytes::Bytes, Option<String>), ObjectError> {
+        let client = self.client(&self.endpoint(request), resolved).await?;
+        let resp = client
+            .access_secret_version()
+            .set_name(request.resource.clone())
+            .send()
+            .await
+            .map_err(|e| map_error(&e, "Secret Manager", &request.resource))?;
+        let payload = resp.payload.ok_or_else(|| {
+            ObjectError::NotFound(format!(
+                "Secret Manager returned no payload for {}",
+                request.resource
+            ))
+        })?;
+        too_large(payload.data.len(), limits)?;
+        if let Some(expected) = payload.data_crc32c {
+            if i64::from(crc32c::crc32c(&payload.data)) != expected {
+                return Err(ObjectError::Unavailable(format!(
+                    "the payload of {} failed its CRC32C check (corrupted in transit); nothing was mounted",
+                    request.resource
+                )));
+            }
+        }
+        // The resolved version name: `latest` moving is a rotation.
+        Ok((payload.data, Some(resp.name).filter(|n| !n.is_empty())))
+    }
+
+    /// A parameter version rendered (its `__REF__` secret references
+    /// resolved by Parameter Manager, as Google's provider reads it). The
+    /// rendered text can change under one version name when a referenced
+    /// secret moves, so coffer versions it by content.
+    async fn render(
+        &self,
+        request: &GcpObject,
+        resolved: auth::Resolved,
+        limits: FetchLimits,
+    ) -> Result<(bytes::Bytes, Option<String>), ObjectError> {
+        let client = self
+            .parameter_client(&self.endpoint(request), resolved)
+            .await?;
+        let resp = client
+            .render_parameter_version()
+            .set_name(request.resource.clone())
+            .send()
+            .await
+            .map_err(|e| map_error(&e, "Parameter Manager", &request.resource))?;
+        too_large(resp.rendered_payload.len(), limits)?;
+        Ok((resp.rendered_payload, None))
+    }
 }
 
-/// Maps a Secret Manager failure; messages name the resource, never a value.
-fn map_error(e: &google_cloud_gax::error::Error, resource: &str) -> ObjectError {
+fn too_large(size: usize, limits: FetchLimits) -> Result<(), ObjectError> {
+    if size as u64 > limits.max_bytes {
+        return Err(ObjectError::TooLarge {
+            size: size as u64,
+            limit: limits.max_bytes,
+        });
+    }
+    Ok(())
+}
+
+/// Maps a Secret Manager or Parameter Manager failure; messages name the
+/// resource, never a value.
+fn map_error(e: &google_cloud_gax::error::Error, service: &str, resource: &str) -> ObjectError {
     use google_cloud_gax::error::rpc::Code;
     if let Some(status) = e.status() {
-        let msg = format!("Secret Manager: {} ({resource})", status.message);
+        let msg = format!("{service}: {} ({resource})", status.message);
         return match status.code {
             Code::NotFound => ObjectError::NotFound(msg),
             Code::PermissionDenied | Code::Unauthenticated => ObjectError::PermissionDenied(msg),
@@ -121,18 +267,16 @@ fn map_error(e: &google_cloud_gax::error::Error, resource: &str) -> ObjectError 
         };
     }
     match e.http_status_code() {
-        Some(404) => ObjectError::NotFound(format!("Secret Manager has no {resource}")),
-        Some(401 | 403) => {
-            ObjectError::PermissionDenied(format!("Secret Manager denied {resource}"))
-        }
+        Some(404) => ObjectError::NotFound(format!("{service} has no {resource}")),
+        Some(401 | 403) => ObjectError::PermissionDenied(format!("{service} denied {resource}")),
         Some(429) => ObjectError::Throttled {
-            message: format!("Secret Manager rate-limited {resource}"),
+            message: format!("{service} rate-limited {resource}"),
             retry_after: retry_hint(e),
         },
         _ if e.is_authentication() => {
             ObjectError::PermissionDenied(format!("credentials for {resource}: {e}"))
         }
-        _ => ObjectError::Unavailable(format!("cannot reach Secret Manager for {resource}: {e}")),
+        _ => ObjectError::Unavailable(format!("cannot reach {service} for {resource}: {e}")),
     }
 }
 
@@ -306,41 +450,18 @@ impl Backend for GcpBackend {
             .tokens
             .resolve(&params.auth, ctx, &self.defaults)
             .await?;
-        let client = self.client(&self.endpoint(&request), resolved).await?;
-        let resp = client
-            .access_secret_version()
-            .set_name(request.resource.clone())
-            .send()
-            .await
-            .map_err(|e| map_error(&e, &request.resource))?;
-        let payload = resp.payload.ok_or_else(|| {
-            ObjectError::NotFound(format!(
-                "Secret Manager returned no payload for {}",
-                request.resource
-            ))
-        })?;
-        if payload.data.len() as u64 > limits.max_bytes {
-            return Err(ObjectError::TooLarge {
-                size: payload.data.len() as u64,
-                limit: limits.max_bytes,
-            });
+        let (data, version) = match request.kind {
+            Kind::Secret => self.access(&request, resolved, limits).await,
+            Kind::Parameter => self.render(&request, resolved, limits).await,
         }
-        if let Some(expected) = payload.data_crc32c {
-            if i64::from(crc32c::crc32c(&payload.data)) != expected {
-                return Err(ObjectError::Unavailable(format!(
-                    "the payload of {} failed its CRC32C check (corrupted in transit); nothing was mounted",
-                    request.resource
-                )));
-            }
-        }
+        .map_err(|e| explain(e, &params.auth))?;
         let contents = match &request.extract {
-            None => payload.data.to_vec(),
-            Some(x) => extract(&payload.data, x)?,
+            None => data.to_vec(),
+            Some(x) => extract(&data, x)?,
         };
         Ok(Fetched {
             contents: SecretBytes::new(contents),
-            // The resolved version name: `latest` moving is a rotation.
-            version: Some(resp.name).filter(|n| !n.is_empty()),
+            version,
             shareable: true,
             immutable: request.pinned,
         })
@@ -355,6 +476,7 @@ mod tests {
     fn regional_secrets_go_to_their_regional_endpoint() {
         let object = |r: &str| GcpObject {
             resource: r.into(),
+            kind: Kind::Secret,
             location: r
                 .split('/')
                 .nth(3)

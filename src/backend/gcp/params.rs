@@ -127,11 +127,23 @@ pub enum Extract {
     Yaml(String),
 }
 
+/// What a `resourceName` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A Secret Manager secret version (`…/secrets/*/versions/*`).
+    Secret,
+    /// A Parameter Manager parameter version (`…/parameters/*/versions/*`),
+    /// read rendered: its secret references (`__REF__`) resolved.
+    Parameter,
+}
+
 /// One object's request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GcpObject {
     pub resource: String,
-    /// `Some(location)` for regional secrets.
+    pub kind: Kind,
+    /// `Some(location)` for regional secrets and for parameters (`global`
+    /// included).
     pub location: Option<String>,
     /// The version is a number (immutable), not `latest` or an alias.
     pub pinned: bool,
@@ -147,26 +159,34 @@ impl GcpObject {
         let parts: Vec<&str> = resource.split('/').collect();
         let bad = || {
             ObjectError::Invalid(format!(
-                "resourceName {} is not projects/*/secrets/*/versions/* or \
-                 projects/*/locations/*/secrets/*/versions/*",
+                "resourceName {} is not projects/*/secrets/*/versions/*, \
+                 projects/*/locations/*/secrets/*/versions/* or \
+                 projects/*/locations/*/parameters/*/versions/*",
                 shown(&resource)
             ))
         };
         fn valid(s: &&&str) -> bool {
             !s.is_empty() && !s.contains(['?', '#', ':']) && **s != "." && **s != ".."
         }
-        let (location, version) = match parts.as_slice() {
+        // The location becomes part of a host name (the regional endpoint):
+        // only what Google's locations are made of.
+        fn location(l: &str) -> bool {
+            l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        }
+        let (kind, location, version) = match parts.as_slice() {
             ["projects", p, "secrets", s, "versions", v] if [p, s, v].iter().all(valid) => {
-                (None, *v)
+                (Kind::Secret, None, *v)
             }
-            // The location becomes part of a host name (the regional
-            // endpoint): only what Google's locations are made of.
             ["projects", p, "locations", l, "secrets", s, "versions", v]
-                if [p, l, s, v].iter().all(valid)
-                    && l.bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') =>
+                if [p, l, s, v].iter().all(valid) && location(l) =>
             {
-                (Some(l.to_string()), *v)
+                (Kind::Secret, Some(l.to_string()), *v)
+            }
+            ["projects", p, "locations", l, "parameters", n, "versions", v]
+                if [p, l, n, v].iter().all(valid) && location(l) =>
+            {
+                (Kind::Parameter, Some(l.to_string()), *v)
             }
             _ => return Err(bad()),
         };
@@ -187,8 +207,11 @@ impl GcpObject {
             (None, None) => None,
         };
         Ok(Self {
-            pinned: version.bytes().all(|b| b.is_ascii_digit()),
+            // A parameter version's payload is fixed, but what its
+            // references render to is not.
+            pinned: kind == Kind::Secret && version.bytes().all(|b| b.is_ascii_digit()),
             resource,
+            kind,
             location,
             extract,
         })
@@ -203,6 +226,21 @@ mod tests {
     fn object(yaml: &str) -> Result<GcpObject, ObjectError> {
         let params = BTreeMap::from([("objects".to_string(), yaml.to_string())]);
         GcpObject::from_spec(&crate::spc::parse_objects(&params, "gcp").unwrap()[0])
+    }
+
+    #[test]
+    fn parameter_versions() {
+        let o = object("- objectName: a\n  resourceName: projects/p/locations/global/parameters/app/versions/v1").unwrap();
+        assert_eq!(
+            (o.kind, o.location.as_deref(), o.pinned),
+            (Kind::Parameter, Some("global"), false)
+        );
+        let o = object("- objectName: a\n  resourceName: projects/p/locations/us-central1/parameters/app/versions/v1\n  extractYAMLKey: db").unwrap();
+        assert_eq!(
+            (o.kind, o.location.as_deref()),
+            (Kind::Parameter, Some("us-central1"))
+        );
+        assert_eq!(o.extract, Some(Extract::Yaml("db".into())));
     }
 
     #[test]
@@ -221,6 +259,8 @@ mod tests {
             "projects/p/secrets/../versions/1",
             "projects/p/locations/x@evil.example/secrets/s/versions/1",
             "projects/p/locations/EU.evil/secrets/s/versions/1",
+            "projects/p/parameters/n/versions/v",
+            "projects/p/locations/x@y/parameters/n/versions/v",
         ] {
             assert!(
                 object(&format!("- objectName: a\n  resourceName: {bad}")).is_err(),
