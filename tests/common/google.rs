@@ -309,18 +309,18 @@ fn render(w: &World, name: &str, headers: &HeaderMap) -> (StatusCode, HeaderMap,
         // In JSON the reference sits in a string, its quotes escaped:
         // substitute in the decoded strings.
         "JSON" => match serde_json::from_str::<Value>(&text) {
-            Err(_) => Err(error(
+            Err(_) => Err(Box::new(error(
                 400,
                 "INVALID_ARGUMENT",
                 "the JSON payload does not parse",
-            )),
+            ))),
             Ok(mut doc) => substitute_json(w, &p.principal, &mut doc).map(|()| doc.to_string()),
         },
         _ => substitute(w, &p.principal, &text),
     };
     let rendered = match rendered {
         Ok(r) => r,
-        Err(e) => return e,
+        Err(e) => return *e,
     };
     let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
     ok(json!({
@@ -330,7 +330,7 @@ fn render(w: &World, name: &str, headers: &HeaderMap) -> (StatusCode, HeaderMap,
     }))
 }
 
-type Answer = (StatusCode, HeaderMap, String);
+type Answer = Box<(StatusCode, HeaderMap, String)>;
 
 fn substitute_json(w: &World, principal: &str, v: &mut Value) -> Result<(), Answer> {
     match v {
@@ -354,27 +354,35 @@ fn substitute(w: &World, principal: &str, text: &str) -> Result<String, Answer> 
     while let Some(start) = rendered.find(REF) {
         let rest = &rendered[start + REF.len()..];
         let Some(end) = rest.find("\")") else {
-            return Err(error(400, "INVALID_ARGUMENT", "malformed secret reference"));
+            return Err(Box::new(error(
+                400,
+                "INVALID_ARGUMENT",
+                "malformed secret reference",
+            )));
         };
         let reference = rest[..end].to_string();
         let Some((secret, v)) = reference.rsplit_once("/versions/") else {
-            return Err(error(400, "INVALID_ARGUMENT", "malformed secret reference"));
+            return Err(Box::new(error(
+                400,
+                "INVALID_ARGUMENT",
+                "malformed secret reference",
+            )));
         };
         if !w.readers.get(secret).is_some_and(|r| r.contains(principal)) {
-            return Err(error(
+            return Err(Box::new(error(
                 403,
                 "PERMISSION_DENIED",
                 &format!(
                     "Permission 'secretmanager.versions.access' denied on {secret} for the parameter's principal"
                 ),
-            ));
+            )));
         }
         let Some(versions) = w.secrets.get(secret) else {
-            return Err(error(
+            return Err(Box::new(error(
                 404,
                 "NOT_FOUND",
                 &format!("Secret [{secret}] not found."),
-            ));
+            )));
         };
         let n = if v == "latest" {
             versions.len()
@@ -382,11 +390,11 @@ fn substitute(w: &World, principal: &str, text: &str) -> Result<String, Answer> 
             v.parse().unwrap_or(0)
         };
         let Some(value) = n.checked_sub(1).and_then(|i| versions.get(i)) else {
-            return Err(error(
+            return Err(Box::new(error(
                 404,
                 "NOT_FOUND",
                 &format!("Secret Version [{reference}] not found."),
-            ));
+            )));
         };
         let value = String::from_utf8_lossy(value).into_owned();
         rendered.replace_range(start..start + REF.len() + end + 2, &value);
