@@ -1022,3 +1022,83 @@ async fn list_method_and_kv1_secrets_holding_a_data_map() {
         json!({"password": "inner"})
     );
 }
+
+/// The shapes of openbao-csi-provider's documented example SPCs (its
+/// acceptance configs: JWT auth, KV, PKI with secretArgs, TLS settings with
+/// `bao…` names), moved over by changing only `provider`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openbao_provider_spcs_work_with_only_the_provider_changed() {
+    let bao = Bao::start_with(true).await;
+    let signer = Signer::new();
+    bao.policy("app", APP_POLICY).await;
+    setup_jwt(&bao, &signer, &["app"]).await;
+    // openbao-csi-provider's default audience.
+    bao.ok(
+        "POST",
+        "auth/jwt/role/jwt-kv-role",
+        json!({
+            "role_type": "jwt",
+            "bound_audiences": ["openbao"],
+            "user_claim": "sub",
+            "bound_subject": "system:serviceaccount:shop:web",
+            "token_policies": ["app"],
+        }),
+    )
+    .await;
+    setup_pki(&bao, false, "24h").await;
+    bao.put_kv2("kv1", json!({"bar1": "hello"})).await;
+    let tls_dir = bao.dir.path().join("tls").display().to_string();
+    let d = vault_daemon_with(&["--vault-tls-dir", &tls_dir]);
+    let mut c = d.client().await;
+    let manifest = format!(
+        r#"apiVersion: secrets-store.csi.x-k8s.io/v1
+kind: SecretProviderClass
+metadata:
+  name: openbao-all
+spec:
+  provider: coffer
+  parameters:
+    roleName: "jwt-kv-role"
+    baoAddress: {addr}
+    baoAuthMountPath: "jwt"
+    baoCACertPath: {tls_dir}/vault-ca.pem
+    objects: |
+      - objectName: "secret-1"
+        secretPath: "secret/data/kv1"
+        secretKey: "bar1"
+        filePermission: 0600
+      - objectName: "certs"
+        secretPath: "pki/issue/web"
+        secretArgs:
+          common_name: "test.shop.svc"
+          ttl: "24h"
+        method: "PUT"
+"#,
+        addr = bao.addr()
+    );
+    let spc = SecretProviderClass::from_yaml(&manifest).unwrap();
+    let req = with_tokens(
+        driver(Path::new("/var/lib/kubelet/pods/p/volumes/v/mount")),
+        &[("openbao", &signer.token("shop", "web", "openbao", 600))],
+    )
+    .to_proto(&spc);
+    let r = c.mount(req).await.expect("openbao SPC").into_inner();
+    let f = files(&r);
+    assert_eq!(f["secret-1"], b"hello");
+    assert_eq!(r.files[0].mode, 0o600);
+    let whole: serde_json::Value = serde_json::from_slice(&f["certs"]).unwrap();
+    let cert = whole["data"]["certificate"].as_str().unwrap();
+    assert_eq!(cert_of(cert.as_bytes()).0, "test.shop.svc");
+    // Both spellings of one setting: refused, naming both.
+    let both = manifest.replace(
+        "    baoAuthMountPath: \"jwt\"\n",
+        "    baoAuthMountPath: \"jwt\"\n    vaultAuthMountPath: \"jwt\"\n",
+    );
+    let spc = SecretProviderClass::from_yaml(&both).unwrap();
+    let (code, msg) = mount_err(&mut c, driver(Path::new("/t")).to_proto(&spc)).await;
+    assert_eq!(code, Code::InvalidArgument);
+    assert!(
+        msg.contains("vaultAuthMountPath and baoAuthMountPath"),
+        "{msg}"
+    );
+}
