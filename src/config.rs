@@ -89,9 +89,10 @@ pub struct ServeArgs {
     /// How many objects of one Mount are fetched at once.
     #[arg(long, env = "COFFER_FETCH_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     pub fetch_concurrency: u16,
-    /// Backend of objects whose SPC names none.
-    #[arg(long, env = "COFFER_DEFAULT_BACKEND", default_value = "file")]
-    pub default_backend: String,
+    /// Backend of objects whose SPC names none (default: `file` when the
+    /// file backend is on, else `vault`). Must be an enabled backend.
+    #[arg(long, env = "COFFER_DEFAULT_BACKEND")]
+    pub default_backend: Option<String>,
     /// Key for content-derived object versions; generated (0600) if absent.
     #[arg(
         long,
@@ -239,6 +240,15 @@ struct ServeOnly {
 }
 
 impl ServeArgs {
+    /// The backend of objects whose SPC names none.
+    pub fn default_backend(&self) -> String {
+        match &self.default_backend {
+            Some(b) => b.clone(),
+            None if self.file_backend_root.is_some() => "file".into(),
+            None => "vault".into(),
+        }
+    }
+
     pub fn from_args<I, T>(args: I) -> Result<Self, clap::Error>
     where
         I: IntoIterator<Item = T>,

@@ -14,6 +14,7 @@ pub struct LogError(String, String);
 
 /// Installs the global subscriber, writing to stderr.
 pub fn init(args: &LogArgs) -> Result<(), LogError> {
+    check_level(&args.log_level)?;
     let filter = EnvFilter::builder()
         .parse(&args.log_level)
         .map_err(|e| LogError(args.log_level.clone(), e.to_string()))?;
@@ -37,6 +38,33 @@ pub fn init(args: &LogArgs) -> Result<(), LogError> {
     };
     // A second init (tests, the demo) keeps the first subscriber.
     let _ = installed;
+    Ok(())
+}
+
+const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// A tracing filter accepts any bare word as a target name, so a misspelt
+/// level (`verbose`) would silently turn every line off: a directive must
+/// be a level, or `target=level`.
+fn check_level(raw: &str) -> Result<(), LogError> {
+    let bad = |why: &str| {
+        Err(LogError(
+            raw.to_string(),
+            format!(
+                "{why}; use one of {} or a filter such as info,coffer=debug",
+                LEVELS.join(", ")
+            ),
+        ))
+    };
+    if raw.trim().is_empty() {
+        return bad("it is empty");
+    }
+    for directive in raw.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return bad(&format!("{} is not a level", crate::error::shown(level)));
+        }
+    }
     Ok(())
 }
 
@@ -134,6 +162,17 @@ impl Throttle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_levels_are_checked() {
+        for ok in ["info", "DEBUG", "info,coffer=debug", "warn,h2=off", "off"] {
+            assert!(check_level(ok).is_ok(), "{ok}");
+        }
+        for bad in ["verbose", "info,coffer=loud", "", "infoo"] {
+            let e = check_level(bad).unwrap_err().to_string();
+            assert!(e.contains("error, warn, info"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn log_lines_cannot_be_forged() {

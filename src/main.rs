@@ -39,7 +39,27 @@ fn runtime(workers: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
     builder.enable_all().build()
 }
 
+/// Charts render unset values as empty strings: an empty `COFFER_*` or
+/// `VAULT_*` variable means "not set", not "set to nothing" (an empty
+/// COFFER_GCP_PROJECT made the audience `.svc.id.goog`). Runs before any
+/// thread exists.
+fn drop_empty_settings() {
+    let empty: Vec<std::ffi::OsString> = std::env::vars_os()
+        .filter(|(k, v)| {
+            v.is_empty()
+                && k.to_str()
+                    .is_some_and(|k| k.starts_with("COFFER_") || k.starts_with("VAULT_"))
+        })
+        .map(|(k, _)| k)
+        .collect();
+    for k in empty {
+        // SAFETY (edition 2021: safe): single-threaded here.
+        std::env::remove_var(k);
+    }
+}
+
 fn main() -> ExitCode {
+    drop_empty_settings();
     let cli = Cli::parse();
     let workers = match &cli.command {
         Command::Serve(args) => {

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -377,4 +378,76 @@ async fn sigterm_drains_an_in_flight_mount_in_the_real_binary() {
     assert!(status.success(), "{status}: {}", d.logs());
     assert!(!d.socket.exists());
     assert!(d.logs().contains("draining in-flight mounts"));
+}
+
+/// Settings that cannot work stop start-up with the flag's name and why,
+/// instead of a daemon that fails every Mount (or logs nothing).
+#[test]
+fn start_up_refuses_bad_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = Command::new(BIN);
+        cmd.args([
+            "serve",
+            "--health-addr",
+            "off",
+            "--audit-log",
+            "off",
+            "--socket",
+        ])
+        .arg(dir.path().join("c.sock"))
+        .arg("--version-key-file")
+        .arg(dir.path().join("k"))
+        .args(args)
+        .env("RUST_BACKTRACE", "0");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = run(&["--log-level", "verbose"], &[]);
+    assert!(!ok);
+    assert!(
+        err.contains("\"verbose\" is not a level") && err.contains("error, warn, info"),
+        "{err}"
+    );
+    let (ok, err) = run(&["--default-backend", "vualt"], &[]);
+    assert!(!ok);
+    assert!(
+        err.contains("--default-backend \"vualt\"") && err.contains("did you mean vault?"),
+        "{err}"
+    );
+    let (ok, err) = run(&["--default-backend", "file"], &[]);
+    assert!(!ok, "the file backend is off without --file-backend-root");
+    assert!(err.contains("not enabled on this node"), "{err}");
+    // An empty variable is unset: COFFER_LOG_LEVEL="" means the default.
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--health-addr",
+            "off",
+            "--audit-log",
+            "off",
+            "--socket",
+        ])
+        .arg(dir.path().join("d.sock"))
+        .arg("--version-key-file")
+        .arg(dir.path().join("k"))
+        .env("COFFER_LOG_LEVEL", "")
+        .env("COFFER_DEFAULT_BACKEND", "")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !dir.path().join("d.sock").exists() {
+        assert!(std::time::Instant::now() < deadline, "did not start");
+        assert!(child.try_wait().unwrap().is_none(), "exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -121,6 +121,11 @@ impl Registry {
         self.backends.insert(backend.name(), backend);
     }
 
+    /// The names of the enabled backends.
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.backends.keys().copied()
+    }
+
     pub fn get(&self, name: &str) -> Result<&Arc<dyn Backend>, ObjectError> {
         self.backends.get(name).ok_or_else(|| {
             let known: Vec<&str> = self.backends.keys().copied().collect();

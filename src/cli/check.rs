@@ -26,8 +26,9 @@ pub struct CheckArgs {
     /// SecretProviderClass manifests (YAML, several documents allowed).
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
-    /// The daemon's --default-backend.
-    #[arg(long, default_value = "file")]
+    /// The daemon's --default-backend (default: vault, as a daemon without
+    /// the file backend).
+    #[arg(long, env = "COFFER_DEFAULT_BACKEND", default_value = "vault")]
     pub default_backend: String,
     /// The daemon's --vault-addr, if SPCs rely on it.
     #[arg(long = "vault-addr", env = "VAULT_ADDR")]

@@ -33,6 +33,9 @@ pub enum ServeError {
     },
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    /// A flag whose value cannot work; says which flag and why.
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Concurrent Mounts on one connection (the driver multiplexes every pod's
@@ -80,7 +83,7 @@ pub fn mount_config(args: &ServeArgs) -> MountConfig {
         timeout: args.mount_timeout,
         max_response_bytes: args.max_response_bytes,
         fetch_concurrency: usize::from(args.fetch_concurrency),
-        default_backend: args.default_backend.clone(),
+        default_backend: args.default_backend(),
         stale_if_error: Some(args.stale_if_error).filter(|d| !d.is_zero()),
     }
 }
@@ -121,6 +124,18 @@ pub async fn serve_with_backends(
             VersionKey::random()?
         }
     };
+    let default_backend = args.default_backend();
+    if let Err(e) = registry.get(&default_backend) {
+        let known: Vec<&str> = registry.names().collect();
+        return Err(ServeError::Config(format!(
+            "--default-backend {}: {}{}",
+            crate::error::shown(&default_backend),
+            e,
+            crate::spc::suggestion(&default_backend, &known)
+                .map(|s| format!("; did you mean {s}?"))
+                .unwrap_or_default()
+        )));
+    }
     raise_nofile_limit();
     let auditor = Auditor::start(args.audit_log.clone(), args.audit_fail_closed);
     let mounter = Arc::new(Mounter::new(
