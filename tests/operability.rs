@@ -379,54 +379,8 @@ fn daemonset_is_hardened() {
         .filter_map(|a| a.as_str())
         .collect();
     assert!(args.contains(&"--socket=/provider/coffer.sock"));
-    // The chart renders the same hardening (no helm here: check the template text).
-    let chart =
-        std::fs::read_to_string(root.join("daemonset/chart/templates/daemonset.yaml")).unwrap();
-    for needle in [
-        "readOnlyRootFilesystem: true",
-        "allowPrivilegeEscalation: false",
-        "- ALL",
-        "RuntimeDefault",
-        "automountServiceAccountToken: false",
-        "/healthz",
-        "/readyz",
-        "priorityClassName",
-        "maxUnavailable",
-    ] {
-        assert!(chart.contains(needle), "chart lacks {needle}");
-    }
+    // The chart is rendered and checked for real in tests/deployment.rs.
     let values = yaml_docs(&root.join("daemonset/chart/values.yaml"));
     assert_eq!(values[0]["priorityClassName"], "system-node-critical");
     assert!(!values[0]["resources"]["limits"]["memory"].is_null());
-}
-
-#[test]
-fn manifests_validate_against_the_kubernetes_schemas() {
-    let venv = common::python::venv(&["kubernetes-validate==1.37.0"]);
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("daemonset");
-    let files = [
-        "coffer.yaml",
-        "csidriver-token-requests.yaml",
-        "examples/vault.yaml",
-        "examples/file.yaml",
-        "examples/gcp.yaml",
-    ];
-    for version in ["1.30", "1.34"] {
-        let out = Command::new(venv.join("bin/kubernetes-validate"))
-            .args(["-k", version, "--strict"])
-            .args(files.iter().map(|f| root.join(f)))
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "kubernetes {version}: {text}");
-        assert!(
-            text.contains("passed for resource daemonset/coffer"),
-            "{text}"
-        );
-        assert!(!text.contains("ERROR"), "{text}");
-    }
 }
