@@ -272,7 +272,10 @@ async fn main() {
         failures.load(Ordering::Relaxed),
         settled.len()
     );
-    assert_eq!(failures.load(Ordering::Relaxed), 0, "normal Mounts failed");
+    let failed = failures.load(Ordering::Relaxed);
+    // Stop the daemon before exiting (process::exit runs no destructors).
+    drop(d);
+    assert_eq!(failed, 0, "normal Mounts failed");
     if minutes >= 30 && s - 2.0 * err > 0.1 {
         eprintln!("RSS grows: {s:+.3} ± {err:.3} MiB/hour");
         std::process::exit(1);
