@@ -416,7 +416,6 @@ impl Mounter {
     ) -> Result<(proto::MountResponse, Vec<Ready>), MountError> {
         let objects = self.validate(ctx).await?;
         let freshness = self.freshness(ctx)?;
-        tracing::Span::current().record("objects", objects.len());
         let ctx = Arc::new(ctx.clone());
         let ready = self.fetch_all(&ctx, &objects, &freshness).await?;
         // Quick refusal before copying anything into a response.
@@ -469,6 +468,8 @@ impl Mounter {
     /// Everything that can be checked without fetching, for every object.
     async fn validate(&self, ctx: &MountContext) -> Result<Arc<Vec<ObjectSpec>>, MountError> {
         let (objects, memoised) = self.objects(ctx).await?;
+        // Once per Mount: a span field recorded twice is printed twice.
+        tracing::Span::current().record("objects", objects.len());
         let failures = check_objects(&self.backends, &objects, ctx);
         if failures.is_empty() {
             if !memoised {

@@ -205,3 +205,26 @@ fn demo_runs_end_to_end() {
         "mine"
     );
 }
+
+#[test]
+fn mount_without_a_daemon_says_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let spc = dir.path().join("spc.yaml");
+    std::fs::write(&spc, SPC_YAML).unwrap();
+    let out = Command::new(BIN)
+        .arg("mount")
+        .arg(&spc)
+        .arg("--socket")
+        .arg(dir.path().join("none.sock"))
+        .arg("--target")
+        .arg(dir.path().join("vol"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("nothing listens at") && stderr.contains("coffer serve --socket"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("transport error"), "{stderr}");
+}

@@ -287,6 +287,11 @@ fn check_validates_spcs_like_mount_without_fetching() {
             "daemonset/examples/vault.yaml",
             "daemonset/examples/file.yaml",
             "daemonset/examples/gcp.yaml",
+            // The node settings the GCP example relies on.
+            "--gcp-cluster-location",
+            "europe-west1",
+            "--gcp-cluster-name",
+            "c1",
         ])
         .current_dir(root)
         .output()
@@ -326,6 +331,52 @@ fn check_validates_spcs_like_mount_without_fetching() {
         stdout.contains("warning: object \"d\": field(s) objectAlias ignored by the vault backend"),
         "{stdout}"
     );
+
+    // Judged as Mount judges: a typo of a parameter, no address, no project.
+    let typo = dir.path().join("typo.yaml");
+    std::fs::write(
+        &typo,
+        "apiVersion: secrets-store.csi.x-k8s.io/v1\nkind: SecretProviderClass\nmetadata: {name: vt}\n\
+         spec:\n  provider: coffer\n  paramters: {}\n  parameters:\n    vaultAdress: https://v:8200\n    roleName: app\n\
+         \x20   teamOwner: shop\n    objects: |\n      - objectName: a\n        secretPath: secret/data/a\n\
+         ---\napiVersion: secrets-store.csi.x-k8s.io/v1\nkind: SecretProviderClass\nmetadata: {name: g}\n\
+         spec:\n  provider: coffer\n  parameters:\n    secrets: |\n      - resourceName: projects/p/secrets/s/versions/1\n        fileName: f\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("check")
+        .arg(&typo)
+        .env_remove("VAULT_ADDR")
+        .env_remove("COFFER_GCP_PROJECT")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(
+        stdout.contains("parameter vaultAdress (did you mean vaultAddress?)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("no Vault address"), "{stdout}");
+    assert!(
+        stdout.contains("parameter teamOwner is not read by coffer"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("spec.paramters (did you mean parameters?)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("pod-adc needs a project"), "{stdout}");
+    assert!(!stdout.contains("::"), "{stdout}");
+    // The same SPC passes with the daemon's defaults given as flags.
+    let out = Command::new(BIN)
+        .arg("check")
+        .arg(&typo)
+        .args(["--vault-addr", "https://vault:8200", "--gcp-project", "p"])
+        .args(["--gcp-cluster-location", "l", "--gcp-cluster-name", "c"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("g: ok (1 object;"), "{stdout}");
 }
 
 fn yaml_docs(path: &Path) -> Vec<serde_yaml_ng::Value> {

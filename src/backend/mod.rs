@@ -59,6 +59,12 @@ pub trait Backend: Send + Sync {
     /// uses) before anything is fetched for the Mount.
     fn validate(&self, object: &ObjectSpec, ctx: &MountContext) -> Result<(), ObjectError>;
 
+    /// The SPC parameters this backend reads (for `coffer check` to tell a
+    /// typo from a parameter meant for something else).
+    fn parameters(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Fields of `object` this backend ignores (as the peer provider whose
     /// form it accepts does), for a warning: leftovers of a migration.
     fn ignored_fields<'a>(&self, _object: &'a ObjectSpec) -> Vec<&'a str> {

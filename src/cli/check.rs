@@ -30,23 +30,17 @@ pub struct CheckArgs {
     /// the file backend).
     #[arg(long, env = "COFFER_DEFAULT_BACKEND", default_value = "vault")]
     pub default_backend: String,
-    /// The daemon's --vault-addr, if SPCs rely on it.
-    #[arg(long = "vault-addr", env = "VAULT_ADDR")]
-    pub vault_addr: Option<String>,
-    /// The daemon's --vault-tls-dir (TLS files SPCs name must be below it).
-    #[arg(
-        long = "vault-tls-dir",
-        env = "COFFER_VAULT_TLS_DIR",
-        default_value = "/etc/coffer/tls"
-    )]
-    pub vault_tls_dir: PathBuf,
-    /// The daemon allows `auth: provider-adc` (--gcp-allow-provider-adc).
-    #[arg(long = "gcp-allow-provider-adc", env = "COFFER_GCP_ALLOW_PROVIDER_ADC")]
-    pub gcp_allow_provider_adc: bool,
-    /// The daemon's --gcp-project, if SPCs rely on it.
-    #[arg(long = "gcp-project", env = "COFFER_GCP_PROJECT")]
-    pub gcp_project: Option<String>,
+    /// The daemon's own Vault settings (same flags and variables as
+    /// `coffer serve`): SPCs that rely on them are judged with them.
+    #[command(flatten)]
+    pub vault: VaultArgs,
+    /// The daemon's own Google settings, likewise.
+    #[command(flatten)]
+    pub gcp: GcpArgs,
 }
+
+/// The keys of a SecretProviderClass `spec`.
+const SPEC_KEYS: &[&str] = &["provider", "parameters", "secretObjects"];
 
 /// Problems found in one SPC.
 #[derive(Debug)]
@@ -62,50 +56,79 @@ pub struct Finding {
     pub audiences: std::collections::BTreeSet<String>,
 }
 
+/// The backends as the daemon described by the flags would have them.
+/// The file backend is judged by its rules only (no root is opened).
 fn registry(args: &CheckArgs) -> Registry {
     let mut r = Registry::new();
     r.register(Arc::new(FileBackend::new("/".into(), Scope::None)));
-    r.register(Arc::new(VaultBackend::new(VaultArgs {
-        // Only the parameters are judged: a placeholder stands in for the
-        // daemon's default address when none is given.
-        address: Some(
-            args.vault_addr
-                .clone()
-                .unwrap_or_else(|| "https://vault.invalid:8200".into()),
-        ),
-        tls_dir: args.vault_tls_dir.clone(),
-        ..VaultArgs::default()
-    })));
+    r.register(Arc::new(VaultBackend::new(args.vault.clone())));
     r.register(Arc::new(GcpBackend::new(
         GcpArgs {
-            project: Some(
-                args.gcp_project
-                    .clone()
-                    .unwrap_or_else(|| "placeholder-project".into()),
-            ),
-            cluster_location: Some("placeholder".into()),
-            cluster_name: Some("placeholder".into()),
+            // key.json arrives in nodePublishSecretRef, which check has not
+            // got: whether the node accepts one is not judged here.
             allow_node_publish_secret: true,
-            allow_provider_adc: args.gcp_allow_provider_adc,
-            ..GcpArgs::default()
+            ..args.gcp.clone()
         },
         std::time::Duration::from_secs(30),
     )));
     r
 }
 
+/// SPC parameters coffer reads (others are ignored, as the peers ignore
+/// them; near misses of these are typos).
+fn known_parameters(registry: &Registry) -> Vec<String> {
+    let mut known: Vec<String> = [
+        spc::OBJECTS_PARAM,
+        spc::GCP_SECRETS_PARAM,
+        spc::BACKEND_PARAM,
+        crate::mount::REFRESH_PARAM,
+        crate::mount::STALE_PARAM,
+    ]
+    .map(String::from)
+    .to_vec();
+    for name in registry.names() {
+        if let Ok(b) = registry.get(name) {
+            known.extend(b.parameters());
+        }
+    }
+    known.sort();
+    known.dedup();
+    known
+}
+
+/// Keys of each SPC's `spec`, by name, read from the raw documents.
+fn spec_keys(text: &str) -> BTreeMap<String, Vec<String>> {
+    let mut out = BTreeMap::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(text) {
+        let Ok(v) = <serde_yaml_ng::Value as serde::Deserialize>::deserialize(doc) else {
+            continue;
+        };
+        let name = v["metadata"]["name"].as_str().unwrap_or("").to_string();
+        if let Some(spec) = v["spec"].as_mapping() {
+            out.insert(
+                name,
+                spec.keys()
+                    .filter_map(|k| k.as_str().map(String::from))
+                    .collect(),
+            );
+        }
+    }
+    out
+}
+
 /// The context Mount would see for a pod using `spc`, with a placeholder
 /// token for the audiences it names (tokens come from the driver at run time).
-fn context(spc: &SecretProviderClass) -> Result<MountContext, String> {
+fn context(spc: &SecretProviderClass, args: &CheckArgs) -> Result<MountContext, String> {
     let mut tokens = BTreeMap::new();
     let project = spc
         .parameters
         .get("gcpProject")
         .cloned()
-        .unwrap_or_else(|| "placeholder-project".into());
+        .or_else(|| args.gcp.project.clone())
+        .unwrap_or_default();
     let audiences = [
         spc.parameters.get("audience").cloned(),
-        Some("vault".to_string()),
+        Some(args.vault.audience.clone()),
         Some(format!("{project}.svc.id.goog")),
     ];
     for audience in audiences.into_iter().flatten() {
@@ -136,10 +159,13 @@ fn context(spc: &SecretProviderClass) -> Result<MountContext, String> {
 
 pub fn check(args: &CheckArgs) -> Vec<Finding> {
     let registry = registry(args);
+    let known = known_parameters(&registry);
+    let known: Vec<&str> = known.iter().map(String::as_str).collect();
     let mut findings = Vec::new();
     for file in &args.files {
-        let spcs = std::fs::read_to_string(file)
-            .map_err(|e| format!("cannot read: {e}"))
+        let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read: {e}"));
+        let keys = text.as_deref().map(spec_keys).unwrap_or_default();
+        let spcs = text
             .and_then(|text| SecretProviderClass::all_from_yaml(&text).map_err(|e| e.to_string()));
         let spcs = match spcs {
             Ok(s) => s,
@@ -166,7 +192,28 @@ pub fn check(args: &CheckArgs) -> Vec<Finding> {
             let mut objects = 0;
             let mut warnings = Vec::new();
             let mut audiences = std::collections::BTreeSet::new();
-            match context(&spc_doc) {
+            for key in keys.get(&spc_doc.name).into_iter().flatten() {
+                if !SPEC_KEYS.contains(&key.as_str()) {
+                    let shown = spc::with_suggestion(key, SPEC_KEYS);
+                    warnings.push(format!("spec.{shown} is not a SecretProviderClass field"));
+                }
+            }
+            for name in spc_doc.parameters.keys() {
+                if known.contains(&name.as_str()) {
+                    continue;
+                }
+                match spc::suggestion(name, &known) {
+                    Some(_) => problems.push(format!(
+                        "parameter {}: coffer reads no such parameter",
+                        spc::with_suggestion(name, &known)
+                    )),
+                    None => warnings.push(format!(
+                        "parameter {} is not read by coffer (ignored)",
+                        crate::error::shown_bare(name)
+                    )),
+                }
+            }
+            match context(&spc_doc, args) {
                 Err(e) => problems.push(e),
                 Ok(ctx) => {
                     let show = |f: &Failure| f.to_string();
@@ -207,10 +254,10 @@ pub fn run(args: CheckArgs) -> bool {
         let name = if f.spc.is_empty() {
             String::new()
         } else {
-            format!(" {}", f.spc)
+            format!(" {}:", f.spc)
         };
         for w in &f.warnings {
-            println!("{}:{name}: warning: {w}", f.file.display());
+            println!("{}:{name} warning: {w}", f.file.display());
         }
         if f.problems.is_empty() {
             let tokens = if f.audiences.is_empty() {
@@ -221,15 +268,16 @@ pub fn run(args: CheckArgs) -> bool {
                     f.audiences.iter().cloned().collect::<Vec<_>>().join(", ")
                 )
             };
+            let plural = if f.objects == 1 { "object" } else { "objects" };
             println!(
-                "{}:{name}: ok ({} objects{tokens})",
+                "{}:{name} ok ({} {plural}{tokens})",
                 f.file.display(),
                 f.objects
             );
         } else {
             clean = false;
             for p in &f.problems {
-                println!("{}:{name}: {p}", f.file.display());
+                println!("{}:{name} {p}", f.file.display());
             }
         }
     }

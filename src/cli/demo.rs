@@ -220,6 +220,13 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
         "2. pod shop/checkout-7d9f mounts {} (as the driver would):",
         dir.join("spc.yaml").display()
     );
+    for line in EXAMPLE_SPC.lines() {
+        println!("   | {line}");
+    }
+    println!(
+        "   Each object comes back with a version: an opaque tag that changes exactly when \
+         its content does (the driver rewrites a file only then)."
+    );
     let first = mount_once(&mut client, driver.to_proto(&spc), &target, timeout).await?;
     print_report(&target, &first, None);
     show_volume(&target);
@@ -247,11 +254,23 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
         Ok(Err(e)) => return Err(DemoError::Daemon(e.to_string())),
         Err(e) => return Err(DemoError::Daemon(e.to_string())),
     }
-    println!("== done. Look around {}; try it by hand:", dir.display());
-    println!("   cargo run -- serve --socket {0} --file-backend-root {1} --version-key-file {2} --health-addr off",
-        socket.display(), dir.join("secrets").display(), dir.join("version.key").display());
+    // The commands name this very binary, so they work from anywhere.
+    let me = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "coffer".into());
+    println!("== done. Look around {}.", dir.display());
+    println!("   To try it by hand, run the daemon in one terminal:");
     println!(
-        "   cargo run -- mount {} --socket {} --target {} --namespace shop --watch 5",
+        "   {me} serve --socket {0} --file-backend-root {1} --version-key-file {2} --health-addr off",
+        socket.display(),
+        dir.join("secrets").display(),
+        dir.join("version.key").display()
+    );
+    println!(
+        "   and mount (polling like rotation) in a second one; then edit a file under secrets/:"
+    );
+    println!(
+        "   {me} mount {} --socket {} --target {} --namespace shop --watch 5",
         dir.join("spc.yaml").display(),
         socket.display(),
         target.display()

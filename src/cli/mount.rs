@@ -78,11 +78,8 @@ pub enum CliError {
         path: PathBuf,
         source: ManifestError,
     },
-    #[error("cannot connect to the provider socket {path}: {source}")]
-    Connect {
-        path: PathBuf,
-        source: tonic::transport::Error,
-    },
+    #[error("{0}")]
+    Connect(String),
     #[error("mount failed: {code:?}: {message}")]
     Mount { code: tonic::Code, message: String },
     #[error("mount timed out after {0:?}")]
@@ -248,10 +245,7 @@ pub async fn run(args: MountArgs) -> Result<(), CliError> {
     let (spc, driver) = args.request()?;
     let mut client = client::connect(&args.socket)
         .await
-        .map_err(|source| CliError::Connect {
-            path: args.socket.clone(),
-            source,
-        })?;
+        .map_err(|e| CliError::Connect(client::explain_connect_error(&args.socket, &e)))?;
     let mut previous: Option<Vec<proto::ObjectVersion>> = None;
     loop {
         let result = mount_once(

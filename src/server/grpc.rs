@@ -135,9 +135,6 @@ impl CsiDriverProvider for ProviderService {
                 Ok(Response::new(response))
             }
             Err(err) => {
-                if let MountError::Objects { total, .. } = &err {
-                    span.record("objects", *total);
-                }
                 let status = to_status(&err);
                 METRICS
                     .mounts

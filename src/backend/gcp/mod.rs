@@ -385,6 +385,10 @@ impl Backend for GcpBackend {
         object.unknown_fields(params::OBJECT_FIELDS)
     }
 
+    fn parameters(&self) -> Vec<String> {
+        params::PARAMETERS.iter().map(|p| p.to_string()).collect()
+    }
+
     fn token_audience(&self, _object: &ObjectSpec, ctx: &MountContext) -> Option<String> {
         match GcpParams::from_context(ctx, &self.defaults).ok()?.auth {
             params::Auth::PodAdc { audience, .. } => Some(audience),

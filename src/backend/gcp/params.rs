@@ -12,6 +12,15 @@ use crate::spc::ObjectSpec;
 /// Object fields this backend reads.
 pub const OBJECT_FIELDS: &[&str] = &["resourceName", "extractJSONKey", "extractYAMLKey"];
 
+/// SPC parameters this backend reads.
+pub const PARAMETERS: &[&str] = &[
+    "auth",
+    "gcpProject",
+    "audience",
+    "gcpServiceAccount",
+    "gcpWorkloadIdentityProvider",
+];
+
 /// How the pod's calls to Secret Manager are authorized.
 #[derive(Debug, Clone)]
 pub enum Auth {

@@ -354,6 +354,10 @@ impl Backend for VaultBackend {
         object.unknown_fields(params::OBJECT_FIELDS)
     }
 
+    fn parameters(&self) -> Vec<String> {
+        params::parameter_names()
+    }
+
     fn token_audience(&self, _object: &ObjectSpec, ctx: &MountContext) -> Option<String> {
         match VaultParams::from_context(ctx, &self.defaults).ok()?.auth {
             params::Auth::Login { audience, .. } => Some(audience),
