@@ -219,6 +219,13 @@ impl Metrics {
                 .get_or_create(&Outcome { outcome })
                 .inc_by(0);
         }
+        for listener in ["provider", "health"] {
+            for reason in ["uid", "limit", "accept_error"] {
+                m.refused_connections
+                    .get_or_create(&ConnectionLabels { listener, reason })
+                    .inc_by(0);
+            }
+        }
         m.build_info
             .get_or_create(&VersionLabel {
                 version: env!("CARGO_PKG_VERSION"),

@@ -56,6 +56,29 @@ async fn metrics_count_mounts_by_outcome_without_unbounded_labels() {
         1.0
     );
     assert_eq!(metric(&text, "coffer_mount_duration_seconds_count"), 5.0);
+    // Every metric the shipped alert rules use exists.
+    let families: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let rules = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("daemonset/alerts.yaml"),
+    )
+    .unwrap();
+    let mut used = 0;
+    for word in rules.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if !word.starts_with("coffer_") {
+            continue;
+        }
+        let base = ["_total", "_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|s| word.strip_suffix(s))
+            .unwrap_or(word);
+        assert!(families.contains(&base), "alerts.yaml uses {word}, which /metrics lacks");
+        used += 1;
+    }
+    assert!(used >= 8, "{used}");
     assert_eq!(
         metric(
             &text,
