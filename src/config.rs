@@ -240,6 +240,87 @@ struct ServeOnly {
 }
 
 impl ServeArgs {
+    /// Checks the values that clap's types cannot: each error names the
+    /// flag and says why, so a daemon that would fail every Mount never
+    /// starts.
+    pub fn validate(&self) -> Result<(), String> {
+        let url = |flag: &str, value: &str| -> Result<(), String> {
+            match url::Url::parse(value) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => Ok(()),
+                _ => Err(format!(
+                    "{flag} {}: not an http:// or https:// URL",
+                    crate::error::shown(value)
+                )),
+            }
+        };
+        if let Some(a) = &self.vault.address {
+            url("--vault-addr", a)?;
+        }
+        for (flag, value) in [
+            (
+                "--gcp-secretmanager-endpoint",
+                &self.gcp.secretmanager_endpoint,
+            ),
+            (
+                "--gcp-parametermanager-endpoint",
+                &self.gcp.parametermanager_endpoint,
+            ),
+        ] {
+            if let Some(v) = value {
+                url(flag, v)?;
+            }
+        }
+        url("--gcp-sts-endpoint", &self.gcp.sts_endpoint)?;
+        url(
+            "--gcp-iam-credentials-endpoint",
+            &self.gcp.iam_credentials_endpoint,
+        )?;
+        if !self.vault.tls_dir.is_absolute() {
+            return Err(format!(
+                "--vault-tls-dir {}: must be an absolute path",
+                self.vault.tls_dir.display()
+            ));
+        }
+        if !self.backend_qps.is_finite() || self.backend_qps < 0.0 {
+            return Err(format!(
+                "--backend-qps {}: must be a number of calls per second, 0 or more",
+                self.backend_qps
+            ));
+        }
+        if self.max_response_bytes == 0 {
+            return Err("--max-response-bytes 0: no Mount could return anything".into());
+        }
+        if self.mount_timeout.is_zero() {
+            return Err("--mount-timeout 0s: every Mount would time out".into());
+        }
+        if self.vault.request_timeout.is_zero() {
+            return Err("--vault-request-timeout 0s: every backend call would time out".into());
+        }
+        if let Some(root) = &self.file_backend_root {
+            if !root.is_dir() {
+                return Err(format!(
+                    "--file-backend-root {}: not a directory",
+                    root.display()
+                ));
+            }
+        }
+        for (flag, name) in [
+            ("--gcp-project", &self.gcp.project),
+            ("--gcp-cluster-location", &self.gcp.cluster_location),
+            ("--gcp-cluster-name", &self.gcp.cluster_name),
+        ] {
+            if let Some(v) = name {
+                if v.trim().is_empty() || v.contains(['/', ' ', '\n']) {
+                    return Err(format!(
+                        "{flag} {}: not a Google name",
+                        crate::error::shown(v)
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The backend of objects whose SPC names none.
     pub fn default_backend(&self) -> String {
         match &self.default_backend {
@@ -370,5 +451,26 @@ mod tests {
         assert!(parse_octal_mode("0999").is_err());
         assert_eq!(parse_duration("100s").unwrap(), Duration::from_secs(100));
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn serve_flags_are_validated() {
+        let ok = ServeArgs::from_args(["--vault-addr", "https://vault:8200"]).unwrap();
+        assert!(ok.validate().is_ok());
+        for (args, flag) in [
+            (vec!["--vault-addr", "vault:8200"], "--vault-addr"),
+            (vec!["--gcp-sts-endpoint", "sts"], "--gcp-sts-endpoint"),
+            (vec!["--vault-tls-dir", "tls"], "--vault-tls-dir"),
+            (vec!["--backend-qps", "NaN"], "--backend-qps"),
+            (vec!["--max-response-bytes", "0"], "--max-response-bytes"),
+            (
+                vec!["--file-backend-root", "/nonexistent/dir"],
+                "--file-backend-root",
+            ),
+            (vec!["--gcp-project", "a b"], "--gcp-project"),
+        ] {
+            let e = ServeArgs::from_args(args).unwrap().validate().unwrap_err();
+            assert!(e.starts_with(flag), "{e}");
+        }
     }
 }

@@ -75,7 +75,10 @@ async fn metrics_count_mounts_by_outcome_without_unbounded_labels() {
             .iter()
             .find_map(|s| word.strip_suffix(s))
             .unwrap_or(word);
-        assert!(families.contains(&base), "alerts.yaml uses {word}, which /metrics lacks");
+        assert!(
+            families.contains(&base),
+            "alerts.yaml uses {word}, which /metrics lacks"
+        );
         used += 1;
     }
     assert!(used >= 8, "{used}");

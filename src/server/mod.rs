@@ -124,6 +124,7 @@ pub async fn serve_with_backends(
             VersionKey::random()?
         }
     };
+    args.validate().map_err(ServeError::Config)?;
     let default_backend = args.default_backend();
     if let Err(e) = registry.get(&default_backend) {
         let known: Vec<&str> = registry.names().collect();
