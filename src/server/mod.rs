@@ -60,6 +60,19 @@ fn raise_nofile_limit() {
     }
 }
 
+/// Hands freed heap pages back to the system once a minute: requests
+/// that allocate megabytes for a moment (a hostile document, a large SPC)
+/// would otherwise leave the RSS at their high-water mark, and a memory
+/// limit counts RSS.
+async fn release_memory_periodically() {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let _ = tokio::task::spawn_blocking(crate::work::release_memory).await;
+    }
+}
+
 /// Builds the backends enabled by the flags.
 pub fn backends(args: &ServeArgs) -> Registry {
     let mut registry = Registry::new();
@@ -138,6 +151,7 @@ pub async fn serve_with_backends(
         )));
     }
     raise_nofile_limit();
+    let housekeeping = tokio::spawn(release_memory_periodically());
     let auditor = Auditor::start(args.audit_log.clone(), args.audit_fail_closed);
     let mounter = Arc::new(Mounter::new(
         registry,
@@ -229,6 +243,7 @@ pub async fn serve_with_backends(
     if let Some(h) = health {
         let _ = h.await;
     }
+    housekeeping.abort();
     auditor.flush(std::time::Duration::from_secs(2)).await;
     drop(bound);
     tracing::info!("coffer stopped");
