@@ -144,33 +144,80 @@ impl Backend for FileBackend {
         limits: FetchLimits,
     ) -> Result<Fetched, ObjectError> {
         let (scope, path) = self.locate(object, ctx)?;
-        let (scope, path) = (scope.map(str::to_string), path.to_string());
-        let root = self.root.clone();
-        let refuse_hardlinks = self.refuse_hardlinks;
-        let contents = tokio::task::spawn_blocking(move || {
-            read(
-                &root,
-                scope.as_deref(),
-                Path::new(&path),
-                limits.max_bytes,
-                refuse_hardlinks,
-            )
-        })
-        .await
-        .map_err(|e| ObjectError::Internal(format!("file read task failed: {e}")))??;
-        Ok(Fetched::new(contents, None))
+        let relative = Path::new(path);
+        let errors = Errors::new(relative, scope.is_some());
+        // Opening and checking are a few syscalls on the async task; a
+        // small regular file (the usual secret) is read there too: a hop to
+        // the blocking pool per object cost more than the read.
+        let file = open(&self.root, scope, relative, self.refuse_hardlinks, &errors)?;
+        let size = file
+            .metadata()
+            .map_err(|e| {
+                ObjectError::Unavailable(format!("cannot stat {}: {}", errors.shown, e.kind()))
+            })?
+            .len();
+        let contents = if size <= INLINE_READ_BYTES {
+            nodefs::read_regular(&file, limits.max_bytes)
+        } else {
+            tokio::task::spawn_blocking(move || nodefs::read_regular(&file, limits.max_bytes))
+                .await
+                .map_err(|e| ObjectError::Internal(format!("file read task failed: {e}")))?
+        }
+        .map_err(|e| errors.map(e))?;
+        Ok(Fetched::new(SecretBytes::new(contents), None))
     }
 }
 
-/// Reads `relative` beneath the root, or beneath `<root>/<scope>`.
-fn read(
+/// Files up to this size are read on the async task.
+const INLINE_READ_BYTES: u64 = 64 * 1024;
+
+/// Maps node-file errors to what the pod is told, naming its path.
+struct Errors {
+    shown: String,
+    below: &'static str,
+}
+
+impl Errors {
+    fn new(relative: &Path, scoped: bool) -> Self {
+        Self {
+            shown: crate::error::shown(&relative.to_string_lossy()),
+            below: if scoped {
+                "the pod's namespace directory"
+            } else {
+                "the file backend root"
+            },
+        }
+    }
+
+    fn map(&self, e: NodeFileError) -> ObjectError {
+        let (shown, below) = (&self.shown, self.below);
+        match e {
+            NodeFileError::NotFound => {
+                ObjectError::NotFound(format!("{shown} does not exist under {below}"))
+            }
+            NodeFileError::Outside => {
+                ObjectError::PermissionDenied(format!("{shown} resolves outside {below}"))
+            }
+            NodeFileError::Symlink | NodeFileError::Denied => {
+                ObjectError::PermissionDenied(format!("{shown} {e}"))
+            }
+            NodeFileError::NotRegular(kind) => ObjectError::Invalid(format!("{shown} is {kind}")),
+            NodeFileError::TooLarge { size, limit } => ObjectError::TooLarge { size, limit },
+            NodeFileError::Io(_) => ObjectError::Unavailable(format!("{shown} {e}")),
+        }
+    }
+}
+
+/// Opens `relative` beneath the root, or beneath `<root>/<scope>`, with the
+/// hard-link rule applied.
+fn open(
     root: &Path,
     scope: Option<&str>,
     relative: &Path,
-    max_bytes: u64,
     refuse_hardlinks: bool,
-) -> Result<SecretBytes, ObjectError> {
-    let shown = crate::error::shown(&relative.to_string_lossy());
+    errors: &Errors,
+) -> Result<std::fs::File, ObjectError> {
+    let shown = &errors.shown;
     let root_dir = nodefs::open_dir(root).map_err(|e| {
         ObjectError::Unavailable(format!(
             "cannot open the file backend root {}: {e}",
@@ -188,26 +235,7 @@ fn read(
             )),
         })?,
     };
-    let below = if scope.is_some() {
-        "the pod's namespace directory"
-    } else {
-        "the file backend root"
-    };
-    let map = |e: NodeFileError| match e {
-        NodeFileError::NotFound => {
-            ObjectError::NotFound(format!("{shown} does not exist under {below}"))
-        }
-        NodeFileError::Outside => {
-            ObjectError::PermissionDenied(format!("{shown} resolves outside {below}"))
-        }
-        NodeFileError::Symlink | NodeFileError::Denied => {
-            ObjectError::PermissionDenied(format!("{shown} {e}"))
-        }
-        NodeFileError::NotRegular(kind) => ObjectError::Invalid(format!("{shown} is {kind}")),
-        NodeFileError::TooLarge { size, limit } => ObjectError::TooLarge { size, limit },
-        NodeFileError::Io(_) => ObjectError::Unavailable(format!("{shown} {e}")),
-    };
-    let file = nodefs::open_beneath(&dir, relative).map_err(map)?;
+    let file = nodefs::open_beneath(&dir, relative).map_err(|e| errors.map(e))?;
     if refuse_hardlinks {
         let links = file
             .metadata()
@@ -219,9 +247,7 @@ fn read(
             )));
         }
     }
-    nodefs::read_regular(&file, max_bytes)
-        .map(SecretBytes::new)
-        .map_err(map)
+    Ok(file)
 }
 
 #[cfg(test)]

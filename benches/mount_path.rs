@@ -1,0 +1,359 @@
+//! The Mount path against its floor: the real daemon (file backend, two
+//! small objects, audit log at its default) and, in the same run, a bare
+//! tonic server on a Unix socket answering a MountResponse of the same size,
+//! both driven by the same load generator at 1, 8 and 64 concurrent callers
+//! (one HTTP/2 connection per 8 callers). Each level runs several times;
+//! the medians are printed. Then the warm-cache Vault path (OpenBao, every
+//! Mount a cache hit) at the same levels, peak RSS under the 64-caller load,
+//! RSS after 10,000 and 100,000 Mounts, and CPU per 1,000 warm Mounts.
+//!
+//! cargo bench --bench mount_path
+//! Knobs (env): MP_SECONDS (2), MP_RUNS (3), MP_VAULT (1 = include OpenBao).
+
+#[path = "../tests/common/mod.rs"]
+#[allow(unused_imports)]
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use coffer::client::ProviderClient;
+use coffer::manifest::{DriverRequest, Pod, SecretProviderClass};
+use coffer::proto;
+use coffer::secret::Credential;
+use common::env_num;
+
+const LEVELS: [usize; 3] = [1, 8, 64];
+const CALLERS_PER_CONNECTION: usize = 8;
+
+/// Child role: the floor, a bare tonic server with a fixed answer as large
+/// as coffer's.
+async fn run_floor(socket: PathBuf, template: proto::MountResponse) {
+    struct Fixed(proto::MountResponse);
+    #[tonic::async_trait]
+    impl proto::csi_driver_provider_server::CsiDriverProvider for Fixed {
+        async fn version(
+            &self,
+            _: tonic::Request<proto::VersionRequest>,
+        ) -> Result<tonic::Response<proto::VersionResponse>, tonic::Status> {
+            Ok(tonic::Response::new(proto::VersionResponse::default()))
+        }
+        async fn mount(
+            &self,
+            _: tonic::Request<proto::MountRequest>,
+        ) -> Result<tonic::Response<proto::MountResponse>, tonic::Status> {
+            Ok(tonic::Response::new(self.0.clone()))
+        }
+    }
+    let _ = std::fs::remove_file(&socket);
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    tonic::transport::Server::builder()
+        .add_service(
+            proto::csi_driver_provider_server::CsiDriverProviderServer::new(Fixed(template)),
+        )
+        .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+        .await
+        .unwrap();
+}
+
+struct Proc {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Proc {
+    fn wait_ready(mut self) -> Self {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            assert!(Instant::now() < deadline, "did not start");
+            assert!(self.child.try_wait().unwrap().is_none(), "exited");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self
+    }
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn floor(dir: &Path, template: &proto::MountResponse) -> Proc {
+    let socket = dir.join("floor.sock");
+    let child = Command::new(std::env::current_exe().unwrap())
+        .env("MP_ROLE", "floor")
+        .env("MP_SOCKET", &socket)
+        .env(
+            "MP_TEMPLATE",
+            hex::encode(prost::Message::encode_to_vec(template)),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Proc { child, socket }.wait_ready()
+}
+
+fn coffer(dir: &Path, name: &str, extra: &[&str]) -> Proc {
+    let socket = dir.join(format!("{name}.sock"));
+    // The audit log at its default (stderr), which goes to a file as a
+    // container runtime's log would.
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    let child = Command::new(common::BIN)
+        .args([
+            "serve",
+            "--health-addr",
+            "off",
+            "--log-level",
+            "warn",
+            "--socket",
+        ])
+        .arg(&socket)
+        .arg("--file-backend-root")
+        .arg(dir.join("secrets"))
+        .arg("--version-key-file")
+        .arg(dir.join(format!("{name}.key")))
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Proc { child, socket }.wait_ready()
+}
+
+fn request(spc: &SecretProviderClass, n: usize, secrets: Option<&str>) -> proto::MountRequest {
+    DriverRequest {
+        pod: Pod {
+            namespace: "bench".into(),
+            name: format!("pod-{n}"),
+            uid: format!("uid-{n}"),
+            service_account: "app".into(),
+        },
+        tokens: BTreeMap::new(),
+        node_publish_secrets: secrets
+            .map(|t| BTreeMap::from([("token".to_string(), Credential::new(t.to_string()))])),
+        volume_attributes: BTreeMap::new(),
+        permission: 0o644,
+        target_path: format!("/var/lib/kubelet/pods/uid-{n}/volumes/v/mount"),
+    }
+    .to_proto(spc)
+}
+
+fn spc(params: &[(&str, &str)]) -> SecretProviderClass {
+    SecretProviderClass {
+        name: "bench".into(),
+        namespace: Some("bench".into()),
+        provider: "coffer".into(),
+        parameters: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+/// `callers` concurrent callers for `secs`: Mounts/s and p50 latency.
+async fn level(
+    socket: &Path,
+    reqs: &Arc<Vec<proto::MountRequest>>,
+    callers: usize,
+    secs: f64,
+) -> (f64, Duration) {
+    let connections = callers.div_ceil(CALLERS_PER_CONNECTION);
+    let mut clients: Vec<ProviderClient> = Vec::new();
+    for _ in 0..connections {
+        clients.push(coffer::client::connect(socket).await.unwrap());
+    }
+    let started = Instant::now();
+    let stop = started + Duration::from_secs_f64(secs);
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..callers {
+        let mut c = clients[t % connections].clone();
+        let reqs = Arc::clone(reqs);
+        tasks.spawn(async move {
+            let mut lat = Vec::with_capacity(4096);
+            let mut i = t;
+            while Instant::now() < stop {
+                let at = Instant::now();
+                let r = c.mount(reqs[i % reqs.len()].clone()).await;
+                assert!(r.is_ok(), "{r:?}");
+                lat.push(at.elapsed());
+                i += callers;
+            }
+            lat
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        all.extend(r.unwrap());
+    }
+    let took = started.elapsed().as_secs_f64();
+    all.sort();
+    (all.len() as f64 / took, all[all.len() / 2])
+}
+
+fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+async fn measure(
+    socket: &Path,
+    reqs: &Arc<Vec<proto::MountRequest>>,
+    runs: usize,
+    secs: f64,
+) -> Vec<(f64, Duration)> {
+    // Warm-up: connections, caches, allocator.
+    let _ = level(socket, reqs, 8, 0.5).await;
+    let mut out = Vec::new();
+    for callers in LEVELS {
+        let mut rates = Vec::new();
+        let mut p50s = Vec::new();
+        for _ in 0..runs {
+            let (r, p) = level(socket, reqs, callers, secs).await;
+            rates.push(r);
+            p50s.push(p);
+        }
+        out.push((median(rates), median(p50s)));
+    }
+    out
+}
+
+fn table(label: &str, floor: &[(f64, Duration)], it: &[(f64, Duration)]) {
+    println!("\n[{label}]");
+    println!(
+        "{:>8} {:>12} {:>12} {:>7} {:>12} {:>12} {:>7}",
+        "callers", "floor/s", "coffer/s", "ratio", "floor p50", "coffer p50", "ratio"
+    );
+    for (i, callers) in LEVELS.iter().enumerate() {
+        let (fr, fp) = floor[i];
+        let (cr, cp) = it[i];
+        println!(
+            "{callers:>8} {fr:>12.0} {cr:>12.0} {:>7.2} {:>12.1?} {:>12.1?} {:>7.2}",
+            cr / fr,
+            fp,
+            cp,
+            cp.as_secs_f64() / fp.as_secs_f64()
+        );
+    }
+}
+
+/// Mounts `n` times as fast as 8 callers can; returns CPU seconds used by
+/// `pid` meanwhile.
+async fn mounts(socket: &Path, reqs: &Arc<Vec<proto::MountRequest>>, n: usize, pid: i32) -> f64 {
+    let cpu0 = cpu(pid);
+    let mut c = coffer::client::connect(socket).await.unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..8 {
+        let mut c = c.clone();
+        let reqs = Arc::clone(reqs);
+        tasks.spawn(async move {
+            for i in (t..n).step_by(8) {
+                c.mount(reqs[i % reqs.len()].clone()).await.unwrap();
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let _ = c.version(proto::VersionRequest::default()).await;
+    cpu(pid) - cpu0
+}
+
+fn cpu(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| f.get(*i)?.parse::<u64>().ok())
+        .sum();
+    ticks as f64 / 100.0
+}
+
+fn main() {
+    if std::env::var("MP_ROLE").as_deref() == Ok("floor") {
+        let socket = PathBuf::from(std::env::var("MP_SOCKET").unwrap());
+        let bytes = hex::decode(std::env::var("MP_TEMPLATE").unwrap()).unwrap();
+        let template: proto::MountResponse = prost::Message::decode(bytes.as_slice()).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(run_floor(socket, template));
+        return;
+    }
+    let secs = env_num("MP_SECONDS", 2) as f64;
+    let runs = env_num("MP_RUNS", 3) as usize;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
+        std::fs::write(dir.path().join("secrets/db-password"), vec![b'p'; 32]).unwrap();
+        std::fs::write(dir.path().join("secrets/api-key"), vec![b'k'; 32]).unwrap();
+        let file_spc = spc(&[
+            ("backend", "file"),
+            ("objects", "- objectName: db-password\n- objectName: api-key\n"),
+        ]);
+        let reqs: Arc<Vec<proto::MountRequest>> =
+            Arc::new((0..64).map(|n| request(&file_spc, n, None)).collect());
+        // The floor answers what coffer answers, byte for byte in size.
+        let daemon = coffer(dir.path(), "coffer", &[]);
+        let mut c = coffer::client::connect(&daemon.socket).await.unwrap();
+        let template = c.mount(reqs[0].clone()).await.unwrap().into_inner();
+        let floor = floor(dir.path(), &template);
+        println!(
+            "file backend, 2 objects of 32 bytes, audit log to stderr (a file); response {} bytes; {secs} s × {runs} runs per level, medians",
+            prost::Message::encoded_len(&template)
+        );
+        let floor_figures = measure(&floor.socket, &reqs, runs, secs).await;
+        let coffer_figures = measure(&daemon.socket, &reqs, runs, secs).await;
+        table("file backend vs floor", &floor_figures, &coffer_figures);
+        let peak = common::proc_status(daemon.pid(), "VmHWM:");
+        println!("daemon peak RSS (VmHWM) after the 64-caller runs: {:.1} MiB", peak as f64 / 1024.0);
+        let n10 = 10_000;
+        let cpu10 = mounts(&daemon.socket, &reqs, n10, daemon.pid()).await;
+        let rss10 = common::proc_status(daemon.pid(), "VmRSS:");
+        let cpu100 = mounts(&daemon.socket, &reqs, 90_000, daemon.pid()).await;
+        let rss100 = common::proc_status(daemon.pid(), "VmRSS:");
+        println!(
+            "RSS after 10,000 more Mounts {:.2} MiB, after 100,000 {:.2} MiB ({:+.2} MiB); CPU per 1,000 Mounts {:.3} s",
+            rss10 as f64 / 1024.0,
+            rss100 as f64 / 1024.0,
+            (rss100 as f64 - rss10 as f64) / 1024.0,
+            (cpu10 + cpu100) / 100.0
+        );
+        drop(daemon);
+
+        if env_num("MP_VAULT", 1) == 1 {
+            let bao = common::bao::Bao::start().await;
+            bao.put_kv2("db", serde_json::json!({"password": "p".repeat(32), "key": "k".repeat(32)}))
+                .await;
+            let vault_spc = spc(&[
+                ("backend", "vault"),
+                ("vaultAddress", &bao.addr()),
+                (
+                    "objects",
+                    "- objectName: db-password\n  secretPath: secret/data/db\n  secretKey: password\n\
+                     - objectName: api-key\n  secretPath: secret/data/db\n  secretKey: key\n",
+                ),
+            ]);
+            let vreqs: Arc<Vec<proto::MountRequest>> = Arc::new(
+                (0..64)
+                    .map(|n| request(&vault_spc, n, Some(common::bao::ROOT)))
+                    .collect(),
+            );
+            let vd = coffer(dir.path(), "vault", &["--cache-ttl", "1h"]);
+            let vault_figures = measure(&vd.socket, &vreqs, runs, secs).await;
+            table("Vault (OpenBao), warm cache hits, vs the same floor", &floor_figures, &vault_figures);
+            let cpu = mounts(&vd.socket, &vreqs, 10_000, vd.pid()).await;
+            println!("CPU per 1,000 warm Vault Mounts {:.3} s", cpu / 10.0);
+        }
+    });
+}
