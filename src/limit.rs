@@ -108,11 +108,20 @@ pub struct Limiter {
 #[derive(Clone)]
 pub struct Call {
     pub backend: Arc<dyn Backend>,
-    pub object: Arc<ObjectSpec>,
+    /// The Mount's object list (shared, not copied per call) and which
+    /// object this call fetches.
+    pub objects: Arc<Vec<ObjectSpec>>,
+    pub index: usize,
     pub ctx: Arc<MountContext>,
     pub limits: FetchLimits,
     /// The Mount's deadline: no retry sleeps past it.
     pub deadline: Instant,
+}
+
+impl Call {
+    pub fn object(&self) -> &ObjectSpec {
+        &self.objects[self.index]
+    }
 }
 
 impl Limiter {
@@ -178,7 +187,7 @@ impl Limiter {
 async fn timed(stats: &Stats, c: &Call) -> Result<Fetched, ObjectError> {
     stats.calls.fetch_add(1, Ordering::Relaxed);
     let started = std::time::Instant::now();
-    let result = c.backend.fetch(&c.object, &c.ctx, c.limits).await;
+    let result = c.backend.fetch(c.object(), &c.ctx, c.limits).await;
     crate::metrics::backend_call(
         c.backend.name(),
         "fetch",
@@ -329,7 +338,8 @@ mod tests {
                 "/nonexistent".into(),
                 Default::default(),
             )),
-            object: Arc::new(object),
+            objects: Arc::new(vec![object]),
+            index: 0,
             ctx: Arc::new(MountContext::parse("{}", "null", "420", "/t").unwrap()),
             limits: FetchLimits { max_bytes: 1 },
             deadline: Instant::now() + deadline_in,

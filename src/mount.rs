@@ -351,8 +351,9 @@ impl Mounter {
     /// Runs a Mount for an already-parsed request and audits it. With a
     /// fail-closed audit log, nothing is returned unless its records are
     /// written.
-    pub async fn mount(&self, ctx: &MountContext) -> Result<proto::MountResponse, MountError> {
-        let result = self.mount_inner(ctx).await;
+    pub async fn mount(&self, ctx: Arc<MountContext>) -> Result<proto::MountResponse, MountError> {
+        let result = self.mount_inner(&ctx).await;
+        let ctx = &*ctx;
         let time = audit::now_rfc3339();
         let base = |object, backend, address| record(ctx, &time, object, backend, address);
         let mut records = Vec::new();
@@ -412,12 +413,11 @@ impl Mounter {
 
     async fn mount_inner(
         &self,
-        ctx: &MountContext,
+        ctx: &Arc<MountContext>,
     ) -> Result<(proto::MountResponse, Vec<Ready>), MountError> {
         let objects = self.validate(ctx).await?;
         let freshness = self.freshness(ctx)?;
-        let ctx = Arc::new(ctx.clone());
-        let ready = self.fetch_all(&ctx, &objects, &freshness).await?;
+        let ready = self.fetch_all(ctx, &objects, &freshness).await?;
         // Quick refusal before copying anything into a response.
         let total: u64 = ready.iter().map(|r| r.contents.len() as u64).sum();
         if total > self.config.max_response_bytes {
@@ -494,7 +494,7 @@ impl Mounter {
     async fn fetch_all(
         &self,
         ctx: &Arc<MountContext>,
-        objects: &[ObjectSpec],
+        objects: &Arc<Vec<ObjectSpec>>,
         freshness: &Freshness,
     ) -> Result<Vec<Ready>, MountError> {
         let deadline = tokio::time::Instant::now() + self.config.timeout;
@@ -508,11 +508,11 @@ impl Mounter {
         let futures: Vec<_> = objects
             .iter()
             .enumerate()
-            .map(|(i, object)| {
+            .map(|(i, _)| {
                 let outstanding = Arc::clone(&outstanding);
                 async move {
                     let result = self
-                        .fetch_one(ctx, object, limits, freshness, deadline)
+                        .fetch_one(ctx, objects, i, limits, freshness, deadline)
                         .await;
                     if let Ok(mut set) = outstanding.lock() {
                         set.remove(&i);
@@ -559,15 +559,18 @@ impl Mounter {
     async fn fetch_one(
         &self,
         ctx: &Arc<MountContext>,
-        object: &ObjectSpec,
+        objects: &Arc<Vec<ObjectSpec>>,
+        index: usize,
         limits: FetchLimits,
         freshness: &Freshness,
         deadline: tokio::time::Instant,
     ) -> Result<Ready, ObjectError> {
+        let object = &objects[index];
         let backend = Arc::clone(self.backends.get(&object.backend)?);
         let call = Call {
             backend: Arc::clone(&backend),
-            object: Arc::new(object.clone()),
+            objects: Arc::clone(objects),
+            index,
             ctx: Arc::clone(ctx),
             limits,
             deadline,

@@ -114,7 +114,7 @@ impl CsiDriverProvider for ProviderService {
             span.record("pod_name", ctx.pod.name.as_str());
             span.record("pod_uid", ctx.pod.uid.as_str());
             span.record("spc", ctx.spc_name.as_str());
-            mounter.mount(&ctx).await
+            mounter.mount(Arc::new(ctx)).await
         }
         .instrument(span.clone())
         .await;
