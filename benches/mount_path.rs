@@ -248,7 +248,7 @@ fn table(label: &str, floor: &[(f64, Duration)], it: &[(f64, Duration)]) {
 /// Mounts `n` times as fast as 8 callers can; returns CPU seconds used by
 /// `pid` meanwhile.
 async fn mounts(socket: &Path, reqs: &Arc<Vec<proto::MountRequest>>, n: usize, pid: i32) -> f64 {
-    let cpu0 = cpu(pid);
+    let cpu0 = common::cpu_secs(pid);
     let mut c = coffer::client::connect(socket).await.unwrap();
     let mut tasks = tokio::task::JoinSet::new();
     for t in 0..8 {
@@ -262,18 +262,7 @@ async fn mounts(socket: &Path, reqs: &Arc<Vec<proto::MountRequest>>, n: usize, p
     }
     while tasks.join_next().await.is_some() {}
     let _ = c.version(proto::VersionRequest::default()).await;
-    cpu(pid) - cpu0
-}
-
-fn cpu(pid: i32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|i| f.get(*i)?.parse::<u64>().ok())
-        .sum();
-    ticks as f64 / 100.0
+    common::cpu_secs(pid) - cpu0
 }
 
 fn main() {

@@ -4,15 +4,13 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use coffer::manifest::{DriverRequest, SecretProviderClass};
+use coffer::manifest::SecretProviderClass;
 use coffer::proto;
-use coffer::secret::Credential;
 use common::*;
 use nix::sys::resource::Resource;
 use tonic::Code;
@@ -107,16 +105,6 @@ fn constrained_daemon(extra: &[&str]) -> Daemon {
         rlimits: vec![(Resource::RLIMIT_AS, 128 * 1024 * 1024)],
     });
     d.write_secret("ok", "fine");
-    d
-}
-
-/// A driver request carrying a Vault token in nodePublishSecretRef.
-fn with_vault_token() -> DriverRequest {
-    let mut d = driver(Path::new("/t"));
-    d.node_publish_secrets = Some(BTreeMap::from([(
-        "token".to_string(),
-        Credential::new("t".into()),
-    )]));
     d
 }
 
@@ -254,7 +242,7 @@ async fn hostile_documents_are_refused_while_the_node_keeps_serving() {
         "/proc/self/environ",
         "/etc/shadow",
     ] {
-        let req = with_vault_token().to_proto(&spc_with(&[
+        let req = with_vault_token("t").to_proto(&spc_with(&[
             ("backend", "vault"),
             ("vaultAddress", "https://127.0.0.1:1"),
             ("vaultCACertPath", path),
@@ -336,7 +324,7 @@ async fn distinct_spcs_and_vault_addresses_do_not_pin_memory() {
 
     // 1,500 Vault addresses (connection refused at once): each used to keep
     // an HTTP client and a limiter scope forever (~105 KB).
-    let drv = with_vault_token();
+    let drv = with_vault_token("t");
     for i in 0..1500 {
         let req = drv.to_proto(&spc_with(&[
             ("backend", "vault"),
@@ -650,21 +638,7 @@ fn unsafe_version_keys_stop_start_up_without_hanging() {
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
     for (key, want) in [(&dangling, "symlink"), (&fifo, "not a regular file")] {
         let started = Instant::now();
-        let out = std::process::Command::new(BIN)
-            .args([
-                "serve",
-                "--health-addr",
-                "off",
-                "--audit-log",
-                "off",
-                "--socket",
-            ])
-            .arg(dir.path().join("c.sock"))
-            .arg("--version-key-file")
-            .arg(key)
-            .env("RUST_BACKTRACE", "0")
-            .output()
-            .unwrap();
+        let out = serve_command(dir.path(), "c.sock", key).output().unwrap();
         assert!(!out.status.success());
         assert!(started.elapsed() < Duration::from_secs(5));
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -716,7 +690,7 @@ async fn a_lying_vault_cannot_balloon_the_daemon() {
     let (code, msg) = mount_err(&mut c, login).await;
     assert_eq!(code, Code::Unavailable, "{msg}");
     assert!(msg.contains("exceeded"), "{msg}");
-    let read = with_vault_token().to_proto(&spc_with(&[
+    let read = with_vault_token("t").to_proto(&spc_with(&[
         ("backend", "vault"),
         ("vaultAddress", &vault),
         ("objects", "- objectName: v\n  secretPath: secret/data/x"),

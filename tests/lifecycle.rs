@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -386,20 +385,8 @@ async fn sigterm_drains_an_in_flight_mount_in_the_real_binary() {
 fn start_up_refuses_bad_settings() {
     let dir = tempfile::tempdir().unwrap();
     let run = |args: &[&str], env: &[(&str, &str)]| {
-        let mut cmd = Command::new(BIN);
-        cmd.args([
-            "serve",
-            "--health-addr",
-            "off",
-            "--audit-log",
-            "off",
-            "--socket",
-        ])
-        .arg(dir.path().join("c.sock"))
-        .arg("--version-key-file")
-        .arg(dir.path().join("k"))
-        .args(args)
-        .env("RUST_BACKTRACE", "0");
+        let mut cmd = serve_command(dir.path(), "c.sock", &dir.path().join("k"));
+        cmd.args(args);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -425,18 +412,7 @@ fn start_up_refuses_bad_settings() {
     assert!(!ok, "the file backend is off without --file-backend-root");
     assert!(err.contains("not enabled on this node"), "{err}");
     // An empty variable is unset: COFFER_LOG_LEVEL="" means the default.
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--health-addr",
-            "off",
-            "--audit-log",
-            "off",
-            "--socket",
-        ])
-        .arg(dir.path().join("d.sock"))
-        .arg("--version-key-file")
-        .arg(dir.path().join("k"))
+    let mut child = serve_command(dir.path(), "d.sock", &dir.path().join("k"))
         .env("COFFER_LOG_LEVEL", "")
         .env("COFFER_DEFAULT_BACKEND", "")
         .stderr(std::process::Stdio::piped())

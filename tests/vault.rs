@@ -536,11 +536,7 @@ async fn namespace_header_is_sent() {
     }
     let d = vault_daemon();
     let mut c = d.client().await;
-    let mut drv = driver(Path::new("/t"));
-    drv.node_publish_secrets = Some(BTreeMap::from([(
-        "token".to_string(),
-        Credential::new(ROOT.into()),
-    )]));
+    let drv = with_vault_token(ROOT);
     let objects = "- objectName: k\n  secretPath: secret/data/ns-only\n  secretKey: k";
     let spc = vault_spc(&bao, &[("vaultNamespace", "team-a")], objects);
     let resp = c.mount(drv.to_proto(&spc)).await.unwrap().into_inner();
@@ -560,11 +556,7 @@ async fn tls_with_ca_server_name_and_skip_verify() {
     let tls_dir = bao.dir.path().join("tls").display().to_string();
     let d = vault_daemon_with(&["--vault-tls-dir", &tls_dir]);
     let mut c = d.client().await;
-    let mut drv = driver(Path::new("/t"));
-    drv.node_publish_secrets = Some(BTreeMap::from([(
-        "token".to_string(),
-        Credential::new(ROOT.into()),
-    )]));
+    let drv = with_vault_token(ROOT);
     let objects = "- objectName: p\n  secretPath: secret/data/app\n  secretKey: password";
     let ca = bao.ca_path().display().to_string();
     let ca_dir = bao.dir.path().join("tls").display().to_string();
@@ -939,11 +931,7 @@ async fn kv2_versions_change_when_a_secret_is_deleted_and_created_again() {
     let bao = Bao::start().await;
     let d = vault_daemon();
     let mut c = d.client().await;
-    let mut drv = driver(Path::new("/t"));
-    drv.node_publish_secrets = Some(BTreeMap::from([(
-        "token".to_string(),
-        Credential::new(ROOT.into()),
-    )]));
+    let drv = with_vault_token(ROOT);
     let spc = vault_spc(
         &bao,
         &[],
@@ -996,11 +984,7 @@ async fn list_method_and_kv1_secrets_holding_a_data_map() {
     bao.put_kv2("dir/b", json!({"x": "2"})).await;
     let d = vault_daemon();
     let mut c = d.client().await;
-    let mut drv = driver(Path::new("/t"));
-    drv.node_publish_secrets = Some(BTreeMap::from([(
-        "token".to_string(),
-        Credential::new(ROOT.into()),
-    )]));
+    let drv = with_vault_token(ROOT);
     let spc = vault_spc(
         &bao,
         &[],

@@ -297,6 +297,48 @@ pub fn env_num(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// `coffer serve` on a socket in `dir` with no health port and no audit
+/// log, for tests of start-up itself; add the flags under test.
+pub fn serve_command(dir: &Path, socket: &str, version_key: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "serve",
+        "--health-addr",
+        "off",
+        "--audit-log",
+        "off",
+        "--socket",
+    ])
+    .arg(dir.join(socket))
+    .arg("--version-key-file")
+    .arg(version_key)
+    .env("RUST_BACKTRACE", "0");
+    cmd
+}
+
+/// CPU time a process has used (user + system), in seconds.
+pub fn cpu_secs(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) in parens.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
+        .sum();
+    ticks as f64 / 100.0
+}
+
+/// A driver request carrying a Vault token in nodePublishSecretRef.
+pub fn with_vault_token(token: &str) -> DriverRequest {
+    let mut d = driver(Path::new("/t"));
+    d.node_publish_secrets = Some(BTreeMap::from([(
+        "token".to_string(),
+        Credential::new(token.to_string()),
+    )]));
+    d
+}
+
 /// A `/proc/<pid>/status` value in KiB (0 if unreadable).
 pub fn proc_status(pid: i32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
