@@ -108,14 +108,8 @@ fn coffer(dir: &Path, name: &str, extra: &[&str]) -> Proc {
     // container runtime's log would.
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
     let child = Command::new(common::BIN)
-        .args([
-            "serve",
-            "--health-addr",
-            "off",
-            "--log-level",
-            "warn",
-            "--socket",
-        ])
+        // Everything else at its default (log level info, audit to stderr).
+        .args(["serve", "--health-addr", "off", "--socket"])
         .arg(&socket)
         .arg("--file-backend-root")
         .arg(dir.join("secrets"))

@@ -54,6 +54,8 @@ fn latency_histogram() -> Histogram {
 
 pub struct Metrics {
     pub mounts: Family<MountLabels, Counter>,
+    /// The `{outcome="ok",code="OK"}` series of `mounts`, resolved once.
+    pub mounts_ok: Counter,
     pub mount_duration: Histogram,
     pub mounts_in_flight: Gauge,
     pub backend_calls: Family<BackendLabels, Counter>,
@@ -80,8 +82,16 @@ pub struct Metrics {
 
 impl Metrics {
     fn new() -> Self {
+        let mounts: Family<MountLabels, Counter> = Family::default();
+        let mounts_ok = mounts
+            .get_or_create(&MountLabels {
+                outcome: "ok",
+                code: "OK",
+            })
+            .clone();
         let mut m = Metrics {
-            mounts: Family::default(),
+            mounts,
+            mounts_ok,
             mount_duration: latency_histogram(),
             mounts_in_flight: Gauge::default(),
             backend_calls: Family::default(),

@@ -185,6 +185,17 @@ pub fn describe(kind: std::fs::FileType) -> &'static str {
 /// read whole. The buffer is zeroized on failure (it may hold a secret).
 pub fn read_regular(file: &File, max: u64) -> Result<Vec<u8>, NodeFileError> {
     let meta = file.metadata().map_err(|e| NodeFileError::from_io(&e))?;
+    read_regular_with(file, &meta, max)
+}
+
+/// [`read_regular`] with the file's metadata already at hand. A regular
+/// file's `read` returns less than asked only at its end, so one read of
+/// `size + 1` bytes both reads it whole and notices a file that grew.
+pub fn read_regular_with(
+    file: &File,
+    meta: &std::fs::Metadata,
+    max: u64,
+) -> Result<Vec<u8>, NodeFileError> {
     if !meta.file_type().is_file() {
         return Err(NodeFileError::NotRegular(describe(meta.file_type())));
     }
@@ -194,10 +205,41 @@ pub fn read_regular(file: &File, max: u64) -> Result<Vec<u8>, NodeFileError> {
             limit: max,
         });
     }
-    let mut buf = Vec::with_capacity(meta.len() as usize);
-    if let Err(e) = file.take(max.saturating_add(1)).read_to_end(&mut buf) {
-        zeroize::Zeroize::zeroize(&mut buf);
-        return Err(NodeFileError::from_io(&e));
+    let want = meta.len().saturating_add(1).min(max.saturating_add(1)) as usize;
+    let mut buf = vec![0u8; want];
+    let mut got = 0;
+    // Normally one read; more only if a read is cut short by a signal or a
+    // file system that returns less than asked before its end.
+    loop {
+        match (&*file).read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => {
+                got += n;
+                if got == want {
+                    break;
+                }
+                if (got as u64) == meta.len() {
+                    // Short of `size + 1` exactly at the stated size: the end.
+                    break;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                zeroize::Zeroize::zeroize(&mut buf);
+                return Err(NodeFileError::from_io(&e));
+            }
+        }
+    }
+    buf.truncate(got);
+    if got == want && (got as u64) <= max {
+        // The file grew past its stated size: read the rest, bounded.
+        if let Err(e) = file
+            .take(max.saturating_add(1) - got as u64)
+            .read_to_end(&mut buf)
+        {
+            zeroize::Zeroize::zeroize(&mut buf);
+            return Err(NodeFileError::from_io(&e));
+        }
     }
     if buf.len() as u64 > max {
         let size = buf.len() as u64;

@@ -12,11 +12,15 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
 use super::{Backend, FetchLimits, Fetched};
+use crate::bounded_map::{BoundedMap, Bounds};
 use crate::error::ObjectError;
+use crate::key::KeyBuilder;
 use crate::nodefs::{self, NodeFileError};
 use crate::request::MountContext;
 use crate::secret::SecretBytes;
@@ -41,7 +45,20 @@ pub struct FileBackend {
     root: PathBuf,
     scope: Scope,
     refuse_hardlinks: bool,
+    /// Open directory handles (the root, or a namespace's directory),
+    /// reopened every [`DIR_REFRESH`] so a replaced directory is noticed:
+    /// opening them for every object doubled the syscalls of a Mount.
+    dirs: BoundedMap<(Arc<std::fs::File>, Instant)>,
 }
+
+/// How long an open directory handle is used before it is opened again.
+const DIR_REFRESH: Duration = Duration::from_secs(2);
+/// Directory handles kept (one per namespace in use).
+const DIRS: Bounds = Bounds {
+    max_entries: 256,
+    max_weight: 0,
+    idle: Duration::from_secs(60),
+};
 
 /// A Kubernetes namespace name: a DNS-1123 label. Anything else (`.`, `..`,
 /// names with `/`) is refused before it can become a path.
@@ -61,7 +78,42 @@ impl FileBackend {
             root,
             scope,
             refuse_hardlinks: false,
+            dirs: BoundedMap::new(DIRS),
         }
+    }
+
+    /// The directory the pod's paths resolve beneath: the root, or
+    /// `<root>/<scope>` (itself resolved beneath the root).
+    fn dir(&self, scope: Option<&str>, errors: &Errors) -> Result<Arc<std::fs::File>, ObjectError> {
+        let key = KeyBuilder::new("file-dir").opt(scope).finish();
+        if let Some((dir, opened)) = self.dirs.get(&key) {
+            if opened.elapsed() < DIR_REFRESH {
+                return Ok(dir);
+            }
+        }
+        let root_dir = nodefs::open_dir(&self.root).map_err(|e| {
+            ObjectError::Unavailable(format!(
+                "cannot open the file backend root {}: {e}",
+                self.root.display()
+            ))
+        })?;
+        let dir = match scope {
+            None => root_dir,
+            Some(ns) => {
+                nodefs::open_dir_beneath(&root_dir, Path::new(ns)).map_err(|e| match e {
+                    NodeFileError::NotFound => ObjectError::NotFound(format!(
+                        "{} does not exist: the file backend has no directory for namespace {ns}",
+                        errors.shown()
+                    )),
+                    other => ObjectError::PermissionDenied(format!(
+                        "the file backend directory of namespace {ns} {other}"
+                    )),
+                })?
+            }
+        };
+        let dir = Arc::new(dir);
+        self.dirs.insert(key, (Arc::clone(&dir), Instant::now()));
+        Ok(dir)
     }
 
     /// Refuse files with more than one hard link.
@@ -149,19 +201,26 @@ impl Backend for FileBackend {
         // Opening and checking are a few syscalls on the async task; a
         // small regular file (the usual secret) is read there too: a hop to
         // the blocking pool per object cost more than the read.
-        let file = open(&self.root, scope, relative, self.refuse_hardlinks, &errors)?;
-        let size = file
-            .metadata()
-            .map_err(|e| {
-                ObjectError::Unavailable(format!("cannot stat {}: {}", errors.shown, e.kind()))
-            })?
-            .len();
-        let contents = if size <= INLINE_READ_BYTES {
-            nodefs::read_regular(&file, limits.max_bytes)
+        let dir = self.dir(scope, &errors)?;
+        let file = nodefs::open_beneath(&dir, relative).map_err(|e| errors.map(e))?;
+        let meta = file.metadata().map_err(|e| {
+            ObjectError::Unavailable(format!("cannot stat {}: {}", errors.shown(), e.kind()))
+        })?;
+        if self.refuse_hardlinks && meta.nlink() > 1 {
+            return Err(ObjectError::PermissionDenied(format!(
+                "{} has {} hard links (--file-backend-refuse-hardlinks)",
+                errors.shown(),
+                meta.nlink()
+            )));
+        }
+        let contents = if meta.len() <= INLINE_READ_BYTES {
+            nodefs::read_regular_with(&file, &meta, limits.max_bytes)
         } else {
-            tokio::task::spawn_blocking(move || nodefs::read_regular(&file, limits.max_bytes))
-                .await
-                .map_err(|e| ObjectError::Internal(format!("file read task failed: {e}")))?
+            tokio::task::spawn_blocking(move || {
+                nodefs::read_regular_with(&file, &meta, limits.max_bytes)
+            })
+            .await
+            .map_err(|e| ObjectError::Internal(format!("file read task failed: {e}")))?
         }
         .map_err(|e| errors.map(e))?;
         Ok(Fetched::new(SecretBytes::new(contents), None))
@@ -171,16 +230,17 @@ impl Backend for FileBackend {
 /// Files up to this size are read on the async task.
 const INLINE_READ_BYTES: u64 = 64 * 1024;
 
-/// Maps node-file errors to what the pod is told, naming its path.
-struct Errors {
-    shown: String,
+/// Maps node-file errors to what the pod is told, naming its path (built
+/// only when there is an error to tell).
+struct Errors<'a> {
+    relative: &'a Path,
     below: &'static str,
 }
 
-impl Errors {
-    fn new(relative: &Path, scoped: bool) -> Self {
+impl<'a> Errors<'a> {
+    fn new(relative: &'a Path, scoped: bool) -> Self {
         Self {
-            shown: crate::error::shown(&relative.to_string_lossy()),
+            relative,
             below: if scoped {
                 "the pod's namespace directory"
             } else {
@@ -189,8 +249,12 @@ impl Errors {
         }
     }
 
+    fn shown(&self) -> String {
+        crate::error::shown(&self.relative.to_string_lossy())
+    }
+
     fn map(&self, e: NodeFileError) -> ObjectError {
-        let (shown, below) = (&self.shown, self.below);
+        let (shown, below) = (self.shown(), self.below);
         match e {
             NodeFileError::NotFound => {
                 ObjectError::NotFound(format!("{shown} does not exist under {below}"))
@@ -206,48 +270,6 @@ impl Errors {
             NodeFileError::Io(_) => ObjectError::Unavailable(format!("{shown} {e}")),
         }
     }
-}
-
-/// Opens `relative` beneath the root, or beneath `<root>/<scope>`, with the
-/// hard-link rule applied.
-fn open(
-    root: &Path,
-    scope: Option<&str>,
-    relative: &Path,
-    refuse_hardlinks: bool,
-    errors: &Errors,
-) -> Result<std::fs::File, ObjectError> {
-    let shown = &errors.shown;
-    let root_dir = nodefs::open_dir(root).map_err(|e| {
-        ObjectError::Unavailable(format!(
-            "cannot open the file backend root {}: {e}",
-            root.display()
-        ))
-    })?;
-    let dir = match scope {
-        None => root_dir,
-        Some(ns) => nodefs::open_dir_beneath(&root_dir, Path::new(ns)).map_err(|e| match e {
-            NodeFileError::NotFound => ObjectError::NotFound(format!(
-                "{shown} does not exist: the file backend has no directory for namespace {ns}"
-            )),
-            other => ObjectError::PermissionDenied(format!(
-                "the file backend directory of namespace {ns} {other}"
-            )),
-        })?,
-    };
-    let file = nodefs::open_beneath(&dir, relative).map_err(|e| errors.map(e))?;
-    if refuse_hardlinks {
-        let links = file
-            .metadata()
-            .map_err(|e| ObjectError::Unavailable(format!("cannot stat {shown}: {}", e.kind())))?
-            .nlink();
-        if links > 1 {
-            return Err(ObjectError::PermissionDenied(format!(
-                "{shown} has {links} hard links (--file-backend-refuse-hardlinks)"
-            )));
-        }
-    }
-    Ok(file)
 }
 
 #[cfg(test)]
