@@ -8,7 +8,8 @@
 //! RSS after 10,000 and 100,000 Mounts, and CPU per 1,000 warm Mounts.
 //!
 //! cargo bench --bench mount_path
-//! Knobs (env): MP_SECONDS (2), MP_RUNS (3), MP_VAULT (1 = include OpenBao).
+//! Knobs (env): MP_SECONDS (2), MP_RUNS (3), MP_VAULT (1 = include OpenBao),
+//! MP_LEVELS (1,8,64: the caller counts to run).
 
 #[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)]
@@ -26,7 +27,12 @@ use coffer::proto;
 use coffer::secret::Credential;
 use common::env_num;
 
-const LEVELS: [usize; 3] = [1, 8, 64];
+fn levels() -> Vec<usize> {
+    std::env::var("MP_LEVELS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 8, 64])
+}
 const CALLERS_PER_CONNECTION: usize = 8;
 
 /// Child role: the floor, a bare tonic server with a fixed answer as large
@@ -198,43 +204,86 @@ fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
     v[v.len() / 2]
 }
 
+/// Context switches of every thread of `pid` so far: each is a hand-off
+/// (or a wake-up) the Mount path paid for.
+fn switches(pid: i32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .map(|t| {
+            std::fs::read_to_string(t.path().join("status"))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+/// One level's medians: Mounts/s, p50, server CPU µs per Mount and server
+/// context switches per Mount.
+#[derive(Clone, Copy)]
+struct Figures {
+    rate: f64,
+    p50: Duration,
+    cpu_us: f64,
+    switches: f64,
+}
+
 async fn measure(
     socket: &Path,
+    pid: i32,
     reqs: &Arc<Vec<proto::MountRequest>>,
     runs: usize,
     secs: f64,
-) -> Vec<(f64, Duration)> {
+) -> Vec<Figures> {
     // Warm-up: connections, caches, allocator.
     let _ = level(socket, reqs, 8, 0.5).await;
     let mut out = Vec::new();
-    for callers in LEVELS {
-        let mut rates = Vec::new();
-        let mut p50s = Vec::new();
+    for callers in levels() {
+        let (mut rates, mut p50s, mut cpus, mut sws) = (vec![], vec![], vec![], vec![]);
         for _ in 0..runs {
+            let (cpu0, sw0) = (common::cpu_secs(pid), switches(pid));
             let (r, p) = level(socket, reqs, callers, secs).await;
+            let n = r * secs;
+            cpus.push((common::cpu_secs(pid) - cpu0) * 1e6 / n);
+            sws.push((switches(pid) - sw0) as f64 / n);
             rates.push(r);
             p50s.push(p);
         }
-        out.push((median(rates), median(p50s)));
+        out.push(Figures {
+            rate: median(rates),
+            p50: median(p50s),
+            cpu_us: median(cpus),
+            switches: median(sws),
+        });
     }
     out
 }
 
-fn table(label: &str, floor: &[(f64, Duration)], it: &[(f64, Duration)]) {
+fn table(label: &str, floor: &[Figures], it: &[Figures]) {
     println!("\n[{label}]");
     println!(
-        "{:>8} {:>12} {:>12} {:>7} {:>12} {:>12} {:>7}",
-        "callers", "floor/s", "coffer/s", "ratio", "floor p50", "coffer p50", "ratio"
+        "{:>7} {:>9} {:>9} {:>6} {:>10} {:>10} {:>6} {:>14} {:>14}",
+        "callers", "floor/s", "coffer/s", "ratio", "floor p50", "coffer p50", "ratio", "CPU µs/Mount", "switches/Mount"
     );
-    for (i, callers) in LEVELS.iter().enumerate() {
-        let (fr, fp) = floor[i];
-        let (cr, cp) = it[i];
+    for (i, callers) in levels().iter().enumerate() {
+        let (f, c) = (floor[i], it[i]);
         println!(
-            "{callers:>8} {fr:>12.0} {cr:>12.0} {:>7.2} {:>12.1?} {:>12.1?} {:>7.2}",
-            cr / fr,
-            fp,
-            cp,
-            cp.as_secs_f64() / fp.as_secs_f64()
+            "{callers:>7} {:>9.0} {:>9.0} {:>6.2} {:>10.1?} {:>10.1?} {:>6.2} {:>6.1} → {:>5.1} {:>6.2} → {:>5.2}",
+            f.rate,
+            c.rate,
+            c.rate / f.rate,
+            f.p50,
+            c.p50,
+            c.p50.as_secs_f64() / f.p50.as_secs_f64(),
+            f.cpu_us,
+            c.cpu_us,
+            f.switches,
+            c.switches,
         );
     }
 }
@@ -295,8 +344,8 @@ fn main() {
             "file backend, 2 objects of 32 bytes, audit log to stderr (a file); response {} bytes; {secs} s × {runs} runs per level, medians",
             prost::Message::encoded_len(&template)
         );
-        let floor_figures = measure(&floor.socket, &reqs, runs, secs).await;
-        let coffer_figures = measure(&daemon.socket, &reqs, runs, secs).await;
+        let floor_figures = measure(&floor.socket, floor.pid(), &reqs, runs, secs).await;
+        let coffer_figures = measure(&daemon.socket, daemon.pid(), &reqs, runs, secs).await;
         table("file backend vs floor", &floor_figures, &coffer_figures);
         let peak = common::proc_status(daemon.pid(), "VmHWM:");
         println!("daemon peak RSS (VmHWM) after the 64-caller runs: {:.1} MiB", peak as f64 / 1024.0);
@@ -333,7 +382,7 @@ fn main() {
                     .collect(),
             );
             let vd = coffer(dir.path(), "vault", &["--cache-ttl", "1h"]);
-            let vault_figures = measure(&vd.socket, &vreqs, runs, secs).await;
+            let vault_figures = measure(&vd.socket, vd.pid(), &vreqs, runs, secs).await;
             table("Vault (OpenBao), warm cache hits, vs the same floor", &floor_figures, &vault_figures);
             let cpu = mounts(&vd.socket, &vreqs, 10_000, vd.pid()).await;
             println!("CPU per 1,000 warm Vault Mounts {:.3} s", cpu / 10.0);

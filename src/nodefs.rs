@@ -249,6 +249,100 @@ pub fn read_regular_with(
     Ok(buf)
 }
 
+/// How long ago a file must have last changed before its [`Stamp`] is
+/// trusted to reveal the next change. File systems stamp changes with a
+/// coarse clock (a kernel tick; whole seconds on ext4 with small inodes, two
+/// on FAT): two writes within one granule can leave identical stamps, but a
+/// write after this margin cannot match a stamp from before it.
+pub const SETTLE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Which file a name leads to and the stamps every change to it moves
+/// (a write changes size or ctime; a replacement changes the inode; a new
+/// link or mode changes ctime), so a file can be known unchanged without
+/// being opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    nlink: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            nlink: meta.nlink(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Did the file last change at least `margin` ([`SETTLE`]) before `t`?
+    pub fn settled_before(&self, t: std::time::SystemTime, margin: std::time::Duration) -> bool {
+        let Ok(now) = t.duration_since(std::time::UNIX_EPOCH) else {
+            return false;
+        };
+        let (sec, nsec) = self.ctime;
+        let changed = i128::from(sec) * 1_000_000_000 + i128::from(nsec);
+        changed + (margin.as_nanos() as i128) < now.as_nanos() as i128
+    }
+}
+
+/// The [`Stamp`] of the entry `name` directly in `dir` if it is a regular
+/// file: one `statx`, no path walked, no symlink followed (so it cannot
+/// reach past `dir`), attributes fetched fresh from network file systems.
+/// `None` for anything else (a symlink, a directory, a missing name).
+pub fn stamp_entry(dir: &File, name: &str) -> Option<Stamp> {
+    use std::os::fd::AsRawFd;
+    if name.is_empty() || name.contains('/') {
+        return None;
+    }
+    let c_name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: statx writes at most one `struct statx` into `stx`, which is
+    // plain old data; `c_name` is a valid NUL-terminated string and `dir`
+    // an open descriptor for the duration of the call.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let rc = unsafe {
+        libc::statx(
+            dir.as_raw_fd(),
+            c_name.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_FORCE_SYNC,
+            libc::STATX_BASIC_STATS,
+            &mut stx,
+        )
+    };
+    let wanted = libc::STATX_TYPE
+        | libc::STATX_INO
+        | libc::STATX_SIZE
+        | libc::STATX_NLINK
+        | libc::STATX_MTIME
+        | libc::STATX_CTIME;
+    if rc != 0
+        || stx.stx_mask & wanted != wanted
+        || u32::from(stx.stx_mode) & libc::S_IFMT != libc::S_IFREG
+    {
+        return None;
+    }
+    Some(Stamp {
+        dev: libc::makedev(stx.stx_dev_major, stx.stx_dev_minor),
+        ino: stx.stx_ino,
+        size: stx.stx_size,
+        nlink: u64::from(stx.stx_nlink),
+        mtime: (stx.stx_mtime.tv_sec, i64::from(stx.stx_mtime.tv_nsec)),
+        ctime: (stx.stx_ctime.tv_sec, i64::from(stx.stx_ctime.tv_nsec)),
+    })
+}
+
 /// [`open_beneath`] then [`read_regular`].
 pub fn read_beneath(dir: &File, relative: &Path, max: u64) -> Result<Vec<u8>, NodeFileError> {
     read_regular(&open_beneath(dir, relative)?, max)

@@ -441,3 +441,47 @@ async fn the_cap_counts_the_encoded_response_not_just_contents() {
         .into_inner();
     assert!(prost::Message::encoded_len(&resp) <= 1000);
 }
+
+/// The file backend keeps small settled files and checks them with one
+/// `statx` per Mount: a file rewritten in place (same size, same inode,
+/// twice within one clock tick) must still be served new on the very next
+/// Mount, and so must a file replaced by a symlink out of the root be
+/// refused.
+#[tokio::test]
+async fn settled_files_rewritten_in_place_are_served_new_at_once() {
+    let d = Daemon::start();
+    d.write_secret("token", "aaaa");
+    d.write_secret("other", "oooo");
+    // Older than the settle margin, so the daemon keeps what it reads.
+    std::thread::sleep(coffer::nodefs::SETTLE + std::time::Duration::from_millis(300));
+    let mut c = d.client().await;
+    let objects = "- objectName: token\n- objectName: other\n";
+    let contents = |r: &proto::MountResponse| -> Vec<String> {
+        r.files
+            .iter()
+            .map(|f| String::from_utf8_lossy(&f.contents).into_owned())
+            .collect()
+    };
+    for _ in 0..3 {
+        let r = c.mount(request(objects)).await.unwrap().into_inner();
+        assert_eq!(contents(&r), ["aaaa", "oooo"]);
+    }
+    for value in ["bbbb", "cccc", "dddd"] {
+        // In place: the same inode, the same size, moments apart.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.secrets.join("token"))
+            .unwrap();
+        std::io::Write::write_all(&mut f, value.as_bytes()).unwrap();
+        drop(f);
+        let r = c.mount(request(objects)).await.unwrap().into_inner();
+        assert_eq!(contents(&r), [value, "oooo"]);
+    }
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("host"), "host").unwrap();
+    std::fs::remove_file(d.secrets.join("other")).unwrap();
+    std::os::unix::fs::symlink(outside.path().join("host"), d.secrets.join("other")).unwrap();
+    let status = c.mount(request(objects)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(!status.message().contains("host"), "{}", status.message());
+}

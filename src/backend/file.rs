@@ -9,6 +9,13 @@
 //! by whoever can write the root, which is the operator. Where tenants can
 //! write below the root, `--file-backend-refuse-hardlinks` refuses files
 //! with more than one link.
+//!
+//! Small files named directly beneath the directory are kept after a read
+//! and served again while one `statx` of the name (no walk, no symlink
+//! followed) shows the very same file with the same stamps: a Mount of
+//! such files costs one syscall per object instead of four. Only files that
+//! last changed [`nodefs::SETTLE`] before they were read are kept, so a
+//! change is seen on the next Mount even where timestamps are coarse.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -21,7 +28,7 @@ use super::{Backend, FetchLimits, Fetched};
 use crate::bounded_map::{BoundedMap, Bounds};
 use crate::error::ObjectError;
 use crate::key::KeyBuilder;
-use crate::nodefs::{self, NodeFileError};
+use crate::nodefs::{self, NodeFileError, Stamp};
 use crate::request::MountContext;
 use crate::secret::SecretBytes;
 use crate::spc::ObjectSpec;
@@ -49,7 +56,33 @@ pub struct FileBackend {
     /// reopened every [`DIR_REFRESH`] so a replaced directory is noticed:
     /// opening them for every object doubled the syscalls of a Mount.
     dirs: BoundedMap<(Arc<std::fs::File>, Instant)>,
+    /// What was last read of small files, by (scope, name).
+    known: BoundedMap<Arc<Known>>,
+    /// [`nodefs::SETTLE`]; shorter only in tests.
+    settle: Duration,
 }
+
+/// What the file backend remembers of a name.
+enum Known {
+    /// A small regular file as read, with its stamp at the time.
+    File { stamp: Stamp, bytes: SecretBytes },
+    /// Not a plain file (a symlink, as in Kubernetes' volume layouts, or a
+    /// file still changing): read every time, looked at again after
+    /// [`RECHECK`].
+    Uncached(Instant),
+}
+
+/// Remembered names: each at most [`INLINE_READ_BYTES`], in all at most
+/// 8 MiB of values; the memory is the node's, whoever names the files.
+const KNOWN: Bounds = Bounds {
+    max_entries: 4096,
+    max_weight: 8 << 20,
+    idle: Duration::from_secs(600),
+};
+/// Weight charged per remembered name beyond its bytes.
+const KNOWN_OVERHEAD: u64 = 256;
+/// How long a name found not worth keeping is read without asking again.
+const RECHECK: Duration = Duration::from_secs(30);
 
 /// How long an open directory handle is used before it is opened again.
 const DIR_REFRESH: Duration = Duration::from_secs(2);
@@ -79,6 +112,8 @@ impl FileBackend {
             scope,
             refuse_hardlinks: false,
             dirs: BoundedMap::new(DIRS),
+            known: BoundedMap::new(KNOWN),
+            settle: nodefs::SETTLE,
         }
     }
 
@@ -202,20 +237,42 @@ impl Backend for FileBackend {
         // small regular file (the usual secret) is read there too: a hop to
         // the blocking pool per object cost more than the read.
         let dir = self.dir(scope, &errors)?;
+        // Only a name directly beneath the directory can be checked with one
+        // syscall that walks nothing.
+        let known_key = (!path.contains('/'))
+            .then(|| KeyBuilder::new("file-known").opt(scope).field(path).finish());
+        let mut keep = known_key.is_some();
+        if let Some(key) = &known_key {
+            match self.known.get(key).as_deref() {
+                Some(Known::File { stamp, bytes }) => {
+                    if bytes.expose().len() as u64 <= limits.max_bytes
+                        && nodefs::stamp_entry(&dir, path).as_ref() == Some(stamp)
+                    {
+                        return Ok(Fetched::new(bytes.clone(), None));
+                    }
+                    self.known.remove(key);
+                }
+                Some(Known::Uncached(since)) if since.elapsed() < RECHECK => keep = false,
+                _ => {}
+            }
+        }
+        let read_at = std::time::SystemTime::now();
         let file = nodefs::open_beneath(&dir, relative).map_err(|e| errors.map(e))?;
         let meta = file.metadata().map_err(|e| {
             ObjectError::Unavailable(format!("cannot stat {}: {}", errors.shown(), e.kind()))
         })?;
-        if self.refuse_hardlinks && meta.nlink() > 1 {
+        if self.refuse_hardlinks && meta.is_file() && meta.nlink() > 1 {
             return Err(ObjectError::PermissionDenied(format!(
                 "{} has {} hard links (--file-backend-refuse-hardlinks)",
                 errors.shown(),
                 meta.nlink()
             )));
         }
+        let stamp = Stamp::of(&meta);
         let contents = if meta.len() <= INLINE_READ_BYTES {
             nodefs::read_regular_with(&file, &meta, limits.max_bytes)
         } else {
+            keep = false;
             tokio::task::spawn_blocking(move || {
                 nodefs::read_regular_with(&file, &meta, limits.max_bytes)
             })
@@ -223,7 +280,26 @@ impl Backend for FileBackend {
             .map_err(|e| ObjectError::Internal(format!("file read task failed: {e}")))?
         }
         .map_err(|e| errors.map(e))?;
-        Ok(Fetched::new(SecretBytes::new(contents), None))
+        let contents = SecretBytes::new(contents);
+        if let (true, Some(key)) = (keep, known_key) {
+            // Kept only if the name itself is this file (not a symlink to
+            // it) and the file had settled before it was read.
+            let plain = stamp.settled_before(read_at, self.settle)
+                && contents.expose().len() as u64 == stamp.size()
+                && nodefs::stamp_entry(&dir, path) == Some(stamp);
+            if plain {
+                let weight = contents.expose().len() as u64 + KNOWN_OVERHEAD;
+                let known = Known::File {
+                    stamp,
+                    bytes: contents.clone(),
+                };
+                self.known.insert_weighed(key, Arc::new(known), weight);
+            } else {
+                self.known
+                    .insert_weighed(key, Arc::new(Known::Uncached(Instant::now())), KNOWN_OVERHEAD);
+            }
+        }
+        Ok(Fetched::new(contents, None))
     }
 }
 
@@ -380,6 +456,123 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("pth"));
+    }
+
+    /// A remembered file is served only while the name is still that very
+    /// file: every way of changing it is seen on the next fetch, and the
+    /// confinement and kind checks still apply.
+    #[tokio::test]
+    async fn remembered_files_are_checked_on_every_fetch() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("host-secret"), "host").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let mut b = FileBackend::new(root.to_path_buf(), Scope::None).refuse_hardlinks(true);
+        // Files written just now count as settled (a tick of slack is what
+        // SETTLE covers in production; here nothing is rewritten in place
+        // within one tick).
+        b.settle = Duration::ZERO;
+        let name = |n: &str| object(n, None);
+        let remembered = |b: &FileBackend| {
+            b.known
+                .get(&KeyBuilder::new("file-known").opt(None::<&str>).field("s").finish())
+                .is_some_and(|k| matches!(*k, Known::File { .. }))
+        };
+        let write = |content: &str| {
+            let tmp = root.join("s.tmp");
+            std::fs::write(&tmp, content).unwrap();
+            std::fs::rename(&tmp, root.join("s")).unwrap();
+        };
+
+        write("one");
+        assert_eq!(fetch(&b, &name("s"), "").await.unwrap(), b"one");
+        assert!(remembered(&b));
+        assert_eq!(fetch(&b, &name("s"), "").await.unwrap(), b"one");
+        // Replaced by rename (a new inode, as editors and atomic writers do).
+        write("two");
+        assert_eq!(fetch(&b, &name("s"), "").await.unwrap(), b"two");
+        // Grown past the caller's limit.
+        write(&"x".repeat(2000));
+        assert!(matches!(
+            fetch(&b, &name("s"), "").await,
+            Err(ObjectError::TooLarge { .. })
+        ));
+        write("three");
+        assert_eq!(fetch(&b, &name("s"), "").await.unwrap(), b"three");
+        assert!(remembered(&b));
+        // Replaced by a symlink out of the root, by a FIFO, by a directory.
+        std::fs::remove_file(root.join("s")).unwrap();
+        symlink(outside.path().join("host-secret"), root.join("s")).unwrap();
+        let err = fetch(&b, &name("s"), "").await.unwrap_err();
+        assert!(matches!(err, ObjectError::PermissionDenied(_)), "{err}");
+        std::fs::remove_file(root.join("s")).unwrap();
+        write("four");
+        assert_eq!(fetch(&b, &name("s"), "").await.unwrap(), b"four");
+        std::fs::remove_file(root.join("s")).unwrap();
+        nix::unistd::mkfifo(&root.join("s"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let err = fetch(&b, &name("s"), "").await.unwrap_err();
+        assert!(err.to_string().contains("a FIFO"), "{err}");
+        std::fs::remove_file(root.join("s")).unwrap();
+        std::fs::create_dir(root.join("s")).unwrap();
+        let err = fetch(&b, &name("s"), "").await.unwrap_err();
+        assert!(err.to_string().contains("a directory"), "{err}");
+        std::fs::remove_dir(root.join("s")).unwrap();
+        // Deleted.
+        write("five");
+        assert_eq!(fetch(&b, &name("s"), "").await.unwrap(), b"five");
+        std::fs::remove_file(root.join("s")).unwrap();
+        assert!(matches!(
+            fetch(&b, &name("s"), "").await,
+            Err(ObjectError::NotFound(_))
+        ));
+        // A second hard link made after it was remembered.
+        write("six");
+        assert_eq!(fetch(&b, &name("s"), "").await.unwrap(), b"six");
+        std::fs::hard_link(root.join("s"), root.join("s-link")).unwrap();
+        let err = fetch(&b, &name("s"), "").await.unwrap_err();
+        assert!(err.to_string().contains("hard links"), "{err}");
+        std::fs::remove_file(root.join("s-link")).unwrap();
+        // Made unreadable.
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(fetch(&b, &name("s"), "").await.unwrap(), b"six");
+        std::fs::set_permissions(root.join("s"), std::fs::Permissions::from_mode(0o000)).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            assert_eq!(fetch(&b, &name("s"), "").await.unwrap(), b"six");
+        } else {
+            assert!(fetch(&b, &name("s"), "").await.is_err());
+        }
+    }
+
+    /// Names that are symlinks (Kubernetes' `key -> ..data/key`) and files
+    /// that changed moments before they were read are read every time.
+    #[tokio::test]
+    async fn symlinked_and_unsettled_names_are_not_remembered() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir(root.join("..2026_01")).unwrap();
+        std::fs::write(root.join("..2026_01/key"), "v1").unwrap();
+        symlink("..2026_01", root.join("..data")).unwrap();
+        symlink("..data/key", root.join("key")).unwrap();
+        std::fs::write(root.join("fresh"), "f1").unwrap();
+        let mut b = FileBackend::new(root.to_path_buf(), Scope::None);
+        b.settle = Duration::from_secs(3600);
+        let plain = |b: &FileBackend, n: &str| {
+            b.known
+                .get(&KeyBuilder::new("file-known").opt(None::<&str>).field(n).finish())
+                .is_some_and(|k| matches!(*k, Known::File { .. }))
+        };
+        assert_eq!(fetch(&b, &object("key", None), "").await.unwrap(), b"v1");
+        assert_eq!(fetch(&b, &object("fresh", None), "").await.unwrap(), b"f1");
+        assert!(!plain(&b, "key") && !plain(&b, "fresh"));
+        // The atomic writer's swap: a new dated directory, ..data relinked.
+        std::fs::create_dir(root.join("..2026_02")).unwrap();
+        std::fs::write(root.join("..2026_02/key"), "v2").unwrap();
+        symlink("..2026_02", root.join("..data.tmp")).unwrap();
+        std::fs::rename(root.join("..data.tmp"), root.join("..data")).unwrap();
+        assert_eq!(fetch(&b, &object("key", None), "").await.unwrap(), b"v2");
+        // Rewritten in place, same size, within the same clock tick.
+        std::fs::write(root.join("fresh"), "f2").unwrap();
+        assert_eq!(fetch(&b, &object("fresh", None), "").await.unwrap(), b"f2");
     }
 
     #[tokio::test]
