@@ -2,8 +2,8 @@
 //! small objects, audit log at its default) and, in the same run, a bare
 //! tonic server on a Unix socket answering a MountResponse of the same size,
 //! both driven by the same load generator at 1, 8 and 64 concurrent callers
-//! (one HTTP/2 connection per 8 callers). Each level runs several times;
-//! the medians are printed. Then the warm-cache Vault path (OpenBao, every
+//! (one HTTP/2 connection per 8 callers). Each level runs several times,
+//! floor and coffer alternating; the medians are printed. Then the warm-cache Vault path (OpenBao, every
 //! Mount a cache hit) at the same levels, peak RSS under the 64-caller load,
 //! RSS after 10,000 and 100,000 Mounts, and CPU per 1,000 warm Mounts.
 //!
@@ -233,59 +233,92 @@ struct Figures {
     switches: f64,
 }
 
-async fn measure(
+/// One caller count's medians, the floor's and coffer's, from runs that
+/// alternate between the two so a slow moment of the machine falls on both.
+struct Paired {
+    floor: Figures,
+    it: Figures,
+    rate_ratio: f64,
+    p50_ratio: f64,
+}
+
+async fn run(
     socket: &Path,
     pid: i32,
     reqs: &Arc<Vec<proto::MountRequest>>,
+    callers: usize,
+    secs: f64,
+) -> Figures {
+    let (cpu0, sw0) = (common::cpu_secs(pid), switches(pid));
+    let (rate, p50) = level(socket, reqs, callers, secs).await;
+    let n = rate * secs;
+    Figures {
+        rate,
+        p50,
+        cpu_us: (common::cpu_secs(pid) - cpu0) * 1e6 / n,
+        switches: (switches(pid) - sw0) as f64 / n,
+    }
+}
+
+async fn measure(
+    floor: &Proc,
+    it: &Proc,
+    reqs: &Arc<Vec<proto::MountRequest>>,
     runs: usize,
     secs: f64,
-) -> Vec<Figures> {
+) -> Vec<Paired> {
     // Warm-up: connections, caches, allocator.
-    let _ = level(socket, reqs, 8, 0.5).await;
+    let _ = level(&floor.socket, reqs, 8, 0.5).await;
+    let _ = level(&it.socket, reqs, 8, 0.5).await;
     let mut out = Vec::new();
     for callers in levels() {
-        let (mut rates, mut p50s, mut cpus, mut sws) = (vec![], vec![], vec![], vec![]);
+        let (mut f, mut c) = (Vec::new(), Vec::new());
         for _ in 0..runs {
-            let (cpu0, sw0) = (common::cpu_secs(pid), switches(pid));
-            let (r, p) = level(socket, reqs, callers, secs).await;
-            let n = r * secs;
-            cpus.push((common::cpu_secs(pid) - cpu0) * 1e6 / n);
-            sws.push((switches(pid) - sw0) as f64 / n);
-            rates.push(r);
-            p50s.push(p);
+            f.push(run(&floor.socket, floor.pid(), reqs, callers, secs).await);
+            c.push(run(&it.socket, it.pid(), reqs, callers, secs).await);
         }
-        out.push(Figures {
-            rate: median(rates),
-            p50: median(p50s),
-            cpu_us: median(cpus),
-            switches: median(sws),
+        let pick = |v: &[Figures], get: fn(&Figures) -> f64| median(v.iter().map(get).collect());
+        let both = |get: fn(&Figures) -> f64| -> f64 {
+            median(f.iter().zip(&c).map(|(f, c)| get(c) / get(f)).collect())
+        };
+        let figures = |v: &[Figures]| Figures {
+            rate: pick(v, |x| x.rate),
+            p50: Duration::from_secs_f64(pick(v, |x| x.p50.as_secs_f64())),
+            cpu_us: pick(v, |x| x.cpu_us),
+            switches: pick(v, |x| x.switches),
+        };
+        out.push(Paired {
+            floor: figures(&f),
+            it: figures(&c),
+            rate_ratio: both(|x| x.rate),
+            p50_ratio: both(|x| x.p50.as_secs_f64()),
         });
     }
     out
 }
 
-fn table(label: &str, floor: &[Figures], it: &[Figures]) {
+fn table(label: &str, rows: &[Paired]) {
     println!("\n[{label}]");
     println!(
         "{:>7} {:>9} {:>9} {:>6} {:>10} {:>10} {:>6} {:>14} {:>14}",
-        "callers", "floor/s", "coffer/s", "ratio", "floor p50", "coffer p50", "ratio", "CPU µs/Mount", "switches/Mount"
+        "callers",
+        "floor/s",
+        "coffer/s",
+        "ratio",
+        "floor p50",
+        "coffer p50",
+        "ratio",
+        "CPU µs/Mount",
+        "switches/Mount"
     );
-    for (i, callers) in levels().iter().enumerate() {
-        let (f, c) = (floor[i], it[i]);
+    for (row, callers) in rows.iter().zip(levels()) {
+        let (f, c) = (row.floor, row.it);
         println!(
             "{callers:>7} {:>9.0} {:>9.0} {:>6.2} {:>10.1?} {:>10.1?} {:>6.2} {:>6.1} → {:>5.1} {:>6.2} → {:>5.2}",
-            f.rate,
-            c.rate,
-            c.rate / f.rate,
-            f.p50,
-            c.p50,
-            c.p50.as_secs_f64() / f.p50.as_secs_f64(),
-            f.cpu_us,
-            c.cpu_us,
-            f.switches,
-            c.switches,
+            f.rate, c.rate, row.rate_ratio, f.p50, c.p50, row.p50_ratio, f.cpu_us, c.cpu_us, f.switches, c.switches,
         );
     }
+    println!("(ratios: medians of the per-run ratios of alternating floor and coffer runs)");
 }
 
 /// Mounts `n` times as fast as 8 callers can; returns CPU seconds used by
@@ -344,9 +377,8 @@ fn main() {
             "file backend, 2 objects of 32 bytes, audit log to stderr (a file); response {} bytes; {secs} s × {runs} runs per level, medians",
             prost::Message::encoded_len(&template)
         );
-        let floor_figures = measure(&floor.socket, floor.pid(), &reqs, runs, secs).await;
-        let coffer_figures = measure(&daemon.socket, daemon.pid(), &reqs, runs, secs).await;
-        table("file backend vs floor", &floor_figures, &coffer_figures);
+        let rows = measure(&floor, &daemon, &reqs, runs, secs).await;
+        table("file backend vs floor", &rows);
         let peak = common::proc_status(daemon.pid(), "VmHWM:");
         println!("daemon peak RSS (VmHWM) after the 64-caller runs: {:.1} MiB", peak as f64 / 1024.0);
         let n10 = 10_000;
@@ -382,8 +414,8 @@ fn main() {
                     .collect(),
             );
             let vd = coffer(dir.path(), "vault", &["--cache-ttl", "1h"]);
-            let vault_figures = measure(&vd.socket, vd.pid(), &vreqs, runs, secs).await;
-            table("Vault (OpenBao), warm cache hits, vs the same floor", &floor_figures, &vault_figures);
+            let rows = measure(&floor, &vd, &vreqs, runs, secs).await;
+            table("Vault (OpenBao), warm cache hits, vs the same floor", &rows);
             let cpu = mounts(&vd.socket, &vreqs, 10_000, vd.pid()).await;
             println!("CPU per 1,000 warm Vault Mounts {:.3} s", cpu / 10.0);
         }

@@ -193,6 +193,8 @@ fn parse_json(field: &'static str, raw: &str) -> Result<Value, RequestError> {
 }
 
 /// Parses a JSON object of strings; `null` or an empty string mean "absent".
+/// Read straight into the map, without an intermediate document: the
+/// attributes arrive with every Mount.
 fn parse_string_map(
     field: &'static str,
     raw: &str,
@@ -200,32 +202,141 @@ fn parse_string_map(
     if raw.trim().is_empty() {
         return Ok(None);
     }
-    let map = match parse_json(field, raw)? {
-        Value::Null => return Ok(None),
-        Value::Object(map) => map,
-        other => {
-            return Err(RequestError::NotObject {
-                field,
-                got: json_kind(&other),
-            })
-        }
-    };
-    let mut out = BTreeMap::new();
-    for (key, value) in map {
-        match value {
-            Value::String(s) => {
-                out.insert(key, s);
-            }
-            other => {
-                return Err(RequestError::NotString {
-                    field,
-                    got: json_kind(&other),
-                    key,
-                })
-            }
-        }
+    let parsed = serde_json::from_str::<StringMap>(raw).map_err(|e| RequestError::Json {
+        field,
+        line: e.line(),
+        column: e.column(),
+    })?;
+    match parsed {
+        StringMap::Absent => Ok(None),
+        StringMap::Map(map) => Ok(Some(map)),
+        StringMap::NotObject(got) => Err(RequestError::NotObject { field, got }),
+        StringMap::NotString { key, got } => Err(RequestError::NotString { field, key, got }),
     }
-    Ok(Some(out))
+}
+
+/// What [`parse_string_map`] found.
+enum StringMap {
+    Absent,
+    Map(BTreeMap<String, String>),
+    NotObject(&'static str),
+    NotString { key: String, got: &'static str },
+}
+
+/// One value of the object: a string, or the kind of what it was instead.
+enum StringOr {
+    Str(String),
+    Other(&'static str),
+}
+
+impl<'de> serde::Deserialize<'de> for StringMap {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = StringMap;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object of strings")
+            }
+            fn visit_unit<E>(self) -> Result<StringMap, E> {
+                Ok(StringMap::Absent)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<StringMap, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some(key) = m.next_key::<String>()? {
+                    match m.next_value::<StringOr>()? {
+                        StringOr::Str(v) => {
+                            out.insert(key, v);
+                        }
+                        StringOr::Other(got) => {
+                            while m
+                                .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                                .is_some()
+                            {}
+                            return Ok(StringMap::NotString { key, got });
+                        }
+                    }
+                }
+                Ok(StringMap::Map(out))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut s: A,
+            ) -> Result<StringMap, A::Error> {
+                while s.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(StringMap::NotObject("an array"))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<StringMap, E> {
+                Ok(StringMap::NotObject("a boolean"))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<StringMap, E> {
+                Ok(StringMap::NotObject("a number"))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<StringMap, E> {
+                Ok(StringMap::NotObject("a number"))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<StringMap, E> {
+                Ok(StringMap::NotObject("a number"))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<StringMap, E> {
+                Ok(StringMap::NotObject("a string"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for StringOr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = StringOr;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<StringOr, E> {
+                Ok(StringOr::Str(v.to_owned()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<StringOr, E> {
+                Ok(StringOr::Str(v))
+            }
+            fn visit_unit<E>(self) -> Result<StringOr, E> {
+                Ok(StringOr::Other("null"))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<StringOr, E> {
+                Ok(StringOr::Other("a boolean"))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<StringOr, E> {
+                Ok(StringOr::Other("a number"))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<StringOr, E> {
+                Ok(StringOr::Other("a number"))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<StringOr, E> {
+                Ok(StringOr::Other("a number"))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut s: A,
+            ) -> Result<StringOr, A::Error> {
+                while s.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(StringOr::Other("an array"))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<StringOr, A::Error> {
+                while m
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(StringOr::Other("an object"))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// Parses `{"<audience>": {"token": "...", "expirationTimestamp": "..."}}`.
@@ -305,6 +416,63 @@ mod tests {
     use super::*;
 
     const TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.c2VjcmV0LXRva2Vu.sig";
+
+    #[test]
+    fn string_maps_name_what_is_wrong() {
+        let ok = parse_string_map("attributes", r#"{"b":"2","a":"1","a":"3","e":"\u00e9"}"#)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            ok.into_iter().collect::<Vec<_>>(),
+            [
+                ("a".into(), "3".into()),
+                ("b".into(), "2".into()),
+                ("e".into(), "é".into())
+            ]
+        );
+        assert_eq!(parse_string_map("attributes", "null").unwrap(), None);
+        assert_eq!(parse_string_map("attributes", "  ").unwrap(), None);
+        for (raw, want) in [
+            (
+                "[1, {}]",
+                "attributes must be a JSON object of strings, got an array",
+            ),
+            ("true", "got a boolean"),
+            ("-1.5", "got a number"),
+            (r#""x""#, "got a string"),
+            (
+                r#"{"a":"1","k":{"n":[1]},"z":"2"}"#,
+                "the value of key \"k\" must be a string, got an object",
+            ),
+            (r#"{"k":[1,2]}"#, "got an array"),
+            (r#"{"k":null}"#, "got null"),
+            (r#"{"k":7}"#, "got a number"),
+        ] {
+            let err = parse_string_map("attributes", raw).unwrap_err().to_string();
+            assert!(err.contains(want), "{raw}: {err}");
+        }
+        for raw in [
+            r#"{"a":"1""#,
+            r#"{"a":"1"} x"#,
+            r#"{"a":[1,}"#,
+            "{\"a\":\"1\",}",
+        ] {
+            let err = parse_string_map("attributes", raw).unwrap_err();
+            assert!(matches!(err, RequestError::Json { .. }), "{raw}: {err}");
+        }
+        // Skipped values are walked without recursion: deep nesting is one
+        // clear error, not a stack overflow.
+        let deep = format!("{{\"k\":{}{}}}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(matches!(
+            parse_string_map("attributes", &deep),
+            Err(RequestError::NotString {
+                got: "an array",
+                ..
+            })
+        ));
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(parse_string_map("attributes", &deep).is_err());
+    }
 
     fn attrs_with_tokens() -> String {
         let tokens = serde_json::json!({

@@ -66,9 +66,9 @@ pub struct FileBackend {
 enum Known {
     /// A small regular file as read, with its stamp at the time.
     File { stamp: Stamp, bytes: SecretBytes },
-    /// Not a plain file (a symlink, as in Kubernetes' volume layouts, or a
-    /// file still changing): read every time, looked at again after
-    /// [`RECHECK`].
+    /// Not worth keeping until the instant given: a symlink (as in
+    /// Kubernetes' volume layouts; looked at again after [`RECHECK`]) or a
+    /// file that changed too recently (until it has settled).
     Uncached(Instant),
 }
 
@@ -239,8 +239,12 @@ impl Backend for FileBackend {
         let dir = self.dir(scope, &errors)?;
         // Only a name directly beneath the directory can be checked with one
         // syscall that walks nothing.
-        let known_key = (!path.contains('/'))
-            .then(|| KeyBuilder::new("file-known").opt(scope).field(path).finish());
+        let known_key = (!path.contains('/')).then(|| {
+            KeyBuilder::new("file-known")
+                .opt(scope)
+                .field(path)
+                .finish()
+        });
         let mut keep = known_key.is_some();
         if let Some(key) = &known_key {
             match self.known.get(key).as_deref() {
@@ -252,7 +256,7 @@ impl Backend for FileBackend {
                     }
                     self.known.remove(key);
                 }
-                Some(Known::Uncached(since)) if since.elapsed() < RECHECK => keep = false,
+                Some(Known::Uncached(until)) if Instant::now() < *until => keep = false,
                 _ => {}
             }
         }
@@ -284,7 +288,8 @@ impl Backend for FileBackend {
         if let (true, Some(key)) = (keep, known_key) {
             // Kept only if the name itself is this file (not a symlink to
             // it) and the file had settled before it was read.
-            let plain = stamp.settled_before(read_at, self.settle)
+            let settled = stamp.settled_before(read_at, self.settle);
+            let plain = settled
                 && contents.expose().len() as u64 == stamp.size()
                 && nodefs::stamp_entry(&dir, path) == Some(stamp);
             if plain {
@@ -295,8 +300,10 @@ impl Backend for FileBackend {
                 };
                 self.known.insert_weighed(key, Arc::new(known), weight);
             } else {
+                let wait = if settled { RECHECK } else { self.settle };
+                let until = Instant::now() + wait;
                 self.known
-                    .insert_weighed(key, Arc::new(Known::Uncached(Instant::now())), KNOWN_OVERHEAD);
+                    .insert_weighed(key, Arc::new(Known::Uncached(until)), KNOWN_OVERHEAD);
             }
         }
         Ok(Fetched::new(contents, None))
@@ -475,7 +482,12 @@ mod tests {
         let name = |n: &str| object(n, None);
         let remembered = |b: &FileBackend| {
             b.known
-                .get(&KeyBuilder::new("file-known").opt(None::<&str>).field("s").finish())
+                .get(
+                    &KeyBuilder::new("file-known")
+                        .opt(None::<&str>)
+                        .field("s")
+                        .finish(),
+                )
                 .is_some_and(|k| matches!(*k, Known::File { .. }))
         };
         let write = |content: &str| {
@@ -558,7 +570,12 @@ mod tests {
         b.settle = Duration::from_secs(3600);
         let plain = |b: &FileBackend, n: &str| {
             b.known
-                .get(&KeyBuilder::new("file-known").opt(None::<&str>).field(n).finish())
+                .get(
+                    &KeyBuilder::new("file-known")
+                        .opt(None::<&str>)
+                        .field(n)
+                        .finish(),
+                )
                 .is_some_and(|k| matches!(*k, Known::File { .. }))
         };
         assert_eq!(fetch(&b, &object("key", None), "").await.unwrap(), b"v1");
