@@ -78,7 +78,7 @@ pub struct MountContext {
 }
 
 /// Per-Mount shared values, keyed by a backend-built [`Key`]. At most one
-/// entry per object, and objects per Mount are capped.
+/// entry per object plus one per backend, and objects per Mount are capped.
 #[derive(Clone, Default)]
 pub struct Memo(Arc<Mutex<HashMap<Key, Arc<dyn Any + Send + Sync>>>>);
 
@@ -98,6 +98,15 @@ impl Memo {
         let fresh = Arc::new(T::default());
         map.insert(*key, fresh.clone());
         fresh
+    }
+}
+
+impl Memo {
+    /// `make()` run once per Mount under `key` and its result shared:
+    /// settings every object asks for, in every phase of the Mount.
+    pub fn once<T: Clone + Send + Sync + 'static>(&self, key: &Key, make: impl FnOnce() -> T) -> T {
+        let slot: Arc<std::sync::OnceLock<T>> = self.get_or_default(key);
+        slot.get_or_init(make).clone()
     }
 }
 

@@ -370,6 +370,19 @@ fn extract(data: &[u8], extract: &Extract) -> Result<Vec<u8>, ObjectError> {
     }
 }
 
+/// Where a Mount keeps its worked-out Google parameters.
+static PARAMS: std::sync::LazyLock<Key> = std::sync::LazyLock::new(|| Key::of("gcp-params", &[]));
+
+impl GcpBackend {
+    /// The Mount's parameters, worked out once per Mount: every object asks
+    /// for them in each phase (validation, cache key, fetch).
+    fn params(&self, ctx: &MountContext) -> Result<std::sync::Arc<GcpParams>, ObjectError> {
+        ctx.memo.once(&PARAMS, || {
+            GcpParams::from_context(ctx, &self.defaults).map(std::sync::Arc::new)
+        })
+    }
+}
+
 #[async_trait]
 impl Backend for GcpBackend {
     fn name(&self) -> &'static str {
@@ -377,7 +390,7 @@ impl Backend for GcpBackend {
     }
 
     fn validate(&self, object: &ObjectSpec, ctx: &MountContext) -> Result<(), ObjectError> {
-        GcpParams::from_context(ctx, &self.defaults)?;
+        self.params(ctx)?;
         GcpObject::from_spec(object).map(|_| ())
     }
 
@@ -390,8 +403,8 @@ impl Backend for GcpBackend {
     }
 
     fn token_audience(&self, _object: &ObjectSpec, ctx: &MountContext) -> Option<String> {
-        match GcpParams::from_context(ctx, &self.defaults).ok()?.auth {
-            params::Auth::PodAdc { audience, .. } => Some(audience),
+        match &self.params(ctx).ok()?.auth {
+            params::Auth::PodAdc { audience, .. } => Some(audience.clone()),
             _ => None,
         }
     }
@@ -411,7 +424,7 @@ impl Backend for GcpBackend {
     }
 
     fn cache_key(&self, object: &ObjectSpec, ctx: &MountContext) -> Option<Key> {
-        let params = GcpParams::from_context(ctx, &self.defaults).ok()?;
+        let params = self.params(ctx).ok()?;
         let request = GcpObject::from_spec(object).ok()?;
         let key = KeyBuilder::new("gcp-cache");
         let key = match &params.auth {
@@ -448,7 +461,7 @@ impl Backend for GcpBackend {
         ctx: &MountContext,
         limits: FetchLimits,
     ) -> Result<Fetched, ObjectError> {
-        let params = GcpParams::from_context(ctx, &self.defaults)?;
+        let params = self.params(ctx)?;
         let request = GcpObject::from_spec(object)?;
         let resolved = self
             .tokens

@@ -339,6 +339,19 @@ pub(crate) fn zeroize_json(v: &mut Json) {
     }
 }
 
+/// Where a Mount keeps its worked-out Vault parameters.
+static PARAMS: std::sync::LazyLock<Key> = std::sync::LazyLock::new(|| Key::of("vault-params", &[]));
+
+impl VaultBackend {
+    /// The Mount's parameters, worked out once per Mount: every object asks
+    /// for them in each phase (validation, cache key, limiter, fetch).
+    fn params(&self, ctx: &MountContext) -> Result<Arc<VaultParams>, ObjectError> {
+        ctx.memo.once(&PARAMS, || {
+            VaultParams::from_context(ctx, &self.defaults).map(Arc::new)
+        })
+    }
+}
+
 #[async_trait]
 impl Backend for VaultBackend {
     fn name(&self) -> &'static str {
@@ -346,7 +359,7 @@ impl Backend for VaultBackend {
     }
 
     fn validate(&self, object: &ObjectSpec, ctx: &MountContext) -> Result<(), ObjectError> {
-        VaultParams::from_context(ctx, &self.defaults)?;
+        self.params(ctx)?;
         VaultObject::from_spec(object).map(|_| ())
     }
 
@@ -359,8 +372,8 @@ impl Backend for VaultBackend {
     }
 
     fn token_audience(&self, _object: &ObjectSpec, ctx: &MountContext) -> Option<String> {
-        match VaultParams::from_context(ctx, &self.defaults).ok()?.auth {
-            params::Auth::Login { audience, .. } => Some(audience),
+        match &self.params(ctx).ok()?.auth {
+            params::Auth::Login { audience, .. } => Some(audience.clone()),
             _ => None,
         }
     }
@@ -371,7 +384,7 @@ impl Backend for VaultBackend {
         ctx: &MountContext,
         limits: FetchLimits,
     ) -> Result<Fetched, ObjectError> {
-        let params = VaultParams::from_context(ctx, &self.defaults)?;
+        let params = self.params(ctx)?;
         let request = VaultObject::from_spec(object)?;
         let what = format!("{} {}", request.method, request.path);
         // Objects of this Mount asking the same thing share one answer.
@@ -405,7 +418,7 @@ impl Backend for VaultBackend {
     /// account (Kubernetes auth roles bind service accounts); AppRole and
     /// static tokens by the credential itself.
     fn cache_key(&self, object: &ObjectSpec, ctx: &MountContext) -> Option<Key> {
-        let params = VaultParams::from_context(ctx, &self.defaults).ok()?;
+        let params = self.params(ctx).ok()?;
         let request = VaultObject::from_spec(object).ok()?;
         let key = KeyBuilder::new("vault-cache")
             .field(&params.address)
@@ -457,8 +470,9 @@ impl Backend for VaultBackend {
     }
 
     fn limit_scope(&self, ctx: &MountContext) -> Option<Key> {
-        let address = VaultParams::from_context(ctx, &self.defaults)
-            .map(|p| p.address)
+        let address = self
+            .params(ctx)
+            .map(|p| p.address.clone())
             .unwrap_or_default();
         Some(Key::of("limit-vault", &[&address]))
     }
