@@ -41,9 +41,10 @@ impl Watcher {
             let mut seen = Seen::default();
             while !flag.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                match http_get_from("127.0.0.2", &health, "/healthz", Duration::from_secs(5)).await
+                match http_get_traced("127.0.0.2", &health, "/healthz", Duration::from_secs(5))
+                    .await
                 {
-                    Some(r) if r.starts_with("HTTP/1.1 200") => {}
+                    Ok(r) if r.starts_with("HTTP/1.1 200") => {}
                     other => seen.failures.push(format!("healthz: {other:?}")),
                 }
                 seen.worst_health = seen.worst_health.max(t.elapsed());

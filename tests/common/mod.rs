@@ -357,19 +357,41 @@ pub async fn http_get_from(
     path: &str,
     within: Duration,
 ) -> Option<String> {
+    http_get_traced(source, addr, path, within).await.ok()
+}
+
+/// [`http_get_from`], saying which step failed and how.
+pub async fn http_get_traced(
+    source: &str,
+    addr: &str,
+    path: &str,
+    within: Duration,
+) -> Result<String, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let attempt = async {
-        let socket = tokio::net::TcpSocket::new_v4().ok()?;
-        socket.bind(format!("{source}:0").parse().ok()?).ok()?;
-        let mut s = socket.connect(addr.parse().ok()?).await.ok()?;
+        let socket = tokio::net::TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
+        let from = format!("{source}:0").parse().map_err(|e| format!("{e}"))?;
+        socket.bind(from).map_err(|e| format!("bind: {e}"))?;
+        let to = addr.parse().map_err(|e| format!("{e}"))?;
+        let mut s = socket
+            .connect(to)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
         s.write_all(
             format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
         )
         .await
-        .ok()?;
+        .map_err(|e| format!("write: {e}"))?;
         let mut out = String::new();
-        s.read_to_string(&mut out).await.ok()?;
-        (!out.is_empty()).then_some(out)
+        s.read_to_string(&mut out)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        if out.is_empty() {
+            return Err("closed without an answer".to_string());
+        }
+        Ok(out)
     };
-    tokio::time::timeout(within, attempt).await.ok().flatten()
+    tokio::time::timeout(within, attempt)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {within:?}")))
 }
