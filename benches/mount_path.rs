@@ -9,7 +9,8 @@
 //!
 //! cargo bench --bench mount_path
 //! Knobs (env): MP_SECONDS (2), MP_RUNS (3), MP_VAULT (1 = include OpenBao),
-//! MP_LEVELS (1,8,64: the caller counts to run).
+//! MP_LEVELS (1,8,64: the caller counts to run), MP_DAEMON_ARGS (more
+//! `coffer serve` flags, space-separated, e.g. `--worker-threads 1`).
 
 #[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)]
@@ -122,6 +123,11 @@ fn coffer(dir: &Path, name: &str, extra: &[&str]) -> Proc {
         .arg("--version-key-file")
         .arg(dir.join(format!("{name}.key")))
         .args(extra)
+        .args(
+            std::env::var("MP_DAEMON_ARGS")
+                .unwrap_or_default()
+                .split_whitespace(),
+        )
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
