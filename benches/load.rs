@@ -102,22 +102,6 @@ async fn run_daemon(args: Vec<String>) {
 
 /// Child role: the floor, a bare tonic server with a fixed answer.
 async fn run_floor(socket: PathBuf, objects: usize) {
-    struct Fixed(proto::MountResponse);
-    #[tonic::async_trait]
-    impl proto::csi_driver_provider_server::CsiDriverProvider for Fixed {
-        async fn version(
-            &self,
-            _: tonic::Request<proto::VersionRequest>,
-        ) -> Result<tonic::Response<proto::VersionResponse>, tonic::Status> {
-            Ok(tonic::Response::new(proto::VersionResponse::default()))
-        }
-        async fn mount(
-            &self,
-            _: tonic::Request<proto::MountRequest>,
-        ) -> Result<tonic::Response<proto::MountResponse>, tonic::Status> {
-            Ok(tonic::Response::new(self.0.clone()))
-        }
-    }
     let mut resp = proto::MountResponse::default();
     for i in 0..objects {
         resp.files.push(proto::File {
@@ -130,13 +114,7 @@ async fn run_floor(socket: PathBuf, objects: usize) {
             version: "v1".into(),
         });
     }
-    let _ = std::fs::remove_file(&socket);
-    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-    tonic::transport::Server::builder()
-        .add_service(proto::csi_driver_provider_server::CsiDriverProviderServer::new(Fixed(resp)))
-        .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
-        .await
-        .unwrap();
+    common::serve_fixed_answer(&socket, resp).await;
 }
 
 struct ChildProc {

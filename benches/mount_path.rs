@@ -36,36 +36,6 @@ fn levels() -> Vec<usize> {
 }
 const CALLERS_PER_CONNECTION: usize = 8;
 
-/// Child role: the floor, a bare tonic server with a fixed answer as large
-/// as coffer's.
-async fn run_floor(socket: PathBuf, template: proto::MountResponse) {
-    struct Fixed(proto::MountResponse);
-    #[tonic::async_trait]
-    impl proto::csi_driver_provider_server::CsiDriverProvider for Fixed {
-        async fn version(
-            &self,
-            _: tonic::Request<proto::VersionRequest>,
-        ) -> Result<tonic::Response<proto::VersionResponse>, tonic::Status> {
-            Ok(tonic::Response::new(proto::VersionResponse::default()))
-        }
-        async fn mount(
-            &self,
-            _: tonic::Request<proto::MountRequest>,
-        ) -> Result<tonic::Response<proto::MountResponse>, tonic::Status> {
-            Ok(tonic::Response::new(self.0.clone()))
-        }
-    }
-    let _ = std::fs::remove_file(&socket);
-    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-    tonic::transport::Server::builder()
-        .add_service(
-            proto::csi_driver_provider_server::CsiDriverProviderServer::new(Fixed(template)),
-        )
-        .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
-        .await
-        .unwrap();
-}
-
 struct Proc {
     child: Child,
     socket: PathBuf,
@@ -353,7 +323,7 @@ fn main() {
         let bytes = hex::decode(std::env::var("MP_TEMPLATE").unwrap()).unwrap();
         let template: proto::MountResponse = prost::Message::decode(bytes.as_slice()).unwrap();
         let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(run_floor(socket, template));
+        rt.block_on(common::serve_fixed_answer(&socket, template));
         return;
     }
     let secs = env_num("MP_SECONDS", 2) as f64;

@@ -194,11 +194,16 @@ fn json_kind(v: &Value) -> &'static str {
 }
 
 fn parse_json(field: &'static str, raw: &str) -> Result<Value, RequestError> {
-    serde_json::from_str(raw).map_err(|e| RequestError::Json {
+    serde_json::from_str(raw).map_err(|e| json_error(field, &e))
+}
+
+/// A syntax error, by position only: the text may hold secrets.
+fn json_error(field: &'static str, e: &serde_json::Error) -> RequestError {
+    RequestError::Json {
         field,
         line: e.line(),
         column: e.column(),
-    })
+    }
 }
 
 /// Parses a JSON object of strings; `null` or an empty string mean "absent".
@@ -211,140 +216,97 @@ fn parse_string_map(
     if raw.trim().is_empty() {
         return Ok(None);
     }
-    let parsed = serde_json::from_str::<StringMap>(raw).map_err(|e| RequestError::Json {
-        field,
-        line: e.line(),
-        column: e.column(),
-    })?;
-    match parsed {
-        StringMap::Absent => Ok(None),
-        StringMap::Map(map) => Ok(Some(map)),
-        StringMap::NotObject(got) => Err(RequestError::NotObject { field, got }),
-        StringMap::NotString { key, got } => Err(RequestError::NotString { field, key, got }),
+    let mut de = serde_json::Deserializer::from_str(raw);
+    let shape = serde::de::DeserializeSeed::deserialize(Read { top: true }, &mut de)
+        .and_then(|shape| de.end().map(|()| shape))
+        .map_err(|e| json_error(field, &e))?;
+    match shape {
+        Shape::Null => Ok(None),
+        Shape::Map(map) => Ok(Some(map)),
+        Shape::NotString { key, got } => Err(RequestError::NotString { field, key, got }),
+        Shape::Str(_) => Err(RequestError::NotObject {
+            field,
+            got: "a string",
+        }),
+        Shape::Other(got) => Err(RequestError::NotObject { field, got }),
     }
 }
 
-/// What [`parse_string_map`] found.
-enum StringMap {
-    Absent,
-    Map(BTreeMap<String, String>),
-    NotObject(&'static str),
-    NotString { key: String, got: &'static str },
-}
-
-/// One value of the object: a string, or the kind of what it was instead.
-enum StringOr {
+/// What one JSON value turned out to be.
+enum Shape {
+    Null,
     Str(String),
+    Map(BTreeMap<String, String>),
+    NotString { key: String, got: &'static str },
     Other(&'static str),
 }
 
-impl<'de> serde::Deserialize<'de> for StringMap {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = StringMap;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON object of strings")
-            }
-            fn visit_unit<E>(self) -> Result<StringMap, E> {
-                Ok(StringMap::Absent)
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut m: A,
-            ) -> Result<StringMap, A::Error> {
-                let mut out = BTreeMap::new();
-                while let Some(key) = m.next_key::<String>()? {
-                    match m.next_value::<StringOr>()? {
-                        StringOr::Str(v) => {
-                            out.insert(key, v);
-                        }
-                        StringOr::Other(got) => {
-                            while m
-                                .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
-                                .is_some()
-                            {}
-                            return Ok(StringMap::NotString { key, got });
-                        }
-                    }
-                }
-                Ok(StringMap::Map(out))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut s: A,
-            ) -> Result<StringMap, A::Error> {
-                while s.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-                Ok(StringMap::NotObject("an array"))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<StringMap, E> {
-                Ok(StringMap::NotObject("a boolean"))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<StringMap, E> {
-                Ok(StringMap::NotObject("a number"))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<StringMap, E> {
-                Ok(StringMap::NotObject("a number"))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<StringMap, E> {
-                Ok(StringMap::NotObject("a number"))
-            }
-            fn visit_str<E>(self, _: &str) -> Result<StringMap, E> {
-                Ok(StringMap::NotObject("a string"))
-            }
-        }
-        d.deserialize_any(V)
+/// Reads a value as [`parse_string_map`] needs it: the top-level object
+/// into a map of strings; anything else only named, and skipped without
+/// recursion (so nesting costs no stack).
+#[derive(Clone, Copy)]
+struct Read {
+    top: bool,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Read {
+    type Value = Shape;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Shape, D::Error> {
+        d.deserialize_any(self)
     }
 }
 
-impl<'de> serde::Deserialize<'de> for StringOr {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = StringOr;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_str<E>(self, v: &str) -> Result<StringOr, E> {
-                Ok(StringOr::Str(v.to_owned()))
-            }
-            fn visit_string<E>(self, v: String) -> Result<StringOr, E> {
-                Ok(StringOr::Str(v))
-            }
-            fn visit_unit<E>(self) -> Result<StringOr, E> {
-                Ok(StringOr::Other("null"))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<StringOr, E> {
-                Ok(StringOr::Other("a boolean"))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<StringOr, E> {
-                Ok(StringOr::Other("a number"))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<StringOr, E> {
-                Ok(StringOr::Other("a number"))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<StringOr, E> {
-                Ok(StringOr::Other("a number"))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut s: A,
-            ) -> Result<StringOr, A::Error> {
-                while s.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-                Ok(StringOr::Other("an array"))
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut m: A,
-            ) -> Result<StringOr, A::Error> {
-                while m
-                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
-                    .is_some()
-                {}
-                Ok(StringOr::Other("an object"))
-            }
+impl<'de> serde::de::Visitor<'de> for Read {
+    type Value = Shape;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object of strings")
+    }
+    fn visit_unit<E>(self) -> Result<Shape, E> {
+        Ok(Shape::Null)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Shape, E> {
+        Ok(Shape::Other("a boolean"))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Shape, E> {
+        Ok(Shape::Other("a number"))
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Shape, E> {
+        Ok(Shape::Other("a number"))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Shape, E> {
+        Ok(Shape::Other("a number"))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Shape, E> {
+        Ok(Shape::Str(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Shape, E> {
+        Ok(Shape::Str(v))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<Shape, A::Error> {
+        while s.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(Shape::Other("an array"))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Shape, A::Error> {
+        use serde::de::IgnoredAny;
+        if !self.top {
+            while m.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            return Ok(Shape::Other("an object"));
         }
-        d.deserialize_any(V)
+        let mut out = BTreeMap::new();
+        while let Some(key) = m.next_key::<String>()? {
+            let got = match m.next_value_seed(Read { top: false })? {
+                Shape::Str(v) => {
+                    out.insert(key, v);
+                    continue;
+                }
+                Shape::Null => "null",
+                Shape::Other(kind) => kind,
+                Shape::Map(_) | Shape::NotString { .. } => "an object",
+            };
+            while m.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            return Ok(Shape::NotString { key, got });
+        }
+        Ok(Shape::Map(out))
     }
 }
 

@@ -156,16 +156,7 @@ impl Daemon {
 
     /// CPU time the daemon has used (user + system), in seconds.
     pub fn cpu_secs(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
-        // Fields after the command name (which may hold spaces) in parens.
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 = [11, 12]
-            .iter()
-            .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
-            .sum();
-        ticks as f64 / 100.0
+        cpu_secs(self.pid())
     }
 
     pub fn logs(&self) -> String {
@@ -394,4 +385,33 @@ pub async fn http_get_traced(
     tokio::time::timeout(within, attempt)
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {within:?}")))
+}
+
+/// The benchmarks' floor: a bare tonic server on a Unix socket answering
+/// every Mount with `answer`, so what coffer adds can be told from what
+/// gRPC itself costs.
+pub async fn serve_fixed_answer(socket: &Path, answer: proto::MountResponse) {
+    struct Fixed(proto::MountResponse);
+    #[tonic::async_trait]
+    impl proto::csi_driver_provider_server::CsiDriverProvider for Fixed {
+        async fn version(
+            &self,
+            _: tonic::Request<proto::VersionRequest>,
+        ) -> Result<tonic::Response<proto::VersionResponse>, tonic::Status> {
+            Ok(tonic::Response::new(proto::VersionResponse::default()))
+        }
+        async fn mount(
+            &self,
+            _: tonic::Request<proto::MountRequest>,
+        ) -> Result<tonic::Response<proto::MountResponse>, tonic::Status> {
+            Ok(tonic::Response::new(self.0.clone()))
+        }
+    }
+    let _ = std::fs::remove_file(socket);
+    let listener = tokio::net::UnixListener::bind(socket).unwrap();
+    tonic::transport::Server::builder()
+        .add_service(proto::csi_driver_provider_server::CsiDriverProviderServer::new(Fixed(answer)))
+        .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+        .await
+        .unwrap();
 }
