@@ -135,7 +135,12 @@ pub struct Failure {
 
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "object {}: {}", shown(&self.object), self.error)
+        // Entries of `files` and SPC parameters are labelled as themselves.
+        if self.object.starts_with("files") || self.object.starts_with("parameters.") {
+            write!(f, "{}: {}", self.object, self.error)
+        } else {
+            write!(f, "object {}: {}", shown(&self.object), self.error)
+        }
     }
 }
 

@@ -23,6 +23,10 @@ impl Key {
     /// Bytes this key occupies, for memory accounting.
     pub const SIZE: u64 = 32;
 
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// The first 8 hex digits, for short tags in versions.
     pub fn short_hex(&self) -> String {
         hex::encode(&self.0[..4])

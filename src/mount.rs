@@ -11,7 +11,7 @@ use futures::FutureExt;
 use zeroize::Zeroizing;
 
 use crate::audit::{self, Auditor, Record};
-use crate::backend::{FetchLimits, Registry};
+use crate::backend::{Backend, FetchLimits, Registry};
 use crate::bounded_map::{BoundedMap, Bounds};
 use crate::cache::{Cache, Source};
 use crate::error::{Failure, MountError, ObjectError};
@@ -19,6 +19,7 @@ use crate::key::{Key, KeyBuilder};
 use crate::limit::{Call, Limiter};
 use crate::paths;
 use crate::proto;
+use crate::render::{self, Files};
 use crate::request::MountContext;
 use crate::spc::{self, ObjectSpec};
 use crate::version::VersionKey;
@@ -64,6 +65,14 @@ impl From<work::WorkError> for MountError {
 pub const REFRESH_PARAM: &str = "refreshInterval";
 /// SPC parameter: serve cached values this old when the backend is down.
 pub const STALE_PARAM: &str = "staleIfError";
+/// The SPC parameters a [`Plan`] is parsed from.
+const PLAN_PARAMS: [&str; 5] = [
+    spc::BACKEND_PARAM,
+    spc::OBJECTS_PARAM,
+    spc::GCP_SECRETS_PARAM,
+    render::FILES_PARAM,
+    render::VERSIONS_FILE_PARAM,
+];
 /// Version reported for an optional object that does not exist.
 pub const ABSENT_VERSION: &str = "absent";
 /// Parsed object lists kept for unchanged SPCs, bounded by weight so a
@@ -74,16 +83,30 @@ const PARSED_SPCS: Bounds = Bounds {
     idle: Duration::from_secs(3600),
 };
 
+/// What an SPC asks for, parsed once per distinct text: the objects to
+/// fetch and the files to build from them.
+pub struct Plan {
+    pub objects: Arc<Vec<ObjectSpec>>,
+    pub files: Option<Files>,
+}
+
+impl Plan {
+    /// Whether the render stage has anything to do.
+    fn renders(&self) -> bool {
+        self.files.is_some() || self.objects.iter().any(|o| o.expand)
+    }
+}
+
 pub struct Mounter {
     backends: Registry,
-    version_key: VersionKey,
+    version_key: Arc<VersionKey>,
     config: MountConfig,
     cache: Arc<Cache>,
     limiter: Arc<Limiter>,
     auditor: Arc<Auditor>,
     /// Rotation polls send the same `objects` text every time: parse once.
-    /// Only lists that passed validation are kept; failures never are.
-    parsed: BoundedMap<Arc<Vec<ObjectSpec>>>,
+    /// Only plans that passed validation are kept; failures never are.
+    parsed: BoundedMap<Arc<Plan>>,
 }
 
 /// Every problem of `objects` that shows without fetching: output paths,
@@ -98,6 +121,7 @@ pub fn check_objects(
     for object in objects {
         let checked = paths::validate_path(&object.name)
             .map_err(|e| ObjectError::Invalid(format!("{}: {e}", object.name_field)))
+            .and_then(|_| render::check_object(object))
             .and_then(|_| backends.get(&object.backend))
             .and_then(|backend| backend.validate(object, ctx));
         if let Err(error) = checked {
@@ -107,7 +131,8 @@ pub fn check_objects(
             });
         }
     }
-    for e in paths::validate_path_set(objects.iter().map(|o| o.name.as_str())) {
+    let outputs = render::object_outputs(objects);
+    for e in paths::validate_path_set(outputs.iter().map(String::as_str)) {
         let object = match &e {
             paths::PathSetError::Duplicate(p) => p.clone(),
             paths::PathSetError::FileIsDirectory { file, .. } => file.clone(),
@@ -227,7 +252,7 @@ impl Mounter {
     ) -> Self {
         Self {
             backends,
-            version_key,
+            version_key: Arc::new(version_key),
             config,
             cache,
             limiter,
@@ -275,11 +300,7 @@ impl Mounter {
     /// differently from `secrets` alone.
     fn parsed_key(&self, ctx: &MountContext) -> (Key, usize) {
         let get = |k: &str| ctx.parameters.get(k).map(String::as_str);
-        let texts = [
-            spc::BACKEND_PARAM,
-            spc::OBJECTS_PARAM,
-            spc::GCP_SECRETS_PARAM,
-        ];
+        let texts = PLAN_PARAMS;
         let size = texts.iter().filter_map(|k| get(k)).map(str::len).sum();
         let key = texts
             .iter()
@@ -291,43 +312,50 @@ impl Mounter {
         (key, size)
     }
 
-    /// The object list: from the memo, or parsed (off the async workers
-    /// when it is large).
-    async fn objects(
-        &self,
-        ctx: &MountContext,
-    ) -> Result<(Arc<Vec<ObjectSpec>>, bool), MountError> {
+    /// The plan: from the memo, or parsed (off the async workers when it is
+    /// large).
+    async fn plan(&self, ctx: &MountContext) -> Result<(Arc<Plan>, bool), MountError> {
         let (key, size) = self.parsed_key(ctx);
         if let Some(found) = self.parsed.get(&key) {
             return Ok((found, true));
         }
-        let parameters: std::collections::BTreeMap<String, String> = [
-            spc::BACKEND_PARAM,
-            spc::OBJECTS_PARAM,
-            spc::GCP_SECRETS_PARAM,
-        ]
-        .iter()
-        .filter_map(|k| ctx.parameters.get(*k).map(|v| (k.to_string(), v.clone())))
-        .collect();
+        let parameters: std::collections::BTreeMap<String, String> = PLAN_PARAMS
+            .iter()
+            .filter_map(|k| ctx.parameters.get(*k).map(|v| (k.to_string(), v.clone())))
+            .collect();
         let default_backend = self.config.default_backend.clone();
         let parsed = work::run(size, move || {
-            spc::parse_objects(&parameters, &default_backend)
+            let objects = spc::parse_objects(&parameters, &default_backend);
+            let files = Files::parse(&parameters);
+            match (objects, files) {
+                (Ok(objects), Ok(files)) => Ok(Plan {
+                    objects: Arc::new(objects),
+                    files,
+                }),
+                (objects, files) => {
+                    let mut failures = objects.err().unwrap_or_default();
+                    failures.extend(files.err().unwrap_or_default());
+                    Err(failures)
+                }
+            }
         })
         .await
         .map_err(|e| MountError::Request(e.to_string()))?;
-        let objects = Arc::new(parsed.map_err(|failures| MountError::Objects {
+        let plan = parsed.map_err(|failures| MountError::Objects {
             total: failures.len().max(1),
             failures,
-        })?);
-        Ok((objects, false))
+        })?;
+        Ok((Arc::new(plan), false))
     }
 
-    /// Keeps a validated object list for the next Mount of the same SPC.
-    fn remember(&self, ctx: &MountContext, objects: &Arc<Vec<ObjectSpec>>) {
+    /// Keeps a validated plan for the next Mount of the same SPC.
+    fn remember(&self, ctx: &MountContext, plan: &Arc<Plan>) {
         let (key, size) = self.parsed_key(ctx);
-        // Measured: a parsed list weighs three to four times its text.
-        let weight = 4 * size as u64 + 512 * objects.len() as u64 + 512;
-        self.parsed.insert_weighed(key, Arc::clone(objects), weight);
+        // Measured: a parsed list weighs three to four times its text;
+        // a compiled template about ten times.
+        let files = plan.files.as_ref().map_or(0, |f| f.specs.len());
+        let weight = 10 * size as u64 + 512 * plan.objects.len() as u64 + 2048 * files as u64 + 512;
+        self.parsed.insert_weighed(key, Arc::clone(plan), weight);
     }
 
     /// Parses only the request, so the caller can label its log span with
@@ -415,11 +443,20 @@ impl Mounter {
         &self,
         ctx: &Arc<MountContext>,
     ) -> Result<(proto::MountResponse, Vec<Ready>), MountError> {
-        let objects = self.validate(ctx).await?;
+        let plan = self.validate(ctx).await?;
         let freshness = self.freshness(ctx)?;
-        let ready = self.fetch_all(ctx, &objects, &freshness).await?;
+        let ready = self.fetch_all(ctx, &plan.objects, &freshness).await?;
+        let (ready, mut outputs) = if plan.renders() {
+            self.render(&plan, ctx, ready).await?
+        } else {
+            (ready, Vec::new())
+        };
         // Quick refusal before copying anything into a response.
-        let total: u64 = ready.iter().map(|r| r.contents.len() as u64).sum();
+        let total: u64 = ready
+            .iter()
+            .map(|r| r.contents.len() as u64)
+            .chain(outputs.iter().map(|o| o.contents.len() as u64))
+            .sum();
         if total > self.config.max_response_bytes {
             return Err(MountError::ResponseTooLarge {
                 size: total,
@@ -429,25 +466,40 @@ impl Mounter {
         let mut response = proto::MountResponse::default();
         let mut ready = ready;
         let mut ids = std::collections::HashSet::new();
-        for r in &mut ready {
+        let mut unique = |id: &str, path: &str| {
             // Ids must be unique in a response: a second object with the
             // same backend id (one secret, two extracted keys) gets its path.
-            let id = if ids.insert(r.id.clone()) {
-                r.id.clone()
+            if ids.insert(id.to_string()) {
+                id.to_string()
             } else {
-                format!("{}#{}", r.id, r.path)
-            };
+                format!("{id}#{path}")
+            }
+        };
+        for (r, object) in ready.iter_mut().zip(plan.objects.iter()) {
             response.object_version.push(proto::ObjectVersion {
-                id,
+                id: unique(&r.id, &r.path),
                 version: r.version.clone(),
             });
-            if r.absent {
+            if r.absent || !object.render || object.expand {
                 continue;
             }
             response.files.push(proto::File {
                 path: r.path.clone(),
                 mode: r.mode as i32,
                 contents: std::mem::take(&mut *r.contents),
+            });
+        }
+        for out in &mut outputs {
+            if out.reported {
+                response.object_version.push(proto::ObjectVersion {
+                    id: unique(&out.path, &out.path),
+                    version: out.version.clone(),
+                });
+            }
+            response.files.push(proto::File {
+                path: out.path.clone(),
+                mode: out.mode as i32,
+                contents: std::mem::take(&mut *out.contents),
             });
         }
         // The driver's receive limit applies to the encoded message, paths
@@ -465,30 +517,113 @@ impl Mounter {
         Ok((response, ready))
     }
 
-    /// Everything that can be checked without fetching, for every object.
-    async fn validate(&self, ctx: &MountContext) -> Result<Arc<Vec<ObjectSpec>>, MountError> {
-        let (objects, memoised) = self.objects(ctx).await?;
+    /// Everything that can be checked without fetching, for every object
+    /// and file.
+    async fn validate(&self, ctx: &MountContext) -> Result<Arc<Plan>, MountError> {
+        let (plan, memoised) = self.plan(ctx).await?;
+        let objects = &plan.objects;
         // Once per Mount: a span field recorded twice is printed twice.
         tracing::Span::current().record("objects", objects.len());
-        let failures = check_objects(&self.backends, &objects, ctx);
-        if failures.is_empty() {
-            if !memoised {
-                // Once per distinct SPC, not on every rotation poll.
-                for (object, warning) in object_warnings(&self.backends, &objects)
-                    .into_iter()
-                    .take(crate::error::LISTED_FAILURES)
-                {
-                    tracing::warn!(object = %crate::error::shown(&object), "{warning}");
-                }
-                self.remember(ctx, &objects);
+        if memoised {
+            // Validated when it was kept; only the per-caller checks remain.
+            let failures = check_objects(&self.backends, objects, ctx);
+            if failures.is_empty() {
+                return Ok(plan);
             }
-            Ok(objects)
+            return Err(MountError::Objects {
+                total: objects.len(),
+                failures,
+            });
+        }
+        let mut failures = check_objects(&self.backends, objects, ctx);
+        if let Some(files) = &plan.files {
+            failures.extend(files.check(objects));
+        }
+        if failures.is_empty() {
+            // Once per distinct SPC, not on every rotation poll.
+            for (object, warning) in object_warnings(&self.backends, objects)
+                .into_iter()
+                .take(crate::error::LISTED_FAILURES)
+            {
+                tracing::warn!(object = %crate::error::shown(&object), "{warning}");
+            }
+            self.remember(ctx, &plan);
+            Ok(plan)
         } else {
             Err(MountError::Objects {
-                total: objects.len(),
+                total: objects.len() + plan.files.as_ref().map_or(0, |f| f.specs.len()),
                 failures,
             })
         }
+    }
+
+    /// The render stage: expanded objects, `files`, the versions file.
+    /// Off the async workers when the values read are large.
+    async fn render(
+        &self,
+        plan: &Arc<Plan>,
+        ctx: &MountContext,
+        ready: Vec<Ready>,
+    ) -> Result<(Vec<Ready>, Vec<render::Output>), MountError> {
+        let backends = plan
+            .objects
+            .iter()
+            .map(|o| self.backends.get(&o.backend).map(Arc::clone))
+            .collect::<Result<Vec<Arc<dyn Backend>>, _>>()
+            .map_err(|e| MountError::Request(e.to_string()))?;
+        let plan = Arc::clone(plan);
+        let version_key = Arc::clone(&self.version_key);
+        let default_mode = ctx.default_mode;
+        let max_bytes = usize::try_from(self.config.max_response_bytes).unwrap_or(usize::MAX);
+        let bytes: usize = ready.iter().map(|r| r.contents.len()).sum();
+        let templated = plan.files.as_ref().is_some_and(Files::has_templates);
+        let weight = if templated {
+            bytes.saturating_mul(16)
+        } else {
+            bytes
+        };
+        let (ready, built) = work::run(weight, move || {
+            let views: Vec<_> = backends
+                .iter()
+                .zip(plan.objects.iter())
+                .map(|(backend, object)| {
+                    move |value: serde_json::Value| backend.data_view(object, value)
+                })
+                .collect();
+            let inputs: Vec<render::Input<'_>> = ready
+                .iter()
+                .zip(plan.objects.iter())
+                .zip(&views)
+                .map(|((r, object), view)| render::Input {
+                    object,
+                    contents: &r.contents,
+                    version: &r.version,
+                    absent: r.absent,
+                    data_view: view,
+                })
+                .collect();
+            let plain: Vec<(String, String)> = ready
+                .iter()
+                .zip(plan.objects.iter())
+                .filter(|(r, o)| o.render && !o.expand && !r.absent)
+                .map(|(r, _)| (r.path.clone(), r.version.clone()))
+                .collect();
+            let settings = render::Settings {
+                default_mode,
+                version_key: &version_key,
+                max_bytes,
+            };
+            let built = render::build(plan.files.as_ref(), &inputs, &plain, &settings);
+            drop(inputs);
+            (ready, built)
+        })
+        .await
+        .map_err(MountError::from)?;
+        let outputs = built.map_err(|failures| MountError::Objects {
+            total: failures.len(),
+            failures,
+        })?;
+        Ok((ready, outputs))
     }
 
     async fn fetch_all(

@@ -68,7 +68,7 @@ pub fn validate_path(path: &str) -> Result<(), PathError> {
 /// A problem with the set of paths, independent of each path's own validity.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathSetError {
-    #[error("path {} is used by more than one object", shown(.0))]
+    #[error("path {} is used by more than one object or file", shown(.0))]
     Duplicate(String),
     #[error("path {} is a file but also the directory of {}", shown(.file), shown(.other))]
     FileIsDirectory { file: String, other: String },

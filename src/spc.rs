@@ -106,6 +106,11 @@ pub struct ObjectSpec {
     /// `optional: true`: the Mount succeeds without this object when the
     /// backend says it does not exist.
     pub optional: bool,
+    /// `expand: true`: the value is a map written as one file per key below
+    /// the object's name (see `render`).
+    pub expand: bool,
+    /// `render: false`: fetched for `files` to read, written nowhere itself.
+    pub render: bool,
     /// The remaining, backend-specific fields.
     pub fields: BTreeMap<String, Value>,
     /// The field that named the output path, for messages in the words of
@@ -241,7 +246,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
-fn yaml_kind(v: &Value) -> &'static str {
+pub(crate) fn yaml_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -433,21 +438,23 @@ fn parse_object(
             Some(parse_duration_param("refreshInterval", &raw).map_err(|e| (label.clone(), e))?)
         }
     };
-    let optional = match fields.remove("optional") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => b,
-        Some(Value::String(s)) if s.eq_ignore_ascii_case("true") => true,
-        Some(Value::String(s)) if s.eq_ignore_ascii_case("false") => false,
-        Some(other) => {
-            return Err((
-                label,
+    let flag =
+        |fields: &mut BTreeMap<String, Value>, key: &str, default: bool| match fields.remove(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(Value::Bool(b)) => Ok(b),
+            Some(Value::String(s)) if s.eq_ignore_ascii_case("true") => Ok(true),
+            Some(Value::String(s)) if s.eq_ignore_ascii_case("false") => Ok(false),
+            Some(other) => Err((
+                label.clone(),
                 ObjectError::Invalid(format!(
-                    "optional must be true or false, got {}",
+                    "{key} must be true or false, got {}",
                     yaml_kind(&other)
                 )),
-            ))
-        }
-    };
+            )),
+        };
+    let optional = flag(&mut fields, "optional", false)?;
+    let expand = flag(&mut fields, "expand", false)?;
+    let render = flag(&mut fields, "render", true)?;
     Ok(ObjectSpec {
         index,
         name_field: if google { "path" } else { "objectName" },
@@ -457,6 +464,8 @@ fn parse_object(
         encoding,
         refresh_interval,
         optional,
+        expand,
+        render,
         fields,
     })
 }

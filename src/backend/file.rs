@@ -380,6 +380,8 @@ mod tests {
             encoding: Default::default(),
             refresh_interval: None,
             optional: false,
+            expand: false,
+            render: true,
             fields,
         }
     }

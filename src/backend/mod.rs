@@ -97,6 +97,12 @@ pub trait Backend: Send + Sync {
         object.name.clone()
     }
 
+    /// The part of a parsed value that holds the secret's keys, for
+    /// `expand` and `files` (Vault: `data.data` of a KV v2 answer).
+    fn data_view(&self, _object: &ObjectSpec, value: serde_json::Value) -> serde_json::Value {
+        value
+    }
+
     /// Where this caller's calls go, for rate limits (e.g. the Vault
     /// address); `None` for local backends, which are not limited.
     fn limit_scope(&self, _ctx: &MountContext) -> Option<Key> {

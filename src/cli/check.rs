@@ -83,6 +83,8 @@ fn known_parameters(registry: &Registry) -> Vec<String> {
         spc::BACKEND_PARAM,
         crate::mount::REFRESH_PARAM,
         crate::mount::STALE_PARAM,
+        crate::render::FILES_PARAM,
+        crate::render::VERSIONS_FILE_PARAM,
     ]
     .map(String::from)
     .to_vec();
@@ -223,6 +225,13 @@ pub fn check(args: &CheckArgs) -> Vec<Finding> {
                     objects = list.len() + failures.len();
                     problems.extend(failures.iter().map(show));
                     problems.extend(check_objects(&registry, &list, &ctx).iter().map(show));
+                    match crate::render::Files::parse(&ctx.parameters) {
+                        Ok(Some(files)) if failures.is_empty() => {
+                            problems.extend(files.check(&list).iter().map(show));
+                        }
+                        Ok(_) => {}
+                        Err(bad) => problems.extend(bad.iter().map(show)),
+                    }
                     warnings.extend(object_warnings(&registry, &list).into_iter().map(
                         |(object, w)| format!("object {}: {w}", crate::error::shown(&object)),
                     ));

@@ -453,6 +453,27 @@ impl Backend for VaultBackend {
         )
     }
 
+    /// Without `secretKey` the value is Vault's whole answer; its keys are
+    /// those of the secret: `data.data` (KV v2) or `data`.
+    fn data_view(&self, object: &ObjectSpec, mut value: Json) -> Json {
+        if object.fields.contains_key("secretKey") {
+            return value;
+        }
+        let Some(mut data) = value.get_mut("data").map(Json::take) else {
+            return value;
+        };
+        zeroize_json(&mut value);
+        let kv2 = data.get("metadata").is_some_and(Json::is_object)
+            && data.get("data").is_some_and(Json::is_object);
+        if kv2 {
+            let inner = data.get_mut("data").map(Json::take).unwrap_or_default();
+            zeroize_json(&mut data);
+            inner
+        } else {
+            data
+        }
+    }
+
     fn describe(&self, object: &ObjectSpec) -> String {
         match VaultObject::from_spec(object) {
             Ok(r) => {
