@@ -1086,3 +1086,67 @@ spec:
         "{msg}"
     );
 }
+
+/// Files built from KV secrets: a pgpass template and an env file from a
+/// KV v2 secret read whole, `expand` of a 50-key KV v1 secret, and a
+/// rotation in OpenBao that moves only the files built from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_are_built_from_kv_secrets_and_follow_their_rotation() {
+    let (bao, signer) = setup().await;
+    let hostile = "p'w\"d $x ${y}\n\\:";
+    bao.put_kv2(
+        "db",
+        json!({"host": "db.local", "username": "app", "password": hostile}),
+    )
+    .await;
+    let many: serde_json::Map<String, serde_json::Value> = (0..50)
+        .map(|i| (format!("k{i}"), json!(format!("v{i}"))))
+        .collect();
+    bao.ok("POST", "kv1/many", serde_json::Value::Object(many))
+        .await;
+    bao.put_kv2("api", json!({"token": "t-1"})).await;
+    let d = vault_daemon();
+    let mut spc = vault_spc(
+        &bao,
+        &[],
+        "- objectName: db\n  secretPath: secret/data/db\n  render: false\n\
+         - objectName: many\n  secretPath: kv1/many\n  expand: true\n\
+         - objectName: api\n  secretPath: secret/data/api\n  secretKey: token\n",
+    );
+    spc.parameters.insert(
+        "files".into(),
+        "- path: pgpass\n  template: \"{{ db.host }}:5432:*:{{ db.username }}:{{ db.password }}\"\n\
+         - path: db.env\n  format: env\n  fromObject: db\n\
+         - path: auth.json\n  format: json\n  from: {token: api, user: db.username}\n"
+            .into(),
+    );
+    let jwt = signer.token("shop", "web", "vault", 600);
+    let mut c = d.client().await;
+    let r1 = c.mount(pod_request(&spc, &jwt)).await.unwrap().into_inner();
+    let f1 = files(&r1);
+    assert_eq!(
+        String::from_utf8(f1["pgpass"].clone()).unwrap(),
+        format!("db.local:5432:*:app:{hostile}")
+    );
+    assert_eq!(
+        String::from_utf8(f1["db.env"].clone()).unwrap(),
+        "host='db.local'\npassword='p\\'w\"d $x ${y}\n\\\\:'\nusername='app'\n"
+    );
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&f1["auth.json"]).unwrap(),
+        json!({"token": "t-1", "user": "app"})
+    );
+    assert_eq!(f1["many/k42"], b"v42");
+    assert_eq!(f1.len(), 50 + 4, "no file for db itself");
+
+    bao.put_kv2("api", json!({"token": "t-2"})).await;
+    let r2 = c.mount(pod_request(&spc, &jwt)).await.unwrap().into_inner();
+    let (v1, v2) = (versions(&r1), versions(&r2));
+    let moved: Vec<&str> = v1
+        .keys()
+        .filter(|k| v1[*k] != v2[*k])
+        .map(String::as_str)
+        .collect();
+    assert_eq!(moved, ["api", "auth.json"]);
+    assert!(files(&r2)["auth.json"].windows(3).any(|w| w == b"t-2"));
+}
