@@ -100,7 +100,7 @@ fn args(ds: &Value) -> Vec<String> {
 /// Node paths the example SPCs name (vaultCACertPath and friends).
 fn example_paths() -> Vec<String> {
     let mut paths = Vec::new();
-    for f in ["vault.yaml", "gcp.yaml", "file.yaml"] {
+    for f in ["vault.yaml", "gcp.yaml", "file.yaml", "files.yaml"] {
         let text = std::fs::read_to_string(root().join("daemonset/examples").join(f)).unwrap();
         for d in docs(&text) {
             if d["kind"] != "SecretProviderClass" {
@@ -262,6 +262,7 @@ fn plain_manifests_and_examples_are_valid_and_consistent() {
         d.join("examples/vault.yaml"),
         d.join("examples/file.yaml"),
         d.join("examples/gcp.yaml"),
+        d.join("examples/files.yaml"),
     ]);
     let text = std::fs::read_to_string(d.join("coffer.yaml")).unwrap();
     let docs = docs(&text);
@@ -275,7 +276,7 @@ fn plain_manifests_and_examples_are_valid_and_consistent() {
     }
     assert!(!text.contains("VAULT_ADDR"), "no hard-coded Vault address");
     // Each example creates what it uses: its namespace and service accounts.
-    for f in ["vault.yaml", "gcp.yaml", "file.yaml"] {
+    for f in ["vault.yaml", "gcp.yaml", "file.yaml", "files.yaml"] {
         let docs = self::docs(&std::fs::read_to_string(d.join("examples").join(f)).unwrap());
         let made: Vec<(String, String)> = docs
             .iter()
