@@ -61,6 +61,28 @@ fn main() {
             failed = true;
         }
     }
+    // Templates of `files` that cost the most, reading a 1,000-byte value.
+    let value = "x".repeat(1000);
+    for (label, doc) in fuzzing::template_bombs() {
+        let mut best = Duration::MAX;
+        let mut peak = 0;
+        for _ in 0..5 {
+            let (_, took, bytes) =
+                measure(|| std::hint::black_box(fuzzing::files_document(&doc, value.as_bytes())));
+            best = best.min(took);
+            peak = peak.max(bytes);
+        }
+        println!(
+            "{:44} {:>9} {best:>10.2?} {:>10}",
+            format!("template: {label}"),
+            doc.len(),
+            peak / 1024
+        );
+        worst = (worst.0.max(best), worst.1.max(peak));
+        if best > Duration::from_millis(100) || peak > 64 << 20 {
+            failed = true;
+        }
+    }
     println!(
         "worst: {:.2?} and {} KiB peak (bounds: 100 ms, 65536 KiB)",
         worst.0,

@@ -54,6 +54,11 @@ pub fn mount_request(attributes: &str, secrets: &str, permission: &str) -> Resul
         }
     };
     failures.extend(check_objects(registry(), &objects, &ctx));
+    match crate::render::Files::parse(&ctx.parameters) {
+        Ok(Some(files)) => failures.extend(files.check(&objects)),
+        Ok(None) => {}
+        Err(f) => failures.extend(f),
+    }
     for object in &objects {
         // Cache keys and audit addresses are computed for every object.
         if let Ok(backend) = registry().get(&object.backend) {
@@ -79,6 +84,110 @@ pub fn objects_document(text: &str) -> Result<usize, String> {
     spc::parse_objects(&params, "file")
         .map(|o| o.len())
         .map_err(|f| f.len().to_string())
+}
+
+/// The objects a fuzzed `files` document reads (`many` is expanded when
+/// the value is a map).
+const FILES_OBJECTS: &str = "- objectName: db\n  render: false\n- objectName: token\n";
+const FILES_OBJECTS_EXPAND: &str = "- objectName: many\n  expand: true\n";
+
+/// A `files` document and one value every object holds, parsed, checked
+/// and rendered as a Mount does after its fetches. Returns the number of
+/// files built, or the error text.
+pub fn files_document(text: &str, value: &[u8]) -> Result<usize, String> {
+    static KEY: OnceLock<Option<crate::version::VersionKey>> = OnceLock::new();
+    let key = KEY
+        .get_or_init(|| crate::version::VersionKey::random().ok())
+        .as_ref()
+        .ok_or("no version key")?;
+    let map = value.trim_ascii_start().starts_with(b"{");
+    let objects_doc = if map {
+        format!("{FILES_OBJECTS}{FILES_OBJECTS_EXPAND}")
+    } else {
+        FILES_OBJECTS.to_string()
+    };
+    let params = std::collections::BTreeMap::from([
+        (spc::OBJECTS_PARAM.to_string(), objects_doc),
+        (crate::render::FILES_PARAM.to_string(), text.to_string()),
+    ]);
+    let objects = spc::parse_objects(&params, "file").map_err(|f| f.len().to_string())?;
+    let files = crate::render::Files::parse(&params).map_err(|f| {
+        f.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    })?;
+    if let Some(files) = &files {
+        let failures = files.check(&objects);
+        if !failures.is_empty() {
+            return Err(failures
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "));
+        }
+    }
+    let identity = |v: serde_json::Value| v;
+    let inputs: Vec<crate::render::Input<'_>> = objects
+        .iter()
+        .map(|object| crate::render::Input {
+            object,
+            contents: value,
+            version: "v1",
+            absent: false,
+            data_view: &identity,
+        })
+        .collect();
+    let settings = crate::render::Settings {
+        default_mode: 0o644,
+        version_key: key,
+        max_bytes: 4 * MIB,
+    };
+    crate::render::build(files.as_ref(), &inputs, &[], &settings)
+        .map(|o| o.len())
+        .map_err(|f| {
+            f.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+}
+
+/// Templates known to be costly, each as a one-entry `files` document, and
+/// the value they read: what the bounds tests measure.
+pub fn template_bombs() -> Vec<(&'static str, String)> {
+    let entry = |t: String| {
+        format!(
+            "- path: out\n  template: {}\n",
+            serde_json::to_string(&t).unwrap_or_default()
+        )
+    };
+    vec![
+        (
+            "doubling through set",
+            entry(format!("{{% set a = db %}}{}{{{{ a|length }}}}", "{% set a = a ~ a %}".repeat(64))),
+        ),
+        (
+            "nested loops over a value",
+            entry("{% for a in db %}{% for b in db %}{% for c in db %}{{ a }}{% endfor %}{% endfor %}{% endfor %}".into()),
+        ),
+        (
+            "replace chain",
+            entry(format!("{{{{ db{} }}}}", "|replace('x', 'xxxxxxxxxx')".repeat(30))),
+        ),
+        (
+            "deep nesting",
+            entry(format!("{}x{}", "{% if true %}".repeat(400), "{% endif %}".repeat(400))),
+        ),
+        (
+            "long output",
+            entry("{% for a in db %}{{ db }}{{ db }}{{ db }}{{ db }}{{ db }}{{ db }}{% endfor %}".into()),
+        ),
+        (
+            "many comparisons",
+            entry("{% for a in db %}{% for b in db %}{% if db == db ~ b %}{% endif %}{% endfor %}{% endfor %}".into()),
+        ),
+    ]
 }
 
 /// A fetched value through an object's `encoding`.

@@ -184,8 +184,63 @@ fn structured(max: usize) -> impl Strategy<Value = String> {
     prop::collection::vec(atoms, 0..max).prop_map(|v| v.concat())
 }
 
+#[test]
+fn template_bombs_are_stopped_within_bounds() {
+    let value = "x".repeat(1000);
+    for (label, doc) in fuzzing::template_bombs() {
+        let out = bounded(label, doc.len(), || {
+            fuzzing::files_document(&doc, value.as_bytes())
+        });
+        let err = out.expect_err(label);
+        assert!(
+            ["fuel", "bytes", "recursion"]
+                .iter()
+                .any(|w| err.contains(w)),
+            "{label}: {err}"
+        );
+    }
+    // A map value: expanded, and its keys read by a template.
+    let doc = "- path: out\n  template: '{{ db.a }}-{{ objects.many.b }}'\n";
+    let built = fuzzing::files_document(doc, br#"{"a": "1", "b": "2"}"#);
+    assert_eq!(built, Ok(3), "two expanded keys and out");
+}
+
+/// Templates stitched from the pieces that cost: loops, concatenation,
+/// growing filters, sets.
+fn template_text() -> impl Strategy<Value = String> {
+    let pieces = vec![
+        "{{ ",
+        " }}",
+        "{% for a in db %}",
+        "{% endfor %}",
+        "{% if db %}",
+        "{% endif %}",
+        "{% set db = db ~ db %}",
+        "db",
+        "a",
+        "|replace('x', 'xxxx')",
+        "|upper",
+        " ~ ",
+        "x",
+        "\n",
+        "'",
+        "(",
+        ")",
+        "[db, db]",
+        "|join(',')",
+        "{{ db }}",
+    ];
+    prop::collection::vec(prop::sample::select(pieces), 0..200).prop_map(|v| v.concat())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 400, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn generated_templates_are_bounded(t in template_text()) {
+        let doc = format!("- path: out\n  template: {}\n", serde_json::to_string(&t).unwrap());
+        let _ = bounded("generated templates", doc.len(), || fuzzing::files_document(&doc, b"xxxxxxxxxxxxxxxx"));
+    }
 
     #[test]
     fn generated_objects_documents_are_bounded(doc in structured(4000)) {
