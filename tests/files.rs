@@ -13,12 +13,6 @@ use coffer::manifest::SecretProviderClass;
 use coffer::proto;
 use common::*;
 
-const PARSERS: &[&str] = &[
-    "python-dotenv==1.0.1",
-    "jproperties==2.1.2",
-    "PyYAML==6.0.2",
-];
-
 /// A value with everything the formats must escape.
 const HOSTILE: &str = "it's \"q\" \\ back $HOME ${HOME} $(id) `id` = : # ! \n second line\r\n\ttab é 😀 \u{7f}\u{85}\u{2028} -x ~ null";
 
@@ -48,36 +42,30 @@ fn versions_of(r: &proto::MountResponse) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Parses the written files with Python's own parsers; returns their JSON.
+/// Parses the written files with Python's own parsers.
 fn parse_with_python(dir: &std::path::Path) -> serde_json::Value {
-    let venv = python::venv(PARSERS);
-    let script = r#"
-import io, json, sys
-import dotenv, jproperties, yaml
-d = sys.argv[1]
-out = {}
-out["env"] = dict(dotenv.dotenv_values(d + "/app.env", interpolate=False))
-out["env_interpolated"] = dict(dotenv.dotenv_values(d + "/plain.env"))
-out["json"] = json.load(open(d + "/app.json", encoding="utf-8"))
-out["yaml"] = yaml.safe_load(open(d + "/app.yaml", encoding="utf-8"))
-p = jproperties.Properties()
-with open(d + "/app.properties", "rb") as f:
-    p.load(f, "iso-8859-1")
-out["properties"] = {k: v.data for k, v in p.items()}
-print(json.dumps(out))
-"#;
-    let out = Command::new(venv.join("bin/python"))
-        .arg("-c")
-        .arg(script)
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "python: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let kinds = [
+        ("env", "app.env"),
+        ("env-interpolated", "plain.env"),
+        ("json", "app.json"),
+        ("yaml", "app.yaml"),
+        ("properties", "app.properties"),
+    ];
+    let paths: Vec<(&str, std::path::PathBuf)> =
+        kinds.iter().map(|(k, f)| (*k, dir.join(f))).collect();
+    let refs: Vec<(&str, &std::path::Path)> =
+        paths.iter().map(|(k, p)| (*k, p.as_path())).collect();
+    let parsed = python::parse_formats(&refs);
+    let mut by_kind = serde_json::Map::new();
+    for (kind, path) in &paths {
+        let key = if *kind == "env-interpolated" {
+            "env_interpolated"
+        } else {
+            kind
+        };
+        by_kind.insert(key.to_string(), parsed[path.display().to_string()].clone());
+    }
+    serde_json::Value::Object(by_kind)
 }
 
 #[tokio::test]
@@ -447,4 +435,47 @@ spec:
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("files[2] (x.txt)"), "{text}");
     assert!(text.contains("line 1"), "{text}");
+
+    // Parsable, but wrong: a reference to no object, a file on an object's
+    // path, a versions file on another file's path.
+    std::fs::write(
+        &manifest,
+        r#"apiVersion: secrets-store.csi.x-k8s.io/v1
+kind: SecretProviderClass
+metadata:
+  name: app
+spec:
+  provider: coffer
+  parameters:
+    backend: file
+    objects: |
+      - objectName: db
+        render: false
+      - objectName: token
+    files: |
+      - path: token
+        template: "{{ db.user }}"
+      - path: app.env
+        format: env
+        from: {A: nothing.here}
+    versionsFile: app.env
+"#,
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("check")
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("\"nothing.here\" names no object"), "{text}");
+    assert!(
+        text.contains("path \"token\" is used by more than one"),
+        "{text}"
+    );
+    assert!(
+        text.contains("path \"app.env\" is used by more than one"),
+        "{text}"
+    );
 }

@@ -1117,7 +1117,10 @@ async fn files_are_built_from_kv_secrets_and_follow_their_rotation() {
         "files".into(),
         "- path: pgpass\n  template: \"{{ db.host }}:5432:*:{{ db.username }}:{{ db.password }}\"\n\
          - path: db.env\n  format: env\n  fromObject: db\n\
-         - path: auth.json\n  format: json\n  from: {token: api, user: db.username}\n"
+         - path: auth.json\n  format: json\n  from: {token: api, user: db.username}\n\
+         - path: db.yaml\n  format: yaml\n  fromObject: db\n\
+         - path: db.properties\n  format: properties\n  fromObject: db\n\
+         - path: db.json\n  format: json\n  fromObject: db\n"
             .into(),
     );
     let jwt = signer.token("shop", "web", "vault", 600);
@@ -1137,7 +1140,30 @@ async fn files_are_built_from_kv_secrets_and_follow_their_rotation() {
         json!({"token": "t-1", "user": "app"})
     );
     assert_eq!(f1["many/k42"], b"v42");
-    assert_eq!(f1.len(), 50 + 4, "no file for db itself");
+    assert_eq!(f1.len(), 50 + 7, "no file for db itself");
+    // Each format read back by an independent parser.
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["db.env", "db.yaml", "db.properties", "db.json"] {
+        std::fs::write(dir.path().join(name), &f1[name]).unwrap();
+    }
+    let p = |n: &str| dir.path().join(n);
+    let (env, yaml, props, json_file) =
+        (p("db.env"), p("db.yaml"), p("db.properties"), p("db.json"));
+    let parsed = common::python::parse_formats(&[
+        ("env", &env),
+        ("yaml", &yaml),
+        ("properties", &props),
+        ("json", &json_file),
+    ]);
+    let want = json!({"host": "db.local", "username": "app", "password": hostile});
+    for file in [&env, &yaml, &props, &json_file] {
+        assert_eq!(
+            parsed[file.display().to_string()],
+            want,
+            "{}",
+            file.display()
+        );
+    }
 
     bao.put_kv2("api", json!({"token": "t-2"})).await;
     let r2 = c.mount(pod_request(&spc, &jwt)).await.unwrap().into_inner();

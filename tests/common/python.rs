@@ -45,3 +45,50 @@ pub fn venv(requirements: &[&str]) -> PathBuf {
     }
     dir
 }
+
+/// The independent parsers the built-files tests read outputs with.
+pub const FORMAT_PARSERS: &[&str] = &[
+    "python-dotenv==1.0.1",
+    "jproperties==2.1.2",
+    "PyYAML==6.0.2",
+];
+
+/// Reads each `(kind, file)` with Python's parser of that kind (`env`: python-dotenv
+/// without interpolation, `env-interpolated`: its default, `json`, `yaml`: PyYAML,
+/// `properties`: jproperties as ISO-8859-1) and returns file → parsed value.
+pub fn parse_formats(files: &[(&str, &Path)]) -> serde_json::Value {
+    let venv = venv(FORMAT_PARSERS);
+    let script = r#"
+import json, sys
+import dotenv, jproperties, yaml
+out = {}
+for arg in sys.argv[1:]:
+    kind, path = arg.split(":", 1)
+    if kind == "env":
+        out[path] = dict(dotenv.dotenv_values(path, interpolate=False))
+    elif kind == "env-interpolated":
+        out[path] = dict(dotenv.dotenv_values(path))
+    elif kind == "json":
+        out[path] = json.load(open(path, encoding="utf-8"))
+    elif kind == "yaml":
+        out[path] = yaml.safe_load(open(path, encoding="utf-8"))
+    elif kind == "properties":
+        p = jproperties.Properties()
+        with open(path, "rb") as f:
+            p.load(f, "iso-8859-1")
+        out[path] = {k: v.data for k, v in p.items()}
+print(json.dumps(out))
+"#;
+    let out = Command::new(venv.join("bin/python"))
+        .arg("-c")
+        .arg(script)
+        .args(files.iter().map(|(k, p)| format!("{k}:{}", p.display())))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
