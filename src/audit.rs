@@ -59,6 +59,10 @@ pub struct Record<'a> {
     pub source: &'a str,
     pub outcome: &'a str,
     pub code: &'a str,
+    /// The policy rule that refused the object (`default` when none
+    /// matched); absent otherwise.
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub rule: &'a str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -151,6 +151,14 @@ pub struct ServeArgs {
     /// respects a cgroup CPU limit).
     #[arg(long, env = "COFFER_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub worker_threads: Option<u16>,
+    /// Node policy (YAML): which workloads may reach which backends,
+    /// addresses, paths and regions. Reloaded on SIGHUP and on change.
+    #[arg(long, env = "COFFER_POLICY")]
+    pub policy: Option<PathBuf>,
+    /// This node's labels for policy rules (`KEY=VALUE`, repeatable, or a
+    /// comma-separated list in the variable).
+    #[arg(long = "node-label", env = "COFFER_NODE_LABELS", value_delimiter = ',')]
+    pub node_labels: Vec<String>,
     /// Peer uids allowed to call besides root (the driver runs as root).
     #[arg(long, env = "COFFER_ALLOWED_UIDS", value_delimiter = ',')]
     pub allowed_uids: Vec<u32>,

@@ -165,6 +165,12 @@ pub enum MountError {
         timeout: Duration,
         outstanding: Vec<String>,
     },
+    /// The node policy refused objects: nothing was fetched.
+    #[error("{}", describe_denials(.denials))]
+    Policy { denials: Vec<crate::policy::Denial> },
+    /// The service-account tokens do not belong to the pod the request names.
+    #[error("{0}")]
+    Identity(String),
     /// The audit log cannot record the Mount and the daemon fails closed.
     #[error("{0}")]
     Audit(String),
@@ -192,6 +198,33 @@ fn describe_failures(total: &usize, failures: &[Failure]) -> String {
     )
 }
 
+fn describe_denials(denials: &[crate::policy::Denial]) -> String {
+    let mut listed: Vec<String> = denials
+        .iter()
+        .take(LISTED_FAILURES)
+        .map(|d| {
+            let by = if d.rule == "default" {
+                "the policy's default (no rule matched)".to_string()
+            } else {
+                format!("policy rule {}", shown_bare(&d.rule))
+            };
+            format!(
+                "object {} ({} backend): denied by {by}",
+                shown(&d.object),
+                d.backend
+            )
+        })
+        .collect();
+    if denials.len() > LISTED_FAILURES {
+        listed.push(format!("and {} more", denials.len() - LISTED_FAILURES));
+    }
+    format!(
+        "the node policy refused {} object(s), nothing was fetched: {}",
+        denials.len(),
+        listed.join("; ")
+    )
+}
+
 fn list(labels: &[String]) -> String {
     let mut listed: Vec<String> = labels
         .iter()
@@ -214,6 +247,7 @@ impl MountError {
                 .min()
                 .unwrap_or(Code::Internal),
             MountError::Deadline { .. } => Code::DeadlineExceeded,
+            MountError::Policy { .. } | MountError::Identity(_) => Code::PermissionDenied,
             MountError::ResponseTooLarge { .. } => Code::ResourceExhausted,
             MountError::Audit(_) | MountError::Busy(_) => Code::Unavailable,
         }

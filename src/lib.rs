@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod mount;
 pub mod nodefs;
 pub mod paths;
+pub mod policy;
 pub mod render;
 pub mod request;
 pub mod secret;

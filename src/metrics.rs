@@ -37,6 +37,12 @@ pub struct BackendName {
     pub backend: &'static str,
 }
 
+/// A policy rule's name: bounded by the policy file, never by requests.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabel {
+    pub rule: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabel {
     pub version: &'static str,
@@ -67,6 +73,9 @@ pub struct Metrics {
     pub singleflight_joins: Counter,
     pub stale_serves: Counter,
     pub optional_missing: Counter,
+    pub policy_denials: Family<RuleLabel, Counter>,
+    pub policy_reloads: Counter,
+    pub policy_reload_failures: Counter,
     pub rate_limit_waits: Counter,
     pub backend_retries: Counter,
     pub vault_logins: Family<Outcome, Counter>,
@@ -103,6 +112,9 @@ impl Metrics {
             singleflight_joins: Counter::default(),
             stale_serves: Counter::default(),
             optional_missing: Counter::default(),
+            policy_denials: Family::default(),
+            policy_reloads: Counter::default(),
+            policy_reload_failures: Counter::default(),
             rate_limit_waits: Counter::default(),
             backend_retries: Counter::default(),
             vault_logins: Family::default(),
@@ -175,6 +187,21 @@ impl Metrics {
             "optional_missing",
             "Optional objects mounted without, since absent",
             m.optional_missing.clone(),
+        );
+        r.register(
+            "policy_denials",
+            "Objects the node policy refused, by rule (\"default\" when none matched)",
+            m.policy_denials.clone(),
+        );
+        r.register(
+            "policy_reloads",
+            "Policy files loaded again (SIGHUP or a change)",
+            m.policy_reloads.clone(),
+        );
+        r.register(
+            "policy_reload_failures",
+            "Policy files that could not be loaded again (the previous policy stayed)",
+            m.policy_reload_failures.clone(),
         );
         r.register(
             "rate_limit_waits",

@@ -104,6 +104,7 @@ pub struct Mounter {
     cache: Arc<Cache>,
     limiter: Arc<Limiter>,
     auditor: Arc<Auditor>,
+    policy: Arc<crate::policy::PolicyHandle>,
     /// Rotation polls send the same `objects` text every time: parse once.
     /// Only plans that passed validation are kept; failures never are.
     parsed: BoundedMap<Arc<Plan>>,
@@ -215,6 +216,7 @@ fn record<'a>(
         source: "none",
         outcome: "error",
         code: "",
+        rule: "",
     }
 }
 
@@ -249,8 +251,10 @@ impl Mounter {
         cache: Arc<Cache>,
         limiter: Arc<Limiter>,
         auditor: Arc<Auditor>,
+        policy: Arc<crate::policy::PolicyHandle>,
     ) -> Self {
         Self {
+            policy,
             backends,
             version_key: Arc::new(version_key),
             config,
@@ -399,7 +403,16 @@ impl Mounter {
             }
             Err(err) => {
                 let code = err.code().as_str();
+                if let MountError::Policy { denials } = err {
+                    for d in denials.iter().take(audit::MAX_FAILURE_RECORDS) {
+                        let mut rec = base(&d.object, "", "");
+                        rec.code = code;
+                        rec.rule = &d.rule;
+                        records.push(rec);
+                    }
+                }
                 let objects: Vec<(&str, &'static str)> = match err {
+                    MountError::Policy { .. } => Vec::new(),
                     MountError::Objects { failures, .. } => failures
                         .iter()
                         .map(|f| (f.object.as_str(), f.error.code().as_str()))
@@ -443,7 +456,22 @@ impl Mounter {
         &self,
         ctx: &Arc<MountContext>,
     ) -> Result<(proto::MountResponse, Vec<Ready>), MountError> {
+        // Before any login or fetch: the tokens must be the pod's own, and
+        // the node policy must allow every object.
+        crate::request::check_token_identities(ctx).map_err(MountError::Identity)?;
         let plan = self.validate(ctx).await?;
+        let denials = self.policy.check(&self.backends, &plan.objects, ctx);
+        if !denials.is_empty() {
+            for d in &denials {
+                crate::metrics::METRICS
+                    .policy_denials
+                    .get_or_create(&crate::metrics::RuleLabel {
+                        rule: d.rule.clone(),
+                    })
+                    .inc();
+            }
+            return Err(MountError::Policy { denials });
+        }
         let freshness = self.freshness(ctx)?;
         let ready = self.fetch_all(ctx, &plan.objects, &freshness).await?;
         let (ready, mut outputs) = if plan.renders() {

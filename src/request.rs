@@ -382,8 +382,155 @@ pub fn parse_permission(raw: &str) -> Result<u32, RequestError> {
     Ok(mode)
 }
 
+/// Tokens larger than this are not decoded (projected tokens are ~1 KB).
+const MAX_DECODED_TOKEN: usize = 16 * 1024;
+/// Clock skew allowed when judging a token's expiry.
+const EXPIRY_SKEW_SECS: i64 = 30;
+
+/// Defence in depth before any backend sees a token: each service-account
+/// token the driver passed must be the pod's own. Its claims are decoded,
+/// not verified (the backend verifies the signature); a token whose
+/// `kubernetes.io` claims or `sub` name another namespace, service account
+/// or pod, or that has expired, refuses the Mount, so a forged or confused
+/// request fails instead of reading through another identity's cache entry.
+/// Tokens that are not JWTs carry no claims to compare and are left to the
+/// backend.
+pub fn check_token_identities(ctx: &MountContext) -> Result<(), String> {
+    use base64::Engine as _;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    for (audience, token) in &ctx.tokens {
+        let raw = token.token.expose();
+        if raw.len() > MAX_DECODED_TOKEN {
+            continue;
+        }
+        let mut parts = raw.split('.');
+        let (Some(_), Some(payload), Some(_), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let Ok(bytes) =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('='))
+        else {
+            continue;
+        };
+        let Ok(claims) = serde_json::from_slice::<Value>(&bytes) else {
+            continue;
+        };
+        let refuse = |why: String| {
+            Err(format!(
+                "the service-account token for audience {} {why}; refusing the Mount",
+                shown(audience)
+            ))
+        };
+        if let Some(exp) = claims.get("exp").and_then(Value::as_i64) {
+            if exp + EXPIRY_SKEW_SECS < now {
+                return refuse("has expired".into());
+            }
+        }
+        let k8s = claims.get("kubernetes.io");
+        let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
+        let mut namespace = text(k8s.and_then(|k| k.get("namespace")));
+        let mut account = text(
+            k8s.and_then(|k| k.get("serviceaccount"))
+                .and_then(|s| s.get("name")),
+        );
+        if let Some(sub) = claims.get("sub").and_then(Value::as_str) {
+            if let Some(rest) = sub.strip_prefix("system:serviceaccount:") {
+                if let Some((ns, sa)) = rest.split_once(':') {
+                    namespace.get_or_insert_with(|| ns.to_string());
+                    account.get_or_insert_with(|| sa.to_string());
+                    if ns != namespace.as_deref().unwrap_or(ns)
+                        || sa != account.as_deref().unwrap_or(sa)
+                    {
+                        return refuse("has a subject that disagrees with its own claims".into());
+                    }
+                }
+            }
+        }
+        let pod_uid = text(k8s.and_then(|k| k.get("pod")).and_then(|p| p.get("uid")));
+        let pod = &ctx.pod;
+        if let Some(ns) = namespace.filter(|ns| !pod.namespace.is_empty() && *ns != pod.namespace) {
+            return refuse(format!(
+                "belongs to namespace {}, not the pod's {}",
+                shown(&ns),
+                shown(&pod.namespace)
+            ));
+        }
+        if let Some(sa) =
+            account.filter(|sa| !pod.service_account.is_empty() && *sa != pod.service_account)
+        {
+            return refuse(format!(
+                "belongs to service account {}, not the pod's {}",
+                shown(&sa),
+                shown(&pod.service_account)
+            ));
+        }
+        if let Some(uid) = pod_uid.filter(|u| !pod.uid.is_empty() && *u != pod.uid) {
+            return refuse(format!(
+                "was issued for pod uid {}, not this pod's {}",
+                shown(&uid),
+                shown(&pod.uid)
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn token_identities_must_match_the_pod() {
+        use base64::Engine as _;
+        let jwt = |claims: serde_json::Value| {
+            let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+            format!("{}.{}.sig", e.encode(b"{}"), e.encode(claims.to_string()))
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let ctx_with = |token: &str| {
+            let tokens = serde_json::json!({"vault": {"token": token, "expirationTimestamp": ""}});
+            let attrs = serde_json::json!({
+                "csi.storage.k8s.io/pod.namespace": "shop",
+                "csi.storage.k8s.io/pod.name": "web-0",
+                "csi.storage.k8s.io/pod.uid": "uid-1",
+                "csi.storage.k8s.io/serviceAccount.name": "web",
+                "csi.storage.k8s.io/serviceAccount.tokens": tokens.to_string(),
+            });
+            super::MountContext::parse(&attrs.to_string(), "null", "420", "/t").unwrap()
+        };
+        let claims = |ns: &str, sa: &str, uid: &str, exp: i64| {
+            serde_json::json!({
+                "sub": format!("system:serviceaccount:{ns}:{sa}"),
+                "exp": now + exp,
+                "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa}, "pod": {"uid": uid}},
+            })
+        };
+        assert!(super::check_token_identities(&ctx_with(&jwt(claims(
+            "shop", "web", "uid-1", 600
+        ))))
+        .is_ok());
+        assert!(super::check_token_identities(&ctx_with("opaque-token")).is_ok());
+        for (c, want) in [
+            (claims("other", "web", "uid-1", 600), "namespace"),
+            (claims("shop", "admin", "uid-1", 600), "service account"),
+            (claims("shop", "web", "uid-2", 600), "pod uid"),
+            (claims("shop", "web", "uid-1", -600), "expired"),
+            (
+                serde_json::json!({"sub": "system:serviceaccount:shop:admin"}),
+                "service account",
+            ),
+        ] {
+            let e = super::check_token_identities(&ctx_with(&jwt(c))).unwrap_err();
+            assert!(e.contains(want) && e.contains("\"vault\""), "{e}");
+        }
+    }
+
     use super::*;
 
     const TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.c2VjcmV0LXRva2Vu.sig";

@@ -219,6 +219,16 @@ impl Backend for FileBackend {
         format!("file:{path}")
     }
 
+    /// The path below the root (below the namespace's directory when
+    /// scoped); the data is on this node, so no region.
+    fn placement(&self, object: &ObjectSpec, ctx: &MountContext) -> crate::policy::Placement {
+        crate::policy::Placement {
+            address: Some("file".into()),
+            path: self.locate(object, ctx).ok().map(|(_, p)| p.to_string()),
+            ..Default::default()
+        }
+    }
+
     fn validate(&self, object: &ObjectSpec, ctx: &MountContext) -> Result<(), ObjectError> {
         object.reject_unknown_fields(FIELDS)?;
         self.locate(object, ctx).map(|_| ())

@@ -103,6 +103,12 @@ pub trait Backend: Send + Sync {
         value
     }
 
+    /// Where `object` lives for this caller, for the node policy. Empty
+    /// facts match only rules that do not ask about them.
+    fn placement(&self, _object: &ObjectSpec, _ctx: &MountContext) -> crate::policy::Placement {
+        crate::policy::Placement::default()
+    }
+
     /// Where this caller's calls go, for rate limits (e.g. the Vault
     /// address); `None` for local backends, which are not limited.
     fn limit_scope(&self, _ctx: &MountContext) -> Option<Key> {

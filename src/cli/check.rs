@@ -17,6 +17,7 @@ use crate::config::{GcpArgs, VaultArgs};
 use crate::error::Failure;
 use crate::manifest::{DriverRequest, Pod, SecretProviderClass};
 use crate::mount::{check_objects, check_parameters, object_warnings};
+use crate::policy::PolicyHandle;
 use crate::request::MountContext;
 use crate::secret::Credential;
 use crate::spc;
@@ -37,6 +38,30 @@ pub struct CheckArgs {
     /// The daemon's own Google settings, likewise.
     #[command(flatten)]
     pub gcp: GcpArgs,
+    /// A node policy: print which rule decides each object (denied
+    /// objects are problems).
+    #[arg(long, env = "COFFER_POLICY")]
+    pub policy: Option<PathBuf>,
+    /// The pod's namespace for the policy (default: the SPC's).
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// The pod's service account for the policy.
+    #[arg(long, default_value = "default")]
+    pub service_account: String,
+    /// The node's labels for the policy (`KEY=VALUE`, repeatable).
+    #[arg(long = "node-label", value_delimiter = ',')]
+    pub node_labels: Vec<String>,
+}
+
+/// The policy named by `--policy`, with `--node-label`s.
+fn load_policy(args: &CheckArgs) -> Result<Option<Arc<PolicyHandle>>, String> {
+    let Some(path) = &args.policy else {
+        return Ok(None);
+    };
+    let labels = crate::policy::parse_node_labels(&args.node_labels)?;
+    PolicyHandle::load(Some(path.clone()), labels)
+        .map(Some)
+        .map_err(|e| e.to_string())
 }
 
 /// The keys of a SecretProviderClass `spec`.
@@ -54,6 +79,8 @@ pub struct Finding {
     /// Service-account token audiences the driver must pass (CSIDriver
     /// `tokenRequests`).
     pub audiences: std::collections::BTreeSet<String>,
+    /// Which policy rule decides each object (with `--policy`).
+    pub decisions: Vec<String>,
 }
 
 /// The backends as the daemon described by the flags would have them.
@@ -138,10 +165,14 @@ fn context(spc: &SecretProviderClass, args: &CheckArgs) -> Result<MountContext, 
     }
     let req = DriverRequest {
         pod: Pod {
-            namespace: spc.namespace.clone().unwrap_or_else(|| "default".into()),
+            namespace: args
+                .namespace
+                .clone()
+                .or_else(|| spc.namespace.clone())
+                .unwrap_or_else(|| "default".into()),
             name: "check".into(),
             uid: "check".into(),
-            service_account: "default".into(),
+            service_account: args.service_account.clone(),
         },
         tokens,
         node_publish_secrets: None,
@@ -161,6 +192,20 @@ fn context(spc: &SecretProviderClass, args: &CheckArgs) -> Result<MountContext, 
 
 pub fn check(args: &CheckArgs) -> Vec<Finding> {
     let registry = registry(args);
+    let policy = match load_policy(args) {
+        Ok(p) => p,
+        Err(problem) => {
+            return vec![Finding {
+                file: args.policy.clone().unwrap_or_default(),
+                spc: String::new(),
+                objects: 0,
+                problems: vec![problem],
+                warnings: Vec::new(),
+                audiences: Default::default(),
+                decisions: Vec::new(),
+            }]
+        }
+    };
     let known = known_parameters(&registry);
     let known: Vec<&str> = known.iter().map(String::as_str).collect();
     let mut findings = Vec::new();
@@ -179,6 +224,7 @@ pub fn check(args: &CheckArgs) -> Vec<Finding> {
                     problems: vec![problem],
                     warnings: Vec::new(),
                     audiences: Default::default(),
+                    decisions: Vec::new(),
                 });
                 continue;
             }
@@ -194,6 +240,7 @@ pub fn check(args: &CheckArgs) -> Vec<Finding> {
             let mut objects = 0;
             let mut warnings = Vec::new();
             let mut audiences = std::collections::BTreeSet::new();
+            let mut decisions = Vec::new();
             for key in keys.get(&spc_doc.name).into_iter().flatten() {
                 if !SPEC_KEYS.contains(&key.as_str()) {
                     let shown = spc::with_suggestion(key, SPEC_KEYS);
@@ -240,6 +287,40 @@ pub fn check(args: &CheckArgs) -> Vec<Finding> {
                             audiences.extend(backend.token_audience(object, &ctx));
                         }
                     }
+                    if let Some(handle) = &policy {
+                        let denied = handle.check(&registry, &list, &ctx);
+                        let policy = handle.current();
+                        for object in &list {
+                            let Some(p) = &policy else { break };
+                            let who = crate::policy::Subject {
+                                namespace: &ctx.pod.namespace,
+                                service_account: &ctx.pod.service_account,
+                                spc: &ctx.spc_name,
+                                node_labels: handle.node_labels(),
+                            };
+                            let place = registry
+                                .get(&object.backend)
+                                .map(|b| b.placement(object, &ctx))
+                                .unwrap_or_default();
+                            let d = p.decide(&who, &object.backend, &place, &ctx.parameters);
+                            decisions.push(format!(
+                                "object {}: {} by {}",
+                                crate::error::shown(&object.label()),
+                                if d.action == crate::policy::Action::Allow {
+                                    "allowed"
+                                } else {
+                                    "denied"
+                                },
+                                d.rule
+                                    .map_or("the default".to_string(), |r| format!("rule {r}"))
+                            ));
+                        }
+                        if !denied.is_empty() {
+                            problems.push(
+                                crate::error::MountError::Policy { denials: denied }.to_string(),
+                            );
+                        }
+                    }
                 }
             }
             findings.push(Finding {
@@ -249,6 +330,7 @@ pub fn check(args: &CheckArgs) -> Vec<Finding> {
                 problems,
                 warnings,
                 audiences,
+                decisions,
             });
         }
     }
@@ -267,6 +349,9 @@ pub fn run(args: CheckArgs) -> bool {
         };
         for w in &f.warnings {
             println!("{}:{name} warning: {w}", f.file.display());
+        }
+        for d in &f.decisions {
+            println!("{}:{name} policy: {d}", f.file.display());
         }
         if f.problems.is_empty() {
             let tokens = if f.audiences.is_empty() {

@@ -153,6 +153,14 @@ pub async fn serve_with_backends(
     raise_nofile_limit();
     let housekeeping = tokio::spawn(release_memory_periodically());
     let auditor = Auditor::start(args.audit_log.clone(), args.audit_fail_closed);
+    let node_labels = crate::policy::parse_node_labels(&args.node_labels)
+        .map_err(|reason| ServeError::Config(reason))?;
+    let policy = crate::policy::PolicyHandle::load(args.policy.clone(), node_labels)
+        .map_err(|e| ServeError::Config(e.to_string()))?;
+    if let Some(p) = policy.current() {
+        tracing::info!(rules = p.rule_names().count(), "node policy in force");
+    }
+    policy.watch();
     let mounter = Arc::new(Mounter::new(
         registry,
         version_key,
@@ -160,6 +168,7 @@ pub async fn serve_with_backends(
         Cache::new(args.cache_ttl, args.cache_max_bytes),
         Arc::new(Limiter::new(limit_config(args))),
         Arc::clone(&auditor),
+        policy,
     ));
     let in_flight = Arc::new(AtomicUsize::new(0));
     let service = grpc::ProviderService::new(mounter, Arc::clone(&in_flight));

@@ -418,6 +418,25 @@ impl Backend for GcpBackend {
             .to_string()
     }
 
+    /// The project as `projects/<p>`, the resource name as the path, and
+    /// the location of a regional secret (`global` otherwise) as the region.
+    fn placement(&self, object: &ObjectSpec, _ctx: &MountContext) -> crate::policy::Placement {
+        let Ok(o) = params::GcpObject::from_spec(object) else {
+            return crate::policy::Placement::default();
+        };
+        let project = o
+            .resource
+            .split('/')
+            .nth(1)
+            .map(|p| format!("projects/{p}"));
+        crate::policy::Placement {
+            address: project,
+            namespace: None,
+            region: Some(o.location.clone().unwrap_or_else(|| "global".into())),
+            path: Some(o.resource),
+        }
+    }
+
     /// As Google's provider: the object's id is its resourceName.
     fn object_id(&self, object: &ObjectSpec) -> String {
         self.describe(object)

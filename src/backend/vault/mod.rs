@@ -474,6 +474,18 @@ impl Backend for VaultBackend {
         }
     }
 
+    fn placement(&self, object: &ObjectSpec, ctx: &MountContext) -> crate::policy::Placement {
+        let params = self.params(ctx).ok();
+        crate::policy::Placement {
+            address: params.as_ref().map(|p| p.address.clone()),
+            namespace: params.as_ref().and_then(|p| p.namespace.clone()),
+            path: VaultObject::from_spec(object)
+                .ok()
+                .map(|o| o.path.trim_start_matches("/v1/").to_string()),
+            region: None,
+        }
+    }
+
     fn describe(&self, object: &ObjectSpec) -> String {
         match VaultObject::from_spec(object) {
             Ok(r) => {
