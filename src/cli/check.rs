@@ -43,8 +43,8 @@ pub struct CheckArgs {
     #[arg(long, env = "COFFER_POLICY")]
     pub policy: Option<PathBuf>,
     /// The pod's namespace for the policy (default: the SPC's).
-    #[arg(long)]
-    pub namespace: Option<String>,
+    #[arg(long = "namespace")]
+    pub pod_namespace: Option<String>,
     /// The pod's service account for the policy.
     #[arg(long, default_value = "default")]
     pub service_account: String,
@@ -166,7 +166,7 @@ fn context(spc: &SecretProviderClass, args: &CheckArgs) -> Result<MountContext, 
     let req = DriverRequest {
         pod: Pod {
             namespace: args
-                .namespace
+                .pod_namespace
                 .clone()
                 .or_else(|| spc.namespace.clone())
                 .unwrap_or_else(|| "default".into()),
