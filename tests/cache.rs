@@ -42,7 +42,17 @@ fn pod(spc: &SecretProviderClass, signer: &Signer, sa: &str, n: usize) -> proto:
         driver(Path::new(&format!(
             "/var/lib/kubelet/pods/{n}/volumes/v/mount"
         ))),
-        &[("vault", &signer.token("shop", sa, "vault", 600))],
+        &[(
+            "vault",
+            &signer.pod_token(
+                "shop",
+                sa,
+                "vault",
+                600,
+                &format!("web-{n}"),
+                &format!("pod-uid-{n}"),
+            ),
+        )],
     );
     d.pod.name = format!("web-{n}");
     d.pod.uid = format!("pod-uid-{n}");

@@ -493,7 +493,9 @@ async fn leased_certificate_is_reused_across_polls_then_reissued() {
         assert_eq!(again.object_version, first.object_version);
     }
     // Another pod volume gets its own certificate.
-    let other = with_tokens(driver(Path::new("/other/volume")), &[("vault", &jwt)]).to_proto(&spc);
+    let their_jwt = signer.pod_token("shop", "web", "vault", 600, "web-1", "another-pod");
+    let other =
+        with_tokens(driver(Path::new("/other/volume")), &[("vault", &their_jwt)]).to_proto(&spc);
     let mut other_req = other;
     let mut attrs: BTreeMap<String, String> = serde_json::from_str(&other_req.attributes).unwrap();
     attrs.insert("csi.storage.k8s.io/pod.uid".into(), "another-pod".into());

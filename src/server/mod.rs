@@ -153,8 +153,8 @@ pub async fn serve_with_backends(
     raise_nofile_limit();
     let housekeeping = tokio::spawn(release_memory_periodically());
     let auditor = Auditor::start(args.audit_log.clone(), args.audit_fail_closed);
-    let node_labels = crate::policy::parse_node_labels(&args.node_labels)
-        .map_err(|reason| ServeError::Config(reason))?;
+    let node_labels =
+        crate::policy::parse_node_labels(&args.node_labels).map_err(ServeError::Config)?;
     let policy = crate::policy::PolicyHandle::load(args.policy.clone(), node_labels)
         .map_err(|e| ServeError::Config(e.to_string()))?;
     if let Some(p) = policy.current() {

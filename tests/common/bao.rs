@@ -242,8 +242,29 @@ impl Signer {
         }
     }
 
-    /// A token like a projected service-account token for `ns/sa`.
+    /// A token like a projected service-account token for `ns/sa`, bound
+    /// to the pod `driver()` describes.
     pub fn token(&self, ns: &str, sa: &str, aud: &str, lifetime: i64) -> String {
+        self.pod_token(
+            ns,
+            sa,
+            aud,
+            lifetime,
+            "web-0",
+            "0f6b7a0e-1111-4222-8333-444455556666",
+        )
+    }
+
+    /// A projected token bound to the pod `pod`/`uid`.
+    pub fn pod_token(
+        &self,
+        ns: &str,
+        sa: &str,
+        aud: &str,
+        lifetime: i64,
+        pod: &str,
+        uid: &str,
+    ) -> String {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap()
@@ -257,7 +278,7 @@ impl Signer {
             "exp": now + lifetime,
             "kubernetes.io": {
                 "namespace": ns,
-                "pod": {"name": "web-0", "uid": "0f6b7a0e-1111-4222-8333-444455556666"},
+                "pod": {"name": pod, "uid": uid},
                 "serviceaccount": {"name": sa, "uid": "5e1f0c3a-aaaa-4bbb-8ccc-dddddddddddd"}
             }
         });

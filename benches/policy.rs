@@ -1,0 +1,115 @@
+//! What a node policy costs a warm Mount: the same Mount (file backend, two
+//! small kept files) against a daemon without a policy and one with 200
+//! rules where only the last matches (every rule is tried), at 1 and 8
+//! callers, runs alternating; medians printed.
+//!
+//! cargo bench --bench policy
+//! Knobs (env): PB_SECONDS (2), PB_RUNS (3), PB_RULES (200).
+
+#[path = "../tests/common/mod.rs"]
+#[allow(unused_imports)]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use coffer::client::ProviderClient;
+use coffer::proto;
+use common::{env_num, Daemon, Options};
+
+fn policy(rules: usize) -> String {
+    let mut p = String::from("default: deny\nrules:\n");
+    for i in 0..rules - 1 {
+        p += &format!(
+            "  - name: team-{i}\n    when: {{namespaces: [\"team-{i}-*\"], serviceAccounts: [app]}}\n    objects: {{backends: [vault], paths: [\"secret/data/team-{i}/*\"]}}\n    action: allow\n"
+        );
+    }
+    p += "  - name: shop-files\n    when: {namespaces: [shop]}\n    objects: {backends: [file], paths: [\"*\"]}\n    action: allow\n";
+    p
+}
+
+async fn level(
+    c: &ProviderClient,
+    req: &proto::MountRequest,
+    callers: usize,
+    secs: f64,
+) -> (f64, Duration) {
+    let stop = Instant::now() + Duration::from_secs_f64(secs);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..callers {
+        let mut c = c.clone();
+        let req = req.clone();
+        tasks.spawn(async move {
+            let mut lat = Vec::new();
+            while Instant::now() < stop {
+                let at = Instant::now();
+                assert!(c.mount(req.clone()).await.is_ok());
+                lat.push(at.elapsed());
+            }
+            lat
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        all.extend(r.unwrap());
+    }
+    let took = started.elapsed().as_secs_f64();
+    all.sort();
+    (all.len() as f64 / took, all[all.len() / 2])
+}
+
+fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    let secs = env_num("PB_SECONDS", 2) as f64;
+    let runs = env_num("PB_RUNS", 3) as usize;
+    let rules = env_num("PB_RULES", 200).max(1) as usize;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("policy.yaml");
+        std::fs::write(&file, policy(rules)).unwrap();
+        let plain = Daemon::start_with(Options::default());
+        let judged = Daemon::start_with(Options {
+            extra_args: vec!["--policy".into(), file.display().to_string()],
+            ..Default::default()
+        });
+        for d in [&plain, &judged] {
+            d.write_secret("db/password", "s3cret");
+            d.write_secret("api-token", "tok");
+        }
+        std::thread::sleep(coffer::nodefs::SETTLE + Duration::from_millis(300));
+        let req = common::request("- objectName: db/password\n- objectName: api-token\n");
+        let (pc, jc) = (plain.client().await, judged.client().await);
+        jc.clone().mount(req.clone()).await.expect("the policy allows it");
+        println!("file backend, 2 kept files; policy of {rules} rules, the last one matching; {secs} s x {runs} runs, medians");
+        println!("callers  plain/s  policy/s  plain p50  policy p50  p50 +%");
+        for callers in [1usize, 8] {
+            let (mut pr, mut jr, mut pl, mut jl) = (vec![], vec![], vec![], vec![]);
+            for _ in 0..runs {
+                let (r, l) = level(&pc, &req, callers, secs).await;
+                pr.push(r);
+                pl.push(l);
+                let (r, l) = level(&jc, &req, callers, secs).await;
+                jr.push(r);
+                jl.push(l);
+            }
+            let (p50p, p50j) = (median(pl), median(jl));
+            println!(
+                "{callers:>7} {:>8.0} {:>9.0} {:>10.1?} {:>11.1?} {:>+7.1}",
+                median(pr),
+                median(jr),
+                p50p,
+                p50j,
+                (p50j.as_secs_f64() / p50p.as_secs_f64() - 1.0) * 100.0
+            );
+        }
+    });
+}
