@@ -79,14 +79,17 @@ struct ObjectsFile {
 
 /// A glob: `*` matches any run of characters (`/` included); `{namespace}`,
 /// `{serviceAccount}`, `{spc}` stand for the caller's own values, matched
-/// literally.
+/// literally. Kept as the runs between stars, so matching allocates only
+/// for a run that mixes text and placeholders.
 #[derive(Debug, Clone)]
-struct Pattern(Vec<Piece>);
+struct Pattern {
+    /// Runs between stars; a pattern without a star has one.
+    runs: Vec<Vec<Piece>>,
+}
 
 #[derive(Debug, Clone, PartialEq)]
 enum Piece {
     Text(String),
-    Star,
     Namespace,
     ServiceAccount,
     Spc,
@@ -94,17 +97,12 @@ enum Piece {
 
 impl Pattern {
     fn parse(raw: &str) -> Result<Pattern, String> {
-        let mut pieces = Vec::new();
-        let mut text = String::new();
+        let mut runs: Vec<Vec<Piece>> = vec![Vec::new()];
         let mut rest = raw;
         while let Some(c) = rest.chars().next() {
+            let run = runs.last_mut().expect("never empty");
             if c == '*' {
-                if !text.is_empty() {
-                    pieces.push(Piece::Text(std::mem::take(&mut text)));
-                }
-                if pieces.last() != Some(&Piece::Star) {
-                    pieces.push(Piece::Star);
-                }
+                runs.push(Vec::new());
                 rest = &rest[1..];
                 continue;
             }
@@ -116,66 +114,61 @@ impl Pattern {
                 ]
                 .into_iter()
                 .find(|(name, _)| rest.starts_with(name));
-                match var {
-                    Some((name, piece)) => {
-                        if !text.is_empty() {
-                            pieces.push(Piece::Text(std::mem::take(&mut text)));
-                        }
-                        pieces.push(piece);
-                        rest = &rest[name.len()..];
-                        continue;
-                    }
-                    None => {
-                        return Err(format!(
-                            "pattern {} has an unknown placeholder (known: {{namespace}}, {{serviceAccount}}, {{spc}})",
-                            shown(raw)
-                        ))
-                    }
-                }
+                let Some((name, piece)) = var else {
+                    return Err(format!(
+                        "pattern {} has an unknown placeholder (known: {{namespace}}, {{serviceAccount}}, {{spc}})",
+                        shown(raw)
+                    ));
+                };
+                run.push(piece);
+                rest = &rest[name.len()..];
+                continue;
             }
-            text.push(c);
+            match run.last_mut() {
+                Some(Piece::Text(t)) => t.push(c),
+                _ => run.push(Piece::Text(c.to_string())),
+            }
             rest = &rest[c.len_utf8()..];
         }
-        if !text.is_empty() {
-            pieces.push(Piece::Text(text));
-        }
-        Ok(Pattern(pieces))
+        Ok(Pattern { runs })
     }
 
-    /// Wildcard match in linear time: the literal runs between stars are
-    /// found left to right (the leftmost place is always a right choice).
-    fn matches(&self, value: &str, who: &Subject<'_>) -> bool {
-        let mut segments: Vec<String> = vec![String::new()];
-        for piece in &self.0 {
-            let text = match piece {
-                Piece::Star => {
-                    segments.push(String::new());
-                    continue;
-                }
-                Piece::Text(t) => t.as_str(),
+    /// One run's text for this caller.
+    fn run<'a>(run: &'a [Piece], who: &'a Subject<'_>) -> std::borrow::Cow<'a, str> {
+        let one = |p: &'a Piece| -> &'a str {
+            match p {
+                Piece::Text(t) => t,
                 Piece::Namespace => who.namespace,
                 Piece::ServiceAccount => who.service_account,
                 Piece::Spc => who.spc,
-            };
-            if let Some(last) = segments.last_mut() {
-                last.push_str(text);
             }
-        }
-        let (Some(first), Some(last)) = (segments.first(), segments.last()) else {
-            return false;
         };
-        if segments.len() == 1 {
+        match run {
+            [] => std::borrow::Cow::Borrowed(""),
+            [p] => std::borrow::Cow::Borrowed(one(p)),
+            many => std::borrow::Cow::Owned(many.iter().map(one).collect()),
+        }
+    }
+
+    /// Wildcard match in linear time: the runs between stars are found
+    /// left to right (the leftmost place is always a right choice).
+    fn matches(&self, value: &str, who: &Subject<'_>) -> bool {
+        let n = self.runs.len();
+        let first = Self::run(&self.runs[0], who);
+        if n == 1 {
             return value == first;
         }
+        let last = Self::run(&self.runs[n - 1], who);
         if value.len() < first.len() + last.len()
-            || !value.starts_with(first.as_str())
-            || !value.ends_with(last.as_str())
+            || !value.starts_with(first.as_ref())
+            || !value.ends_with(last.as_ref())
         {
             return false;
         }
         let mut rest = &value[first.len()..value.len() - last.len()];
-        for middle in &segments[1..segments.len() - 1] {
-            match rest.find(middle.as_str()) {
+        for middle in &self.runs[1..n - 1] {
+            let middle = Self::run(middle, who);
+            match rest.find(middle.as_ref()) {
                 Some(i) => rest = &rest[i + middle.len()..],
                 None => return false,
             }
@@ -238,12 +231,31 @@ pub struct Placement {
 }
 
 /// A parsed, validated policy.
-#[derive(Debug)]
 pub struct Policy {
     default: Action,
     regions: BTreeMap<String, String>,
     rules: Vec<Rule>,
+    /// The rules whose `when` matches a caller (namespace, service account,
+    /// SPC; node labels are fixed), found once per caller rather than per
+    /// object and Mount: a warm Mount then tries only those.
+    candidates: crate::bounded_map::BoundedMap<Arc<Vec<usize>>>,
 }
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policy")
+            .field("default", &self.default)
+            .field("rules", &self.rules.len())
+            .finish()
+    }
+}
+
+/// Callers whose candidate rules are kept (bounded by the node's pods).
+const CANDIDATES: crate::bounded_map::Bounds = crate::bounded_map::Bounds {
+    max_entries: 4096,
+    max_weight: 64 * 1024 * 1024,
+    idle: Duration::from_secs(3600),
+};
 
 /// What decided an object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -357,6 +369,7 @@ impl Policy {
             default: file.default,
             regions,
             rules,
+            candidates: crate::bounded_map::BoundedMap::new(CANDIDATES),
         })
     }
 
@@ -366,9 +379,37 @@ impl Policy {
 
     /// The region the policy's table gives an address.
     pub fn region_of(&self, address: &str) -> Option<&str> {
+        if self.regions.is_empty() {
+            return None;
+        }
         self.regions
             .get(&normalize_address(address))
             .map(String::as_str)
+    }
+
+    /// The rules whose `when` matches this caller, found once per caller.
+    pub fn candidates(&self, who: &Subject<'_>) -> Arc<Vec<usize>> {
+        let key = who
+            .node_labels
+            .iter()
+            .fold(
+                crate::key::KeyBuilder::new("policy-caller")
+                    .field(who.namespace)
+                    .field(who.service_account)
+                    .field(who.spc),
+                |b, (k, v)| b.field(k).field(v),
+            )
+            .finish();
+        self.candidates.get(&key).unwrap_or_else(|| {
+            let found: Vec<usize> = (0..self.rules.len())
+                .filter(|&i| self.rules[i].when_matches(who))
+                .collect();
+            let weight = 64 + 8 * found.len() as u64;
+            let found = Arc::new(found);
+            self.candidates
+                .insert_weighed(key, Arc::clone(&found), weight);
+            found
+        })
     }
 
     /// The first rule that matches the caller and the object, else the default.
@@ -379,12 +420,24 @@ impl Policy {
         place: &Placement,
         parameters: &BTreeMap<String, String>,
     ) -> Decision<'p> {
+        self.decide_among(&self.candidates(who), who, backend, place, parameters)
+    }
+
+    /// [`Policy::decide`] with the caller's candidate rules already found.
+    pub fn decide_among<'p>(
+        &'p self,
+        candidates: &[usize],
+        who: &Subject<'_>,
+        backend: &str,
+        place: &Placement,
+        parameters: &BTreeMap<String, String>,
+    ) -> Decision<'p> {
         let region = place
             .region
             .as_deref()
             .or_else(|| place.address.as_deref().and_then(|a| self.region_of(a)));
-        for rule in &self.rules {
-            if rule.matches(who, backend, place, region, parameters) {
+        for rule in candidates.iter().map(|&i| &self.rules[i]) {
+            if rule.objects_match(who, backend, place, region, parameters) {
                 return Decision {
                     action: rule.action,
                     rule: Some(&rule.name),
@@ -399,7 +452,23 @@ impl Policy {
 }
 
 impl Rule {
-    fn matches(
+    /// Whether the rule is about this caller.
+    fn when_matches(&self, who: &Subject<'_>) -> bool {
+        let opt = |list: &Option<Vec<Pattern>>, value: &str| {
+            list.as_ref()
+                .is_none_or(|l| any_matches(l, Some(value), who))
+        };
+        let w = &self.when;
+        opt(&w.namespaces, who.namespace)
+            && opt(&w.service_accounts, who.service_account)
+            && opt(&w.spcs, who.spc)
+            && w.node_labels
+                .iter()
+                .all(|(k, p)| who.node_labels.get(k).is_some_and(|v| p.matches(v, who)))
+    }
+
+    /// Whether the rule is about this object (its caller already matched).
+    fn objects_match(
         &self,
         who: &Subject<'_>,
         backend: &str,
@@ -410,17 +479,8 @@ impl Rule {
         let opt = |list: &Option<Vec<Pattern>>, value: Option<&str>| {
             list.as_ref().is_none_or(|l| any_matches(l, value, who))
         };
-        let w = &self.when;
         let o = &self.objects;
-        opt(&w.namespaces, Some(who.namespace))
-            && opt(&w.service_accounts, Some(who.service_account))
-            && opt(&w.spcs, Some(who.spc))
-            && w.node_labels.iter().all(|(k, p)| {
-                who.node_labels
-                    .get(k)
-                    .is_some_and(|v| p.matches(v, who))
-            })
-            && opt(&o.backends, Some(backend))
+        opt(&o.backends, Some(backend))
             && opt(&o.addresses, place.address.as_deref())
             && opt(&o.vault_namespaces, place.namespace.as_deref())
             && opt(&o.paths, place.path.as_deref())
@@ -587,12 +647,14 @@ impl PolicyHandle {
             node_labels: &self.node_labels,
         };
         let mut denials = Vec::new();
+        let candidates = policy.candidates(&who);
         for object in objects {
             let place = backends
                 .get(&object.backend)
                 .map(|b| b.placement(object, ctx))
                 .unwrap_or_default();
-            let d = policy.decide(&who, &object.backend, &place, &ctx.parameters);
+            let d =
+                policy.decide_among(&candidates, &who, &object.backend, &place, &ctx.parameters);
             if d.action == Action::Deny {
                 denials.push(Denial {
                     object: object.label(),
