@@ -149,6 +149,13 @@ fn the_chart_renders_valid_hardened_manifests_for_every_value_set() {
             serde_json::json!({"fileBackend": {"root": "/srv/secrets"}}),
         ),
         (
+            "policy",
+            serde_json::json!({
+                "policy": "default: deny\nrules:\n  - {name: files, objects: {backends: [file]}, action: allow}\n",
+                "nodeLabels": {"topology.kubernetes.io/region": "eu-west-1"},
+            }),
+        ),
+        (
             "everything",
             serde_json::json!({
                 "namespace": {"create": true},
@@ -248,6 +255,24 @@ fn the_chart_renders_valid_hardened_manifests_for_every_value_set() {
     assert!(args(nr).contains(&"--socket-mode=0660".to_string()));
     assert!(mount_paths(daemonset(&rendered["file"])).contains(&"/srv/coffer".to_string()));
     assert!(args(daemonset(&rendered["gcp"])).contains(&"--gcp-project=p".to_string()));
+    // The policy: a ConfigMap the daemon reads, whose text is a valid policy.
+    let p = &rendered["policy"];
+    let pa = args(daemonset(p));
+    assert!(
+        pa.contains(&"--policy=/etc/coffer/policy/policy.yaml".to_string()),
+        "{pa:?}"
+    );
+    assert!(pa.contains(&"--node-label=topology.kubernetes.io/region=eu-west-1".to_string()));
+    assert!(mount_paths(daemonset(p)).contains(&"/etc/coffer/policy".to_string()));
+    let cm = p
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap")
+        .expect("policy ConfigMap");
+    let text = cm["data"]["policy.yaml"].as_str().unwrap();
+    coffer::policy::Policy::parse(text).unwrap();
+    assert!(!rendered["defaults"]
+        .iter()
+        .any(|d| d["kind"] == "ConfigMap"));
     // Values nothing reads are gone.
     let values = std::fs::read_to_string(root().join("daemonset/chart/values.yaml")).unwrap();
     assert!(!values.contains("driverGid"));
