@@ -49,6 +49,7 @@ pub const FILTERS: &[&str] = &[
     "b64encode",
     "b64decode",
     "urlencode",
+    "pgpass",
 ];
 /// Tests a template may use.
 const TESTS: &[&str] = &[
@@ -511,6 +512,12 @@ fn add_filters(env: &mut Environment<'static>) {
             .map_err(|_| own("b64decode: the value is not valid base64"))?;
         String::from_utf8(bytes).map_err(|_| own("b64decode: the decoded value is not UTF-8 text"))
     });
+    // A field of a PostgreSQL password file: `\` and `:` escaped.
+    env.add_filter("pgpass", |v: &Value| -> Result<String, Error> {
+        let s = text_of(v)?;
+        charge(s.len() * 2)?;
+        Ok(s.replace('\\', "\\\\").replace(':', "\\:"))
+    });
     env.add_filter("urlencode", |v: &Value| -> Result<String, Error> {
         let s = text_of(v)?;
         charge(s.len() * 3)?;
@@ -699,6 +706,10 @@ mod tests {
             "host=db.local;password=p@ss:w/rd;port=5432;username=app;"
         );
         assert_eq!(render("{{ objects['token'] }}", r.clone()).unwrap(), "tok");
+        assert_eq!(
+            render("{{ db.password|pgpass }}", r.clone()).unwrap(),
+            "p@ss\\:w/rd"
+        );
         assert_eq!(
             render("{{ missing|default('x') }}", r.clone()).unwrap(),
             "x"
