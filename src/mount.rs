@@ -605,12 +605,7 @@ impl Mounter {
         let max_bytes = usize::try_from(self.config.max_response_bytes).unwrap_or(usize::MAX);
         let bytes: usize = ready.iter().map(|r| r.contents.len()).sum();
         let templated = plan.files.as_ref().is_some_and(Files::has_templates);
-        let weight = if templated {
-            bytes.saturating_mul(16)
-        } else {
-            bytes
-        };
-        let (ready, built) = work::run(weight, move || {
+        let job = move || {
             let views: Vec<_> = backends
                 .iter()
                 .zip(plan.objects.iter())
@@ -644,8 +639,17 @@ impl Mounter {
             let built = render::build(plan.files.as_ref(), &inputs, &plain, &settings);
             drop(inputs);
             (ready, built)
-        })
-        .await
+        };
+        // A template's cost is bounded by its fuel, not by its inputs: a
+        // hostile one may burn its whole budget (tens of ms) on a few bytes,
+        // so templates always render off the async workers, where they
+        // cannot stall other Mounts or /healthz. Formats and `expand` are
+        // linear in their inputs: inline when small, like any parse.
+        let (ready, built) = if templated {
+            work::run_bounded(job).await
+        } else {
+            work::run(bytes, job).await
+        }
         .map_err(MountError::from)?;
         let outputs = built.map_err(|failures| MountError::Objects {
             total: failures.len(),

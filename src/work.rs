@@ -52,6 +52,29 @@ where
     .map_err(|_| WorkError::Failed)
 }
 
+/// Jobs whose cost is bounded by a budget rather than by their input
+/// (templates under fuel) that may run at once: two, so a burst of costly
+/// ones keeps to two blocking threads while the async workers serve.
+static BOUNDED: Semaphore = Semaphore::const_new(2);
+
+/// Runs `job`, whose cost is bounded (milliseconds at worst) but may be
+/// that high for a tiny input, on the blocking pool: a hostile job never
+/// stalls an async worker. Unlike [`run`], no heap trim afterwards: these
+/// jobs are frequent and small.
+pub async fn run_bounded<T, F>(job: F) -> Result<T, WorkError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let _permit = tokio::time::timeout(MAX_QUEUE_WAIT, BOUNDED.acquire())
+        .await
+        .map_err(|_| WorkError::Busy)?
+        .map_err(|_| WorkError::Failed)?;
+    tokio::task::spawn_blocking(job)
+        .await
+        .map_err(|_| WorkError::Failed)
+}
+
 /// Caps glibc's malloc arenas. By default glibc makes up to 8 per core,
 /// and every blocking thread that parses or reads keeps its own arena's
 /// high-water mark: measured here, RSS climbed past 120 MiB under a stream

@@ -263,6 +263,73 @@ async fn hostile_documents_are_refused_while_the_node_keeps_serving() {
     assert_eq!(r.get_ref().files[0].contents, b"fine");
 }
 
+/// Hostile `files`: template bombs, huge template texts and file lists, on
+/// the constrained daemon, in bursts, while /healthz and a normal Mount are
+/// probed: each fails fast with a clear error and the node keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_templates_are_refused_while_the_node_keeps_serving() {
+    let d = constrained_daemon(&[]);
+    d.write_secret("seed", "x".repeat(3000));
+    let watcher = Watcher::start(&d).await;
+    let files = |template: String| {
+        format!(
+            "- path: out\n  template: {}\n",
+            serde_json::to_string(&template).unwrap()
+        )
+    };
+    let objects = "- objectName: seed\n  render: false\n";
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "doubling through set",
+            files(format!(
+                "{{% set a = seed %}}{}{{{{ a|length }}}}",
+                "{% set a = a ~ a %}".repeat(64)
+            )),
+            "fuel",
+        ),
+        (
+            "nested loops",
+            files("{% for a in seed %}{% for b in seed %}{% for c in seed %}{{ c }}{% endfor %}{% endfor %}{% endfor %}".into()),
+            "fuel",
+        ),
+        (
+            "replace chain",
+            files(format!("{{{{ seed{} }}}}", "|replace('x', 'xxxxxxxxxx')".repeat(30))),
+            "template",
+        ),
+        (
+            "deep nesting",
+            files(format!("{}x{}", "{% if true %}".repeat(5000), "{% endif %}".repeat(5000))),
+            "template",
+        ),
+        (
+            "a 1 MiB template",
+            files("x".repeat(1 << 20)),
+            "the limit is 1048576",
+        ),
+        (
+            "257 files",
+            "- path: f\n  template: x\n".repeat(257),
+            "at most 256",
+        ),
+    ];
+    for _ in 0..3 {
+        for (label, doc, want) in &cases {
+            let req = hostile(&[("objects", objects), ("files", doc)]);
+            refused(&d, label, req, Code::InvalidArgument, want).await;
+        }
+    }
+    watcher.finish("hostile templates").await;
+    assert!(d.rss_kib() < 128 * 1024, "RSS {} KiB", d.rss_kib());
+    let r = d
+        .client()
+        .await
+        .mount(request("- objectName: ok"))
+        .await
+        .unwrap();
+    assert_eq!(r.get_ref().files[0].contents, b"fine");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_parsed_spc_memo_cannot_be_poisoned_across_tenants() {
     let d = Daemon::start();
