@@ -101,3 +101,69 @@ async fn no_secret_or_token_bytes_in_any_log_output() {
         }
     }
 }
+
+/// Built files (templates, formats, expand) at `trace`: their failures and
+/// successes say which file and expression, never a value.
+#[tokio::test]
+async fn built_files_leak_no_value_at_trace() {
+    let mut d = Daemon::start_with(Options {
+        extra_args: vec!["--log-level".into(), "trace".into()],
+        ..Default::default()
+    });
+    let db = serde_json::json!({
+        "user": "leak-canary-user-5d1e",
+        "password": "leak-canary-password-0a9b",
+        "../leak-canary-key-3c3c": "x",
+    });
+    d.write_secret("db.json", db.to_string());
+    let mut c = d.client().await;
+    let objects = "- objectName: db\n  path: db.json\n  render: false\n";
+    let with_files = |files: &str| {
+        let mut s = spc(objects);
+        s.parameters.insert("files".into(), files.into());
+        driver(std::path::Path::new("/t")).to_proto(&s)
+    };
+    let ok = c
+        .mount(with_files(
+            "- path: a\n  template: '{{ db.user }}:{{ db.password|pgpass }}'\n- path: b.env\n  format: env\n  from: {P: db.password}\n",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.files.len(), 2);
+    for files in [
+        "- path: a\n  template: '{{ db.nokey }}'\n",
+        "- path: a\n  template: '{{ db.password|b64decode }}'\n",
+        "- path: a\n  template: '{{ db.password|int }}'\n",
+        "- path: a\n  template: '{{ db.password + 1 }}'\n",
+        "- path: a\n  format: env\n  fromObject: db\n",
+        "- path: a\n  format: env\n  from: {P: db.nokey}\n",
+    ] {
+        let (_, msg) = mount_err(&mut c, with_files(files)).await;
+        assert!(
+            !msg.contains("leak-canary-user") && !msg.contains("leak-canary-password"),
+            "{files}: {msg}"
+        );
+    }
+    let expand = c
+        .mount(
+            driver(std::path::Path::new("/t"))
+                .to_proto(&spc("- objectName: db\n  path: db.json\n  expand: true\n")),
+        )
+        .await;
+    let msg = expand
+        .expect_err("a key that is not a file name")
+        .message()
+        .to_string();
+    assert!(
+        msg.contains("leak-canary-key-3c3c"),
+        "keys are named: {msg}"
+    );
+    assert!(!msg.contains("leak-canary-password"), "{msg}");
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    d.wait_exit(std::time::Duration::from_secs(10)).await;
+    let logs = d.logs();
+    for canary in ["leak-canary-user", "leak-canary-password"] {
+        assert!(!logs.contains(canary), "logs contain {canary}");
+    }
+}
