@@ -257,6 +257,32 @@ async fn expand_versions_and_rotation_re_render_only_dependents() {
 }
 
 #[tokio::test]
+async fn a_versions_file_alone_lists_the_objects_files() {
+    let d = Daemon::start();
+    d.write_secret("a", "1");
+    d.write_secret("b/c", "2");
+    let s = spc_with(
+        "- objectName: a\n- objectName: b/c\n",
+        &[("versionsFile", "meta/versions.json")],
+    );
+    let mut c = d.client().await;
+    let r = c.mount(mount_req(&s)).await.unwrap().into_inner();
+    let f = files_of(&r);
+    let listed: BTreeMap<String, String> =
+        serde_json::from_slice(&f["meta/versions.json"]).unwrap();
+    let v = versions_of(&r);
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed["a"], v["a"]);
+    assert_eq!(listed["b/c"], v["b/c"]);
+    assert!(v.contains_key("meta/versions.json"));
+    // It may not land on an object's path.
+    let clash = spc_with("- objectName: a\n", &[("versionsFile", "a")]);
+    let (code, msg) = mount_err(&mut c, mount_req(&clash)).await;
+    assert_eq!(code, tonic::Code::InvalidArgument, "{msg}");
+    assert!(msg.contains("more than one"), "{msg}");
+}
+
+#[tokio::test]
 async fn missing_objects_and_keys_and_forbidden_templates_fail_clearly() {
     let d = Daemon::start();
     d.write_secret("db.json", r#"{"user":"app","password":"hunter2-secret"}"#);

@@ -1119,6 +1119,7 @@ async fn files_are_built_from_kv_secrets_and_follow_their_rotation() {
         &bao,
         &[],
         "- objectName: db\n  secretPath: secret/data/db\n  render: false\n\
+         - objectName: dbkeys\n  secretPath: secret/data/db\n  expand: true\n\
          - objectName: many\n  secretPath: kv1/many\n  expand: true\n\
          - objectName: api\n  secretPath: secret/data/api\n  secretKey: token\n",
     );
@@ -1149,7 +1150,13 @@ async fn files_are_built_from_kv_secrets_and_follow_their_rotation() {
         json!({"token": "t-1", "user": "app"})
     );
     assert_eq!(f1["many/k42"], b"v42");
-    assert_eq!(f1.len(), 50 + 7, "no file for db itself");
+    assert_eq!(f1.len(), 50 + 3 + 7, "no file for db itself");
+    // KV v2 expanded: the secret's own keys, not Vault's answer around them.
+    assert_eq!(f1["dbkeys/username"], b"app");
+    assert_eq!(
+        String::from_utf8(f1["dbkeys/password"].clone()).unwrap(),
+        hostile
+    );
     // Each format read back by an independent parser.
     let dir = tempfile::tempdir().unwrap();
     for name in ["db.env", "db.yaml", "db.properties", "db.json"] {
@@ -1182,6 +1189,6 @@ async fn files_are_built_from_kv_secrets_and_follow_their_rotation() {
         .filter(|k| v1[*k] != v2[*k])
         .map(String::as_str)
         .collect();
-    assert_eq!(moved, ["api", "auth.json"]);
+    assert_eq!(moved, ["api", "auth.json"], "dbkeys and many stay");
     assert!(files(&r2)["auth.json"].windows(3).any(|w| w == b"t-2"));
 }
