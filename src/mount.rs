@@ -646,7 +646,17 @@ impl Mounter {
         // cannot stall other Mounts or /healthz. Formats and `expand` are
         // linear in their inputs: inline when small, like any parse.
         let (ready, built) = if templated {
-            work::run_bounded(job).await
+            work::run_bounded(move || {
+                let (ready, built) = job();
+                // A failed render is usually one that spent its budget:
+                // give the megabytes it freed back at once, so a stream of
+                // them cannot ratchet the heap up.
+                if built.is_err() {
+                    work::release_memory();
+                }
+                (ready, built)
+            })
+            .await
         } else {
             work::run(bytes, job).await
         }

@@ -53,9 +53,10 @@ where
 }
 
 /// Jobs whose cost is bounded by a budget rather than by their input
-/// (templates under fuel) that may run at once: two, so a burst of costly
-/// ones keeps to two blocking threads while the async workers serve.
-static BOUNDED: Semaphore = Semaphore::const_new(2);
+/// (templates under fuel) that may run at once: one, so a burst of costly
+/// ones holds one blocking thread and one job's memory while the async
+/// workers serve (a legitimate render takes tens of microseconds).
+static BOUNDED: Semaphore = Semaphore::const_new(1);
 
 /// Runs `job`, whose cost is bounded (milliseconds at worst) but may be
 /// that high for a tiny input, on the blocking pool: a hostile job never

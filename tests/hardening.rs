@@ -135,7 +135,24 @@ async fn refused(d: &Daemon, label: &str, req: proto::MountRequest, code: Code, 
         Err(s) => s,
     };
     println!("{label}: {:?} in {:?}", status.code(), started.elapsed());
-    assert_eq!(status.code(), code, "{label}: {}", status.message());
+    if status.code() != code {
+        // Say what the daemon said last (a crash leaves its reason there).
+        let logs = d.logs();
+        let tail: String = logs
+            .lines()
+            .rev()
+            .take(15)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n");
+        panic!(
+            "{label}: {:?} (want {code:?}): {}\ndaemon log tail:\n{tail}",
+            status.code(),
+            status.message()
+        );
+    }
     assert!(
         status.message().contains(want),
         "{label}: {:?} lacks {want:?}",

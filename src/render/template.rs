@@ -25,7 +25,7 @@ pub const MAX_TEMPLATE_BYTES: usize = 16 * 1024;
 /// (the response limit) ~66,000.
 pub const FUEL: u64 = 200_000;
 /// Bytes the filters of one render may produce in all.
-pub const WORK_BUDGET: usize = 16 * 1024 * 1024;
+pub const WORK_BUDGET: usize = 8 * 1024 * 1024;
 /// Largest value a template may read.
 pub const MAX_INPUT_BYTES: usize = 1024 * 1024;
 /// Nesting of loops and conditions at run time.
