@@ -337,6 +337,11 @@ async fn hostile_templates_are_refused_while_the_node_keeps_serving() {
         }
     }
     watcher.finish("hostile templates").await;
+    println!(
+        "hostile templates: VmPeak {} KiB, VmHWM {} KiB",
+        proc_status(d.pid(), "VmPeak"),
+        proc_status(d.pid(), "VmHWM")
+    );
     assert!(d.rss_kib() < 128 * 1024, "RSS {} KiB", d.rss_kib());
     let r = d
         .client()

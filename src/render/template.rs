@@ -21,9 +21,10 @@ use crate::secret::SecretBuf;
 /// Template text per file.
 pub const MAX_TEMPLATE_BYTES: usize = 16 * 1024;
 /// Fuel of one render: one per instruction and one per 64 bytes made or
-/// read, so ~12 MB of data in all. A pgpass line takes ~30; a 4 MiB file
-/// (the response limit) ~66,000.
-pub const FUEL: u64 = 200_000;
+/// read, so ~6 MB of data in all. A pgpass line takes ~30; a 1 MiB file
+/// read and written whole ~33,000. It also bounds a render's memory: what a
+/// template builds is charged before it is allocated.
+pub const FUEL: u64 = 100_000;
 /// Bytes the filters of one render may produce in all.
 pub const WORK_BUDGET: usize = 8 * 1024 * 1024;
 /// Largest value a template may read.
