@@ -26,7 +26,7 @@ use coffer::client::ProviderClient;
 use coffer::manifest::{DriverRequest, Pod, SecretProviderClass};
 use coffer::proto;
 use coffer::secret::Credential;
-use common::env_num;
+use common::{env_num, median};
 
 fn levels() -> Vec<usize> {
     std::env::var("MP_LEVELS")
@@ -147,37 +147,7 @@ async fn level(
     for _ in 0..connections {
         clients.push(coffer::client::connect(socket).await.unwrap());
     }
-    let started = Instant::now();
-    let stop = started + Duration::from_secs_f64(secs);
-    let mut tasks = tokio::task::JoinSet::new();
-    for t in 0..callers {
-        let mut c = clients[t % connections].clone();
-        let reqs = Arc::clone(reqs);
-        tasks.spawn(async move {
-            let mut lat = Vec::with_capacity(4096);
-            let mut i = t;
-            while Instant::now() < stop {
-                let at = Instant::now();
-                let r = c.mount(reqs[i % reqs.len()].clone()).await;
-                assert!(r.is_ok(), "{r:?}");
-                lat.push(at.elapsed());
-                i += callers;
-            }
-            lat
-        });
-    }
-    let mut all = Vec::new();
-    while let Some(r) = tasks.join_next().await {
-        all.extend(r.unwrap());
-    }
-    let took = started.elapsed().as_secs_f64();
-    all.sort();
-    (all.len() as f64 / took, all[all.len() / 2])
-}
-
-fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+    common::drive(&clients, reqs, callers, secs).await
 }
 
 /// Context switches of every thread of `pid` so far: each is a hand-off

@@ -11,11 +11,9 @@
 #[allow(unused_imports)]
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use coffer::client::ProviderClient;
-use coffer::proto;
-use common::{env_num, Daemon, Options};
+use common::{drive, env_num, median, Daemon, Options};
 
 fn policy(rules: usize) -> String {
     let mut p = String::from("default: deny\nrules:\n");
@@ -26,42 +24,6 @@ fn policy(rules: usize) -> String {
     }
     p += "  - name: shop-files\n    when: {namespaces: [shop]}\n    objects: {backends: [file], paths: [\"*\"]}\n    action: allow\n";
     p
-}
-
-async fn level(
-    c: &ProviderClient,
-    req: &proto::MountRequest,
-    callers: usize,
-    secs: f64,
-) -> (f64, Duration) {
-    let stop = Instant::now() + Duration::from_secs_f64(secs);
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..callers {
-        let mut c = c.clone();
-        let req = req.clone();
-        tasks.spawn(async move {
-            let mut lat = Vec::new();
-            while Instant::now() < stop {
-                let at = Instant::now();
-                assert!(c.mount(req.clone()).await.is_ok());
-                lat.push(at.elapsed());
-            }
-            lat
-        });
-    }
-    let mut all = Vec::new();
-    while let Some(r) = tasks.join_next().await {
-        all.extend(r.unwrap());
-    }
-    let took = started.elapsed().as_secs_f64();
-    all.sort();
-    (all.len() as f64 / took, all[all.len() / 2])
-}
-
-fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 fn main() {
@@ -92,9 +54,11 @@ fn main() {
             d.write_secret("api-token", "tok");
         }
         std::thread::sleep(coffer::nodefs::SETTLE + Duration::from_millis(300));
-        let req = common::request("- objectName: db/password\n- objectName: api-token\n");
+        let req = std::sync::Arc::new(vec![common::request(
+            "- objectName: db/password\n- objectName: api-token\n",
+        )]);
         let (pc, jc) = (plain.client().await, judged.client().await);
-        jc.clone().mount(req.clone()).await.expect("the policy allows it");
+        jc.clone().mount(req[0].clone()).await.expect("the policy allows it");
         println!("file backend, 2 kept files; policy of {rules} rules, the last one matching; {secs} s x {runs} runs, medians");
         println!("callers  plain/s  policy/s  plain p50  policy p50  p50 +%   CPU µs/Mount plain → policy");
         for callers in [1usize, 8] {
@@ -106,7 +70,7 @@ fn main() {
                 for judged_turn in [run % 2 == 1, run % 2 == 0] {
                     let (d, c) = if judged_turn { (&judged, &jc) } else { (&plain, &pc) };
                     let cpu = d.cpu_secs();
-                    let (r, l) = level(c, &req, callers, secs).await;
+                    let (r, l) = drive(std::slice::from_ref(c), &req, callers, secs).await;
                     let us = (d.cpu_secs() - cpu) / (r * secs) * 1e6;
                     if judged_turn {
                         jc_us.push(us);

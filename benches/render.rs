@@ -11,11 +11,9 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use coffer::client::ProviderClient;
-use coffer::proto;
-use common::{env_num, Daemon, Options};
+use common::{drive, env_num, median, Daemon, Options};
 
 const OBJECTS: &str = "\
 - objectName: db
@@ -40,43 +38,6 @@ fn files() -> String {
         );
     }
     f
-}
-
-async fn level(
-    c: &ProviderClient,
-    req: &Arc<proto::MountRequest>,
-    callers: usize,
-    secs: f64,
-) -> (f64, Duration) {
-    let stop = Instant::now() + Duration::from_secs_f64(secs);
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..callers {
-        let mut c = c.clone();
-        let req = Arc::clone(req);
-        tasks.spawn(async move {
-            let mut lat = Vec::new();
-            while Instant::now() < stop {
-                let at = Instant::now();
-                let r = c.mount((*req).clone()).await;
-                assert!(r.is_ok(), "{r:?}");
-                lat.push(at.elapsed());
-            }
-            lat
-        });
-    }
-    let mut all = Vec::new();
-    while let Some(r) = tasks.join_next().await {
-        all.extend(r.unwrap());
-    }
-    let took = started.elapsed().as_secs_f64();
-    all.sort();
-    (all.len() as f64 / took, all[all.len() / 2])
-}
-
-fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 fn main() {
@@ -106,10 +67,10 @@ fn main() {
         let mut templated = plain.clone();
         templated.parameters.insert("files".into(), files());
         let target = std::path::Path::new("/var/lib/kubelet/pods/p/volumes/v/mount");
-        let plain_req = Arc::new(common::driver(target).to_proto(&plain));
-        let templated_req = Arc::new(common::driver(target).to_proto(&templated));
+        let plain_req = Arc::new(vec![common::driver(target).to_proto(&plain)]);
+        let templated_req = Arc::new(vec![common::driver(target).to_proto(&templated)]);
         let c = d.client().await;
-        let check = c.clone().mount((*templated_req).clone()).await.unwrap().into_inner();
+        let check = c.clone().mount(templated_req[0].clone()).await.unwrap().into_inner();
         assert_eq!(check.files.len(), 25);
         println!(
             "file backend, 5 objects; templated: the same + 20 files (8 templates, 12 env/json/properties); {secs} s x {runs} runs, medians"
@@ -118,10 +79,10 @@ fn main() {
         for callers in [1usize, 8] {
             let (mut pr, mut tr, mut pl, mut tl) = (vec![], vec![], vec![], vec![]);
             for _ in 0..runs {
-                let (r, l) = level(&c, &plain_req, callers, secs).await;
+                let (r, l) = drive(std::slice::from_ref(&c), &plain_req, callers, secs).await;
                 pr.push(r);
                 pl.push(l);
-                let (r, l) = level(&c, &templated_req, callers, secs).await;
+                let (r, l) = drive(std::slice::from_ref(&c), &templated_req, callers, secs).await;
                 tr.push(r);
                 tl.push(l);
             }

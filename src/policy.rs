@@ -630,13 +630,14 @@ impl PolicyHandle {
         });
     }
 
-    /// Judges every object of a Mount; the denials, if any.
-    pub fn check(
+    /// Every object's action and deciding rule (`None`: the default), in
+    /// order; empty when no policy is in force.
+    pub fn decisions(
         &self,
         backends: &Registry,
         objects: &[ObjectSpec],
         ctx: &MountContext,
-    ) -> Vec<Denial> {
+    ) -> Vec<(Action, Option<String>)> {
         let Some(policy) = self.current() else {
             return Vec::new();
         };
@@ -646,25 +647,49 @@ impl PolicyHandle {
             spc: &ctx.spc_name,
             node_labels: &self.node_labels,
         };
-        let mut denials = Vec::new();
         let candidates = policy.candidates(&who);
-        for object in objects {
-            let place = backends
-                .get(&object.backend)
-                .map(|b| b.placement(object, ctx))
-                .unwrap_or_default();
-            let d =
-                policy.decide_among(&candidates, &who, &object.backend, &place, &ctx.parameters);
-            if d.action == Action::Deny {
-                denials.push(Denial {
-                    object: object.label(),
-                    rule: d.rule.unwrap_or("default").to_string(),
-                    backend: object.backend.clone(),
-                });
-            }
-        }
-        denials
+        objects
+            .iter()
+            .map(|object| {
+                let place = backends
+                    .get(&object.backend)
+                    .map(|b| b.placement(object, ctx))
+                    .unwrap_or_default();
+                let d = policy.decide_among(
+                    &candidates,
+                    &who,
+                    &object.backend,
+                    &place,
+                    &ctx.parameters,
+                );
+                (d.action, d.rule.map(str::to_string))
+            })
+            .collect()
     }
+
+    /// Judges every object of a Mount; the denials, if any.
+    pub fn check(
+        &self,
+        backends: &Registry,
+        objects: &[ObjectSpec],
+        ctx: &MountContext,
+    ) -> Vec<Denial> {
+        denials(objects, &self.decisions(backends, objects, ctx))
+    }
+}
+
+/// The denied objects among `decisions` (as from [`PolicyHandle::decisions`]).
+pub fn denials(objects: &[ObjectSpec], decisions: &[(Action, Option<String>)]) -> Vec<Denial> {
+    objects
+        .iter()
+        .zip(decisions)
+        .filter(|(_, (action, _))| *action == Action::Deny)
+        .map(|(object, (_, rule))| Denial {
+            object: object.label(),
+            rule: rule.clone().unwrap_or_else(|| "default".to_string()),
+            backend: object.backend.clone(),
+        })
+        .collect()
 }
 
 fn read(path: &Path) -> Result<(Policy, (SystemTime, u64)), PolicyError> {

@@ -421,71 +421,18 @@ async fn template_bombs_fail_fast_while_other_mounts_are_served() {
     assert!(d.logs().len() < 200_000, "no runaway logging");
 }
 
-#[tokio::test]
-async fn check_validates_files_without_fetching() {
+/// Runs `coffer check` on an SPC with two objects (`db` not rendered,
+/// `token`) and the given `files` and `versionsFile`; returns whether it
+/// passed and what it printed.
+fn check_spc(files: &str, versions_file: &str) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
     let manifest = dir.path().join("spc.yaml");
+    let indented: String = files.lines().map(|l| format!("      {l}\n")).collect();
     std::fs::write(
         &manifest,
-        r#"apiVersion: secrets-store.csi.x-k8s.io/v1
-kind: SecretProviderClass
-metadata:
-  name: app
-spec:
-  provider: coffer
-  parameters:
-    backend: file
-    objects: |
-      - objectName: db
-        render: false
-      - objectName: token
-    files: |
-      - path: token
-        template: "{{ db.user }}"
-      - path: app.env
-        format: env
-        from: {A: nothing.here}
-      - path: x.txt
-        template: "{{ db.user "
-    versionsFile: versions.json
-"#,
-    )
-    .unwrap();
-    let out = Command::new(BIN)
-        .args(["check"])
-        .arg(&manifest)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{text}");
-    assert!(text.contains("files[2] (x.txt)"), "{text}");
-    assert!(text.contains("line 1"), "{text}");
-
-    // Parsable, but wrong: a reference to no object, a file on an object's
-    // path, a versions file on another file's path.
-    std::fs::write(
-        &manifest,
-        r#"apiVersion: secrets-store.csi.x-k8s.io/v1
-kind: SecretProviderClass
-metadata:
-  name: app
-spec:
-  provider: coffer
-  parameters:
-    backend: file
-    objects: |
-      - objectName: db
-        render: false
-      - objectName: token
-    files: |
-      - path: token
-        template: "{{ db.user }}"
-      - path: app.env
-        format: env
-        from: {A: nothing.here}
-    versionsFile: app.env
-"#,
+        format!(
+            "apiVersion: secrets-store.csi.x-k8s.io/v1\nkind: SecretProviderClass\nmetadata:\n  name: app\nspec:\n  provider: coffer\n  parameters:\n    backend: file\n    objects: |\n      - objectName: db\n        render: false\n      - objectName: token\n    files: |\n{indented}    versionsFile: {versions_file}\n"
+        ),
     )
     .unwrap();
     let out = Command::new(BIN)
@@ -493,8 +440,26 @@ spec:
         .arg(&manifest)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(!out.status.success(), "{text}");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn check_validates_files_without_fetching() {
+    let files = "- path: token\n  template: \"{{ db.user }}\"\n- path: app.env\n  format: env\n  from: {A: nothing.here}\n";
+    let (ok, text) = check_spc(
+        &format!("{files}- path: x.txt\n  template: \"{{{{ db.user \"\n"),
+        "versions.json",
+    );
+    assert!(!ok, "{text}");
+    assert!(text.contains("files[2] (x.txt)"), "{text}");
+    assert!(text.contains("line 1"), "{text}");
+
+    // Parsable, but wrong: a reference to no object, a file on an object's
+    // path, a versions file on another file's path.
+    let (ok, text) = check_spc(files, "app.env");
+    assert!(!ok, "{text}");
     assert!(text.contains("\"nothing.here\" names no object"), "{text}");
     assert!(
         text.contains("path \"token\" is used by more than one"),

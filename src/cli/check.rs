@@ -83,6 +83,21 @@ pub struct Finding {
     pub decisions: Vec<String>,
 }
 
+impl Finding {
+    /// A file that could not be judged at all.
+    fn unreadable(file: PathBuf, problem: String) -> Self {
+        Finding {
+            file,
+            spc: String::new(),
+            objects: 0,
+            problems: vec![problem],
+            warnings: Vec::new(),
+            audiences: Default::default(),
+            decisions: Vec::new(),
+        }
+    }
+}
+
 /// The backends as the daemon described by the flags would have them.
 /// The file backend is judged by its rules only (no root is opened).
 fn registry(args: &CheckArgs) -> Registry {
@@ -195,15 +210,10 @@ pub fn check(args: &CheckArgs) -> Vec<Finding> {
     let policy = match load_policy(args) {
         Ok(p) => p,
         Err(problem) => {
-            return vec![Finding {
-                file: args.policy.clone().unwrap_or_default(),
-                spc: String::new(),
-                objects: 0,
-                problems: vec![problem],
-                warnings: Vec::new(),
-                audiences: Default::default(),
-                decisions: Vec::new(),
-            }]
+            return vec![Finding::unreadable(
+                args.policy.clone().unwrap_or_default(),
+                problem,
+            )]
         }
     };
     let known = known_parameters(&registry);
@@ -217,15 +227,7 @@ pub fn check(args: &CheckArgs) -> Vec<Finding> {
         let spcs = match spcs {
             Ok(s) => s,
             Err(problem) => {
-                findings.push(Finding {
-                    file: file.clone(),
-                    spc: String::new(),
-                    objects: 0,
-                    problems: vec![problem],
-                    warnings: Vec::new(),
-                    audiences: Default::default(),
-                    decisions: Vec::new(),
-                });
+                findings.push(Finding::unreadable(file.clone(), problem));
                 continue;
             }
         };
@@ -288,33 +290,21 @@ pub fn check(args: &CheckArgs) -> Vec<Finding> {
                         }
                     }
                     if let Some(handle) = &policy {
-                        let denied = handle.check(&registry, &list, &ctx);
-                        let policy = handle.current();
-                        for object in &list {
-                            let Some(p) = &policy else { break };
-                            let who = crate::policy::Subject {
-                                namespace: &ctx.pod.namespace,
-                                service_account: &ctx.pod.service_account,
-                                spc: &ctx.spc_name,
-                                node_labels: handle.node_labels(),
-                            };
-                            let place = registry
-                                .get(&object.backend)
-                                .map(|b| b.placement(object, &ctx))
-                                .unwrap_or_default();
-                            let d = p.decide(&who, &object.backend, &place, &ctx.parameters);
+                        let decided = handle.decisions(&registry, &list, &ctx);
+                        for (object, (action, rule)) in list.iter().zip(&decided) {
                             decisions.push(format!(
                                 "object {}: {} by {}",
                                 crate::error::shown(&object.label()),
-                                if d.action == crate::policy::Action::Allow {
+                                if *action == crate::policy::Action::Allow {
                                     "allowed"
                                 } else {
                                     "denied"
                                 },
-                                d.rule
+                                rule.as_deref()
                                     .map_or("the default".to_string(), |r| format!("rule {r}"))
                             ));
                         }
+                        let denied = crate::policy::denials(&list, &decided);
                         if !denied.is_empty() {
                             problems.push(
                                 crate::error::MountError::Policy { denials: denied }.to_string(),

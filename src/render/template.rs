@@ -405,9 +405,7 @@ fn charge(n: usize) -> Result<(), Error> {
             b.set(left);
             Ok(())
         }
-        None => Err(own(format!(
-            "filters produced more than {WORK_BUDGET} bytes"
-        ))),
+        None => Err(budget_error()),
     })
 }
 
@@ -418,8 +416,7 @@ fn text_of(v: &Value) -> Result<String, Error> {
         return Ok(s.to_string());
     }
     let mut out = Bounded::default();
-    fmt::write(&mut out, format_args!("{v}"))
-        .map_err(|_| own(format!("filters produced more than {WORK_BUDGET} bytes")))?;
+    fmt::write(&mut out, format_args!("{v}")).map_err(|_| budget_error())?;
     Ok(out.0)
 }
 
@@ -458,9 +455,8 @@ fn add_filters(env: &mut Environment<'static>) {
     });
     env.add_filter("tojson", |v: &Value| -> Result<Value, Error> {
         let mut out = Bounded::default();
-        let json = serde_json::to_string(&Budgeted(v))
-            .map_err(|_| own(format!("filters produced more than {WORK_BUDGET} bytes")))?;
-        fmt::Write::write_str(&mut out, &json).map_err(|_| own("tojson output too large"))?;
+        let json = serde_json::to_string(&Budgeted(v)).map_err(|_| budget_error())?;
+        fmt::Write::write_str(&mut out, &json).map_err(|_| budget_error())?;
         Ok(Value::from_safe_string(out.0))
     });
     env.add_filter("items", |v: &Value| -> Result<Value, Error> {

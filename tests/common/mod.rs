@@ -415,3 +415,46 @@ pub async fn serve_fixed_answer(socket: &Path, answer: proto::MountResponse) {
         .await
         .unwrap();
 }
+
+/// Closed-loop load for the benches: `callers` tasks share `clients` round
+/// robin, each sending `reqs` in turn until `secs` pass. Returns Mounts per
+/// second and the median latency.
+pub async fn drive(
+    clients: &[ProviderClient],
+    reqs: &std::sync::Arc<Vec<proto::MountRequest>>,
+    callers: usize,
+    secs: f64,
+) -> (f64, Duration) {
+    let started = Instant::now();
+    let stop = started + Duration::from_secs_f64(secs);
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..callers {
+        let mut c = clients[t % clients.len()].clone();
+        let reqs = std::sync::Arc::clone(reqs);
+        tasks.spawn(async move {
+            let mut lat = Vec::with_capacity(4096);
+            let mut i = t;
+            while Instant::now() < stop {
+                let at = Instant::now();
+                let r = c.mount(reqs[i % reqs.len()].clone()).await;
+                assert!(r.is_ok(), "{r:?}");
+                lat.push(at.elapsed());
+                i += callers;
+            }
+            lat
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        all.extend(r.unwrap());
+    }
+    let took = started.elapsed().as_secs_f64();
+    all.sort();
+    (all.len() as f64 / took, all[all.len() / 2])
+}
+
+/// The median of a bench's repeated figures.
+pub fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
