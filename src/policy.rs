@@ -857,4 +857,24 @@ rules:
         assert!(e.contains("must be"), "{e}");
         assert!(Policy::parse("rules: []\n").is_err(), "default is required");
     }
+
+    #[test]
+    fn hostile_policy_documents_are_refused_fast() {
+        let started = std::time::Instant::now();
+        for doc in [
+            "[".repeat(200_000),
+            format!(
+                "default: allow\nrules:\n{}",
+                "  - {name: a, action: allow}\n".repeat(60_000)
+            ),
+            format!(
+                "default: allow\nx: &a [{}]\ny: [{}]\n",
+                "1,".repeat(1000),
+                "*a,".repeat(5000)
+            ),
+        ] {
+            assert!(Policy::parse(&doc).is_err());
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
 }
