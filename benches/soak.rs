@@ -190,7 +190,7 @@ async fn main() {
             let mut i = k as u64;
             while !stop.load(Ordering::Relaxed) {
                 i += clients as u64;
-                if i % 50 == 0 {
+                if i.is_multiple_of(50) {
                     let _ = c.mount(hostile(i / 50)).await;
                     hostile_sent.fetch_add(1, Ordering::Relaxed);
                     continue;

@@ -167,6 +167,8 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub gcp: GcpArgs,
     #[command(flatten)]
+    pub aws: AwsArgs,
+    #[command(flatten)]
     pub log: LogArgs,
 }
 
@@ -221,6 +223,55 @@ pub struct GcpArgs {
     /// then read whatever that identity can).
     #[arg(long = "gcp-allow-provider-adc", env = "COFFER_GCP_ALLOW_PROVIDER_ADC")]
     pub allow_provider_adc: bool,
+}
+
+/// Node-wide settings of the `aws` backend (Secrets Manager, SSM Parameter
+/// Store). Endpoints are used for every region when set (VPC endpoints,
+/// FIPS, GovCloud, tests).
+#[derive(Debug, Clone, Default, Args)]
+pub struct AwsArgs {
+    /// Region for SPCs that set no `region` (else `AWS_REGION`, else the
+    /// `topology.kubernetes.io/region` node label given by --node-label).
+    #[arg(id = "aws-region", long = "aws-region", env = "COFFER_AWS_REGION")]
+    pub region: Option<String>,
+    /// IAM role for IRSA when the SPC sets no `roleArn`, with `{namespace}`
+    /// and `{serviceAccount}` filled in from the pod (coffer reads no
+    /// service-account annotations).
+    #[arg(
+        id = "aws-role-arn-template",
+        long = "aws-role-arn-template",
+        env = "COFFER_AWS_ROLE_ARN_TEMPLATE"
+    )]
+    pub role_arn_template: Option<String>,
+    /// Secrets Manager endpoint URL.
+    #[arg(
+        id = "aws-secretsmanager-endpoint",
+        long = "aws-secretsmanager-endpoint",
+        env = "COFFER_AWS_SECRETSMANAGER_ENDPOINT"
+    )]
+    pub secretsmanager_endpoint: Option<String>,
+    /// SSM endpoint URL.
+    #[arg(
+        id = "aws-ssm-endpoint",
+        long = "aws-ssm-endpoint",
+        env = "COFFER_AWS_SSM_ENDPOINT"
+    )]
+    pub ssm_endpoint: Option<String>,
+    /// STS endpoint URL (AssumeRoleWithWebIdentity).
+    #[arg(
+        id = "aws-sts-endpoint",
+        long = "aws-sts-endpoint",
+        env = "COFFER_AWS_STS_ENDPOINT"
+    )]
+    pub sts_endpoint: Option<String>,
+    /// EKS Pod Identity agent URL (default `http://169.254.170.23/v1/credentials`,
+    /// or `http://[fd00:ec2::23]/v1/credentials` by the SPC's `preferredAddressType`).
+    #[arg(
+        id = "aws-pod-identity-endpoint",
+        long = "aws-pod-identity-endpoint",
+        env = "COFFER_AWS_POD_IDENTITY_ENDPOINT"
+    )]
+    pub pod_identity_endpoint: Option<String>,
 }
 
 impl Default for GcpArgs {
@@ -279,6 +330,34 @@ impl ServeArgs {
             }
         }
         url("--gcp-sts-endpoint", &self.gcp.sts_endpoint)?;
+        for (flag, value) in [
+            (
+                "--aws-secretsmanager-endpoint",
+                &self.aws.secretsmanager_endpoint,
+            ),
+            ("--aws-ssm-endpoint", &self.aws.ssm_endpoint),
+            ("--aws-sts-endpoint", &self.aws.sts_endpoint),
+            (
+                "--aws-pod-identity-endpoint",
+                &self.aws.pod_identity_endpoint,
+            ),
+        ] {
+            if let Some(v) = value {
+                url(flag, v)?;
+            }
+        }
+        if let Some(r) = &self.aws.region {
+            if !crate::backend::aws::params::valid_region(r) {
+                return Err(format!(
+                    "--aws-region {}: not an AWS region name such as us-east-1",
+                    crate::error::shown(r)
+                ));
+            }
+        }
+        if let Some(t) = &self.aws.role_arn_template {
+            crate::backend::aws::params::check_role_template(t)
+                .map_err(|e| format!("--aws-role-arn-template: {e}"))?;
+        }
         url(
             "--gcp-iam-credentials-endpoint",
             &self.gcp.iam_credentials_endpoint,

@@ -97,6 +97,18 @@ const SHOWN_CHARS: usize = 96;
 /// Failures listed one by one in a message; the rest are counted.
 pub const LISTED_FAILURES: usize = 20;
 
+/// The innermost cause of an error (the part that says what went wrong,
+/// e.g. "connection refused" under a client's "error sending request").
+pub fn cause_chain(e: &dyn std::error::Error) -> String {
+    let mut cause = e.to_string();
+    let mut s = e.source();
+    while let Some(inner) = s {
+        cause = inner.to_string();
+        s = inner.source();
+    }
+    cause
+}
+
 /// Caller input as it appears in messages: quoted and escaped (no newline or
 /// terminal escape can reach a log line or an event), and cut short, so a
 /// 3 MB object name costs a 3 MB status nowhere.

@@ -73,6 +73,7 @@ pub struct Metrics {
     pub singleflight_joins: Counter,
     pub stale_serves: Counter,
     pub optional_missing: Counter,
+    pub aws_failovers: Counter,
     pub policy_denials: Family<RuleLabel, Counter>,
     pub policy_reloads: Counter,
     pub policy_reload_failures: Counter,
@@ -112,6 +113,7 @@ impl Metrics {
             singleflight_joins: Counter::default(),
             stale_serves: Counter::default(),
             optional_missing: Counter::default(),
+            aws_failovers: Counter::default(),
             policy_denials: Family::default(),
             policy_reloads: Counter::default(),
             policy_reload_failures: Counter::default(),
@@ -187,6 +189,11 @@ impl Metrics {
             "optional_missing",
             "Optional objects mounted without, since absent",
             m.optional_missing.clone(),
+        );
+        r.register(
+            "aws_failovers",
+            "AWS reads answered by the failover region because the primary was out",
+            m.aws_failovers.clone(),
         );
         r.register(
             "policy_denials",

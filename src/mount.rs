@@ -65,13 +65,20 @@ impl From<work::WorkError> for MountError {
 pub const REFRESH_PARAM: &str = "refreshInterval";
 /// SPC parameter: serve cached values this old when the backend is down.
 pub const STALE_PARAM: &str = "staleIfError";
-/// The SPC parameters a [`Plan`] is parsed from.
-const PLAN_PARAMS: [&str; 5] = [
+/// The SPC parameters a [`Plan`] is parsed from (AWS's SPC-level
+/// parameters decide which objects are in AWS's form).
+const PLAN_PARAMS: [&str; 11] = [
     spc::BACKEND_PARAM,
     spc::OBJECTS_PARAM,
     spc::GCP_SECRETS_PARAM,
     render::FILES_PARAM,
     render::VERSIONS_FILE_PARAM,
+    spc::AWS_SPC_MARKS[0],
+    spc::AWS_SPC_MARKS[1],
+    spc::AWS_SPC_MARKS[2],
+    spc::AWS_SPC_MARKS[3],
+    spc::AWS_SPC_MARKS[4],
+    spc::AWS_SPC_MARKS[5],
 ];
 /// Version reported for an optional object that does not exist.
 pub const ABSENT_VERSION: &str = "absent";

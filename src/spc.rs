@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde_yaml_ng::Value;
 
+use crate::backend::aws::params as aws;
 use crate::error::{shown, shown_bare, Failure, ObjectError};
 
 /// SPC parameter holding the YAML list of objects.
@@ -35,6 +36,45 @@ fn from_gcp_form(entry: Value) -> Value {
     map.entry(Value::String("backend".into()))
         .or_insert_with(|| Value::String("gcp".into()));
     Value::Mapping(map)
+}
+
+/// SPC parameter of the AWS provider: what replaces `/` in file names.
+pub const AWS_TRANSLATION_PARAM: &str = "pathTranslation";
+
+/// SPC parameters only the AWS provider reads: an SPC with one of them and
+/// no `backend` was written for it, so its unmarked objects are AWS's
+/// (and get AWS's errors, such as a missing objectType).
+pub const AWS_SPC_MARKS: [&str; 6] = [
+    "region",
+    "failoverRegion",
+    "usePodIdentity",
+    "preferredAddressType",
+    AWS_TRANSLATION_PARAM,
+    "roleArn",
+];
+
+/// Is this entry for the `aws` backend, in the AWS provider's form? Its
+/// own `backend`; else AWS's marks on it (`objectType`, an ARN); else the
+/// SPC's `backend`; else (not a Vault object) AWS's marks on the SPC.
+fn is_aws_form(
+    map: &serde_yaml_ng::Mapping,
+    spc_backend: Option<&str>,
+    parameters: &BTreeMap<String, String>,
+) -> bool {
+    match map.get(Value::String("backend".into())) {
+        Some(Value::String(b)) if !b.trim().is_empty() => return b.trim() == "aws",
+        _ => {}
+    }
+    if aws::looks_like_peer_form(map) {
+        return true;
+    }
+    match spc_backend {
+        Some(b) => b == "aws",
+        None => {
+            !map.contains_key(Value::String("secretPath".into()))
+                && AWS_SPC_MARKS.iter().any(|k| parameters.contains_key(*k))
+        }
+    }
 }
 
 /// Objects one volume may list. Each costs a fetch, a file and audit
@@ -337,16 +377,46 @@ fn parse_all(
     }
     let mut objects = Vec::with_capacity(entries.len());
     let mut failures = Vec::new();
+    let translate = aws::path_translation(parameters.get(AWS_TRANSLATION_PARAM).map(|s| s.trim()));
     for (index, entry) in entries.into_iter().enumerate() {
         let entry = if gcp_form {
             from_gcp_form(entry)
         } else {
             entry
         };
-        match parse_object(index, entry, spc_backend, default_backend, param_name) {
-            Ok(o) => objects.push(o),
-            Err((object, error)) => failures.push(Failure { object, error }),
+        // The AWS provider's entries name the secret in objectName and the
+        // file in objectAlias; one entry may make several files (jmesPath).
+        let entries = match entry {
+            Value::Mapping(map) if !gcp_form && is_aws_form(&map, spc_backend, parameters) => {
+                let label = match map.get(Value::String("objectName".into())) {
+                    Some(Value::String(n)) if !n.is_empty() => n.clone(),
+                    _ => format!("{param_name}[{index}]"),
+                };
+                match translate.clone().and_then(|t| aws::peer_entries(map, t)) {
+                    Ok(entries) => entries,
+                    Err(error) => {
+                        failures.push(Failure {
+                            object: label,
+                            error,
+                        });
+                        continue;
+                    }
+                }
+            }
+            other => vec![other],
+        };
+        for entry in entries {
+            match parse_object(index, entry, spc_backend, default_backend, param_name) {
+                Ok(o) => objects.push(o),
+                Err((object, error)) => failures.push(Failure { object, error }),
+            }
         }
+    }
+    if objects.len() > MAX_OBJECTS {
+        return Err(doc_failure(format!(
+            "makes {} objects (with jmesPath entries); one volume may have at most {MAX_OBJECTS}",
+            objects.len()
+        )));
     }
     Ok((objects, failures))
 }

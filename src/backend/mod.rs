@@ -12,6 +12,7 @@ use crate::request::MountContext;
 use crate::secret::SecretBytes;
 use crate::spc::ObjectSpec;
 
+pub mod aws;
 pub mod file;
 pub mod gcp;
 pub mod vault;

@@ -38,6 +38,9 @@ pub struct CheckArgs {
     /// The daemon's own Google settings, likewise.
     #[command(flatten)]
     pub gcp: GcpArgs,
+    /// The daemon's own AWS settings, likewise.
+    #[command(flatten)]
+    pub aws: crate::config::AwsArgs,
     /// A node policy: print which rule decides each object (denied
     /// objects are problems).
     #[arg(long, env = "COFFER_POLICY")]
@@ -111,6 +114,11 @@ fn registry(args: &CheckArgs) -> Registry {
             allow_node_publish_secret: true,
             ..args.gcp.clone()
         },
+        std::time::Duration::from_secs(30),
+    )));
+    r.register(Arc::new(crate::backend::aws::AwsBackend::new(
+        args.aws.clone(),
+        &args.node_labels,
         std::time::Duration::from_secs(30),
     )));
     r

@@ -88,6 +88,11 @@ pub fn backends(args: &ServeArgs) -> Registry {
         args.gcp.clone(),
         args.vault.request_timeout,
     )));
+    registry.register(Arc::new(crate::backend::aws::AwsBackend::new(
+        args.aws.clone(),
+        &args.node_labels,
+        args.vault.request_timeout,
+    )));
     registry
 }
 

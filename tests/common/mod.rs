@@ -4,6 +4,7 @@
 
 pub mod bao;
 pub mod google;
+pub mod moto;
 pub mod proxy;
 pub mod python;
 

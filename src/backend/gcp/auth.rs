@@ -411,11 +411,5 @@ fn token_error(what: &str, code: u16, said: &str) -> ObjectError {
 }
 
 fn cause(e: &reqwest::Error) -> String {
-    let mut cause = e.to_string();
-    let mut s = std::error::Error::source(e);
-    while let Some(inner) = s {
-        cause = inner.to_string();
-        s = inner.source();
-    }
-    cause
+    crate::error::cause_chain(e)
 }
