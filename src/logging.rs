@@ -15,9 +15,14 @@ pub struct LogError(String, String);
 /// Installs the global subscriber, writing to stderr.
 pub fn init(args: &LogArgs) -> Result<(), LogError> {
     check_level(&args.log_level)?;
-    let filter = EnvFilter::builder()
+    let mut filter = EnvFilter::builder()
         .parse(&args.log_level)
         .map_err(|e| LogError(args.log_level.clone(), e.to_string()))?;
+    for directive in QUIET_CRATES {
+        if let Ok(d) = directive.parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     // Text lines go through `EscapingStderr`, so no field (an object name,
     // an address from an SPC) can start a forged line or carry terminal
     // escapes; colours would be escaped too, so there are none. JSON escapes
@@ -40,6 +45,21 @@ pub fn init(args: &LogArgs) -> Result<(), LogError> {
     let _ = installed;
     Ok(())
 }
+
+/// The AWS SDK's own debug and trace lines print the access key id of
+/// the credentials it signs with and every request it signs: they stay
+/// quiet whatever --log-level asks (coffer logs each call's outcome itself).
+const QUIET_CRATES: [&str; 9] = [
+    "aws_smithy_runtime=info",
+    "aws_smithy_runtime_api=info",
+    "aws_sigv4=info",
+    "aws_smithy_http_client=info",
+    "aws_sdk_secretsmanager=info",
+    "aws_sdk_ssm=info",
+    "aws_sdk_sts=info",
+    "aws_credential_types=info",
+    "aws_runtime=info",
+];
 
 const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
 

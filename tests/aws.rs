@@ -610,3 +610,66 @@ async fn one_spc_mixing_aws_vault_and_file_objects() {
     assert_eq!(f["vault.txt"].0, b"from-vault");
     assert_eq!(f["file.txt"].0, b"from-file");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_logs_hold_no_keys_tokens_or_values() {
+    const VALUE: &str = "aws-leak-canary-value-5e1d";
+    let w = world().await;
+    w.moto.secret("us-east-1", "canary", VALUE).await;
+    w.moto
+        .secret("us-east-1", "canary-json", &format!(r#"{{"k": "{VALUE}-json"}}"#))
+        .await;
+    w.moto.parameter("us-east-1", "/canary", VALUE, true).await;
+    let pi_token = w.signer.token("shop", "web", POD_IDENTITY, 600);
+    let agent = Agent::start(&pi_token).await;
+    let d = daemon(
+        &w,
+        &[
+            "--aws-pod-identity-endpoint",
+            &agent.url,
+            "--log-level",
+            "trace",
+        ],
+    );
+    let mut c = d.client().await;
+    let objects = "- objectName: canary\n  objectType: secretsmanager\n\
+                   - objectName: canary-json\n  objectType: secretsmanager\n  jmesPath:\n    - {path: k, objectAlias: k}\n\
+                   - objectName: /canary\n  objectType: ssmparameter\n";
+    // IRSA through moto's STS, then Pod Identity through the agent.
+    let irsa = aws_spc(&[("objects", objects)]);
+    let irsa_req = pod(&w, &irsa, &[IRSA]);
+    let r = c.mount(irsa_req).await.unwrap().into_inner();
+    assert_eq!(files(&r)["canary"].0, VALUE.as_bytes());
+    let pi = aws_spc(&[("usePodIdentity", "true"), ("objects", objects)]);
+    let req = with_tokens(driver(Path::new("/t")), &[(POD_IDENTITY, &pi_token)]).to_proto(&pi);
+    c.mount(req).await.unwrap();
+    // A failure that involves the value: a jmesPath on a non-JSON value.
+    let bad = aws_spc(&[(
+        "objects",
+        "- objectName: canary\n  objectType: secretsmanager\n  jmesPath:\n    - {path: k, objectAlias: x}\n",
+    )]);
+    mount_err(&mut c, pod(&w, &bad, &[IRSA])).await;
+    let logs = d.logs();
+    assert!(logs.len() > 1000, "trace logging is on");
+    assert!(
+        !logs.lines().any(|l| l.contains(" aws_")),
+        "the AWS SDK's own lines stay quiet"
+    );
+    let sts_keys = w.proxy.seen.lock().unwrap().access_keys.clone();
+    let irsa_jwt = w.signer.token("shop", "web", IRSA, 600);
+    let jwt_body = irsa_jwt.split('.').nth(1).unwrap().to_string();
+    for canary in [
+        VALUE,
+        "ASIAPODIDENTITYKEY01",
+        "pod-identity-secret",
+        "pod-identity-session-token",
+        pi_token.split('.').nth(1).unwrap(),
+        &jwt_body,
+    ]
+    .into_iter()
+    .chain(sts_keys.iter().map(String::as_str))
+    {
+        let lines: Vec<&str> = logs.lines().filter(|l| l.contains(canary)).collect();
+        assert!(lines.is_empty(), "{canary} is in the log: {lines:#?}");
+    }
+}
