@@ -51,6 +51,9 @@ fn daemon(w: &World, extra: &[&str]) -> Daemon {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    if extra.contains(&"--cache-ttl") {
+        args.drain(6..8);
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     Daemon::start_with(Options {
         extra_args: args,
@@ -617,7 +620,11 @@ async fn trace_logs_hold_no_keys_tokens_or_values() {
     let w = world().await;
     w.moto.secret("us-east-1", "canary", VALUE).await;
     w.moto
-        .secret("us-east-1", "canary-json", &format!(r#"{{"k": "{VALUE}-json"}}"#))
+        .secret(
+            "us-east-1",
+            "canary-json",
+            &format!(r#"{{"k": "{VALUE}-json"}}"#),
+        )
         .await;
     w.moto.parameter("us-east-1", "/canary", VALUE, true).await;
     let pi_token = w.signer.token("shop", "web", POD_IDENTITY, 600);
@@ -672,4 +679,174 @@ async fn trace_logs_hold_no_keys_tokens_or_values() {
         let lines: Vec<&str> = logs.lines().filter(|l| l.contains(canary)).collect();
         assert!(lines.is_empty(), "{canary} is in the log: {lines:#?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_answers_are_refused_before_they_are_read() {
+    let w = world().await;
+    w.moto.secret("us-east-1", "big", &"x".repeat(3000)).await;
+    w.moto.secret("us-east-1", "small", "ok").await;
+    let d = daemon(&w, &["--max-response-bytes", "2000"]);
+    let mut c = d.client().await;
+    let spc = |name: &str| {
+        aws_spc(&[(
+            "objects",
+            &format!("- objectName: {name}\n  objectType: secretsmanager\n"),
+        )])
+    };
+    // A value over the limit: refused by size, never mounted.
+    let (code, msg) = mount_err(&mut c, pod(&w, &spc("big"), &[IRSA])).await;
+    assert_eq!(code, Code::ResourceExhausted, "{msg}");
+    // A server that sends megabytes: refused from its Content-Length.
+    w.proxy.inject("us-east-1", Some(Inject::Huge(4 << 20)));
+    let (code, msg) = mount_err(&mut c, pod(&w, &spc("small"), &[IRSA])).await;
+    assert_eq!(code, Code::Unavailable, "{msg}");
+    assert!(msg.contains("more than coffer reads"), "{msg}");
+    assert!(
+        d.rss_kib() < 64 * 1024,
+        "the 4 MiB answers were not read: {} KiB",
+        d.rss_kib()
+    );
+}
+
+/// A pod of `sa` in namespace shop, with its own token for `aud`.
+fn pod_of(
+    w: &World,
+    spc: &SecretProviderClass,
+    sa: &str,
+    name: &str,
+    aud: &str,
+) -> proto::MountRequest {
+    let uid = format!("0f6b7a0e-1111-4222-8333-{:0>12}", name.len());
+    let token = w.signer.pod_token("shop", sa, aud, 600, name, &uid);
+    let mut drv = driver(Path::new("/t"));
+    drv.pod.service_account = sa.into();
+    drv.pod.name = name.into();
+    drv.pod.uid = uid;
+    with_tokens(drv, &[(aud, &token)]).to_proto(spc)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_values_are_shared_only_by_identical_authorizations() {
+    let w = world().await;
+    w.moto.secret("us-east-1", "shared", "v").await;
+    let d = daemon(&w, &["--cache-ttl", "60s"]);
+    let mut c = d.client().await;
+    let objects = "- objectName: shared\n  objectType: secretsmanager\n";
+    let spc = aws_spc(&[("objects", objects)]);
+    let calls = || w.proxy.calls("secretsmanager.GetSecretValue");
+    c.mount(pod_of(&w, &spc, "web", "web-0", IRSA))
+        .await
+        .unwrap();
+    assert_eq!(calls(), 1);
+    // Another pod of the same service account and role: served from the cache.
+    c.mount(pod_of(&w, &spc, "web", "web-1", IRSA))
+        .await
+        .unwrap();
+    assert_eq!(calls(), 1);
+    // Another service account (a trust policy binds service accounts).
+    c.mount(pod_of(&w, &spc, "batch", "batch-0", IRSA))
+        .await
+        .unwrap();
+    assert_eq!(calls(), 2);
+    // Another role.
+    let other_role = aws_spc(&[
+        ("objects", objects),
+        ("roleArn", "arn:aws:iam::123456789012:role/other"),
+    ]);
+    c.mount(pod_of(&w, &other_role, "web", "web-2", IRSA))
+        .await
+        .unwrap();
+    assert_eq!(calls(), 3);
+    // Another version label: another entry.
+    let label = aws_spc(&[(
+        "objects",
+        "- objectName: shared\n  objectType: secretsmanager\n  objectVersionLabel: AWSCURRENT\n",
+    )]);
+    c.mount(pod_of(&w, &label, "web", "web-3", IRSA))
+        .await
+        .unwrap();
+    assert_eq!(calls(), 4);
+    // Pod Identity is its own authorization, even for the same service account.
+    let token = w.signer.pod_token(
+        "shop",
+        "web",
+        POD_IDENTITY,
+        600,
+        "web-4",
+        "0f6b7a0e-1111-4222-8333-000000000005",
+    );
+    let agent = Agent::start(&token).await;
+    drop(c);
+    drop(d);
+    let d = daemon(
+        &w,
+        &[
+            "--cache-ttl",
+            "60s",
+            "--aws-pod-identity-endpoint",
+            &agent.url,
+        ],
+    );
+    let mut c = d.client().await;
+    c.mount(pod_of(&w, &spc, "web", "web-0", IRSA))
+        .await
+        .unwrap();
+    let pi = aws_spc(&[("objects", objects), ("usePodIdentity", "true")]);
+    c.mount(pod_of(&w, &pi, "web", "web-4", POD_IDENTITY))
+        .await
+        .unwrap();
+    assert_eq!(calls(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_policy_judges_aws_objects_before_any_call() {
+    let w = world().await;
+    w.moto.secret("eu-west-1", "eu", "eu-value").await;
+    w.moto.secret("us-east-1", "us", "us-value").await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "default: allow\nrules:\n  - name: eu-residency\n    objects: {backends: [aws], regionsNot: [\"eu-*\"]}\n    action: deny\n  - name: own-prefix\n    objects: {backends: [aws], paths: [\"{namespace}/*\"]}\n    action: allow\n  - name: no-other-prefixes\n    objects: {backends: [aws]}\n    action: deny\n",
+    )
+    .unwrap();
+    let d = daemon(&w, &["--policy", policy.to_str().unwrap()]);
+    let mut c = d.client().await;
+    let us = aws_spc(&[(
+        "objects",
+        "- objectName: shop/db\n  objectType: secretsmanager\n",
+    )]);
+    let (code, msg) = mount_err(&mut c, pod(&w, &us, &[IRSA])).await;
+    assert_eq!(code, Code::PermissionDenied, "{msg}");
+    assert!(msg.contains("eu-residency"), "{msg}");
+    let eu_other = aws_spc(&[
+        ("region", "eu-west-1"),
+        (
+            "objects",
+            "- objectName: eu\n  objectType: secretsmanager\n",
+        ),
+    ]);
+    let (code, msg) = mount_err(&mut c, pod(&w, &eu_other, &[IRSA])).await;
+    assert_eq!(code, Code::PermissionDenied, "{msg}");
+    assert!(msg.contains("no-other-prefixes"), "{msg}");
+    assert_eq!(
+        w.proxy.calls("AssumeRoleWithWebIdentity") + w.proxy.calls("secretsmanager.GetSecretValue"),
+        0,
+        "refused before any login or fetch"
+    );
+    w.moto.secret("eu-west-1", "shop/db", "mine").await;
+    let eu_own = aws_spc(&[
+        ("region", "eu-west-1"),
+        (
+            "objects",
+            "- objectName: shop/db\n  objectType: secretsmanager\n",
+        ),
+    ]);
+    let r = c
+        .mount(pod(&w, &eu_own, &[IRSA]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(files(&r)["shop_db"].0, b"mine");
 }

@@ -120,6 +120,7 @@ fn registry(args: &CheckArgs) -> Registry {
         args.aws.clone(),
         &args.node_labels,
         std::time::Duration::from_secs(30),
+        u64::MAX / 8,
     )));
     r
 }

@@ -92,6 +92,7 @@ pub fn backends(args: &ServeArgs) -> Registry {
         args.aws.clone(),
         &args.node_labels,
         args.vault.request_timeout,
+        args.max_response_bytes,
     )));
     registry
 }

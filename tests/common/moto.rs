@@ -144,6 +144,8 @@ pub enum Inject {
     AccessDenied,
     /// `400 ThrottlingException`.
     Throttle,
+    /// `200` with a GetSecretValue answer this many bytes long.
+    Huge(usize),
 }
 
 #[derive(Default)]
@@ -253,8 +255,20 @@ async fn forward(State(s): State<ProxyState>, req: Request) -> Response {
             .as_ref()
             .and_then(|(_, region)| seen.inject.get(region).copied())
     };
+    if let Some(Inject::Huge(n)) = fault {
+        let body = format!(
+            r#"{{"Name":"x","VersionId":"v","SecretString":"{}"}}"#,
+            "a".repeat(n)
+        );
+        return Response::builder()
+            .status(200)
+            .header("content-type", "application/x-amz-json-1.1")
+            .body(Body::from(body))
+            .unwrap();
+    }
     if let Some(fault) = fault {
         let (status, code) = match fault {
+            Inject::Huge(_) => unreachable!(),
             Inject::ServerError(status) => (status, "InternalServiceError"),
             Inject::AccessDenied => (400, "AccessDeniedException"),
             Inject::Throttle => (400, "ThrottlingException"),

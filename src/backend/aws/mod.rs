@@ -42,6 +42,39 @@ pub(crate) fn timeouts(t: Duration) -> aws_smithy_types::timeout::TimeoutConfig 
         .build()
 }
 
+/// Refuses an answer larger than any value coffer may mount (with room
+/// for JSON's escaping) before the SDK reads it into memory: a server
+/// that lies about what it sends costs a header, not its body.
+#[derive(Debug)]
+struct SizeGuard(u64);
+
+impl aws_smithy_runtime_api::client::interceptors::Intercept for SizeGuard {
+    fn name(&self) -> &'static str {
+        "coffer-size-guard"
+    }
+
+    fn read_before_deserialization(
+        &self,
+        ctx: &aws_smithy_runtime_api::client::interceptors::context::BeforeDeserializationInterceptorContextRef<'_>,
+        _rc: &aws_smithy_runtime_api::client::runtime_components::RuntimeComponents,
+        _cfg: &mut aws_smithy_types::config_bag::ConfigBag,
+    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        let len = ctx
+            .response()
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        match len {
+            Some(n) if n > self.0 => Err(format!(
+                "the answer is {n} bytes, more than coffer reads ({})",
+                self.0
+            )
+            .into()),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// What kind of failure an AWS call met: only outages move to the
 /// failover region, and only outages and throttling are retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,7 +148,7 @@ where
         SdkError::ResponseError(_) => Described {
             class: Class::Server,
             code: String::new(),
-            text: "an answer that is not AWS's wire format".into(),
+            text: format!("an unreadable answer ({})", crate::error::cause_chain(e)),
         },
         _ => Described {
             class: Class::Client,
@@ -198,6 +231,8 @@ pub struct AwsBackend {
     /// The region for SPCs without one: flag, `AWS_REGION`, node label.
     node_region: Option<String>,
     timeout: Duration,
+    /// Largest answer read from AWS (see [`SizeGuard`]).
+    max_answer: u64,
     creds: auth::Creds,
     sm: BoundedMap<aws_sdk_secretsmanager::Client>,
     ssm: BoundedMap<aws_sdk_ssm::Client>,
@@ -206,7 +241,12 @@ pub struct AwsBackend {
 }
 
 impl AwsBackend {
-    pub fn new(defaults: AwsArgs, node_labels: &[String], timeout: Duration) -> Self {
+    pub fn new(
+        defaults: AwsArgs,
+        node_labels: &[String],
+        timeout: Duration,
+        max_value_bytes: u64,
+    ) -> Self {
         let label = node_labels.iter().find_map(|l| {
             l.split_once('=')
                 .filter(|(k, _)| k.trim() == REGION_LABEL)
@@ -223,6 +263,7 @@ impl AwsBackend {
             defaults,
             node_region,
             timeout,
+            max_answer: max_value_bytes.saturating_mul(4).saturating_add(64 * 1024),
             sm: BoundedMap::new(CLIENTS),
             ssm: BoundedMap::new(CLIENTS),
             ssm_calls: Default::default(),
@@ -246,7 +287,8 @@ impl AwsBackend {
             .region(config::Region::new(region.to_string()))
             .retry_config(config::retry::RetryConfig::disabled())
             .timeout_config(timeouts(self.timeout))
-            .identity_cache(config::IdentityCache::no_cache());
+            .identity_cache(config::IdentityCache::no_cache())
+            .interceptor(SizeGuard(self.max_answer));
         if let Some(ep) = &self.defaults.secretsmanager_endpoint {
             b = b.endpoint_url(ep.trim_end_matches('/'));
         }
@@ -266,7 +308,8 @@ impl AwsBackend {
             .region(config::Region::new(region.to_string()))
             .retry_config(config::retry::RetryConfig::disabled())
             .timeout_config(timeouts(self.timeout))
-            .identity_cache(config::IdentityCache::no_cache());
+            .identity_cache(config::IdentityCache::no_cache())
+            .interceptor(SizeGuard(self.max_answer));
         if let Some(ep) = &self.defaults.ssm_endpoint {
             b = b.endpoint_url(ep.trim_end_matches('/'));
         }
