@@ -34,6 +34,18 @@ fn registry() -> &'static Registry {
             },
             std::time::Duration::from_secs(1),
         )));
+        r.register(Arc::new(crate::backend::aws::AwsBackend::new(
+            crate::config::AwsArgs {
+                region: Some("us-east-1".into()),
+                role_arn_template: Some(
+                    "arn:aws:iam::123456789012:role/{namespace}-{serviceAccount}".into(),
+                ),
+                ..Default::default()
+            },
+            &[],
+            std::time::Duration::from_secs(1),
+            1 << 20,
+        )));
         r
     })
 }
@@ -208,6 +220,12 @@ pub fn decode(encoding: &str, value: &[u8]) -> Result<usize, String> {
 /// A Secret Manager payload through `extractJSONKey` / `extractYAMLKey`.
 pub fn extract_key(payload: &[u8], key: &str, yaml: bool) -> Result<usize, String> {
     crate::backend::gcp::extract_for_fuzzing(payload, key, yaml)
+}
+
+/// An AWS secret through a `jmesPath` expression (checked, then
+/// evaluated; the result must be a string).
+pub fn jmes_path(value: &[u8], expr: &str) -> Result<usize, String> {
+    crate::backend::aws::jmes_for_fuzzing(value, expr)
 }
 
 /// A set of output paths through the driver's and coffer's path rules.

@@ -107,6 +107,56 @@ fn request_json_shapes_are_bounded() {
     });
 }
 
+/// AWS `jmesPath` expressions meant to multiply a 1 MiB secret: each is
+/// refused when checked or evaluated within the time and memory bounds.
+#[test]
+fn jmes_paths_are_bounded() {
+    // At the size jmesPath reads (256 KiB), and beyond it.
+    let quotes = serde_json::to_string(&vec!["\"\u{1}".repeat(64); 256 * 1024 / 600]).unwrap();
+    let numbers = format!("[{}0]", "0,".repeat(128 * 1024 - 2));
+    let deep = fill("[", 256 * 1024 - 1);
+    let big = format!("[{}0]", "0,".repeat(MIB / 2 - 1));
+    let cases = [
+        ("sort", "sort(@) | to_string(@)"),
+        ("nested to_string", "to_string(to_string(@))"),
+        ("three to_string", "to_string(to_string(to_string(@)))"),
+        ("flatten projections", "[][][][][][][][] | to_string(@)"),
+        ("map to_string", "map(&to_string(@), @) | join(',', @)"),
+        ("sort_by", "sort_by(@, &to_string(@)) | [0] | to_string(@)"),
+        ("filters", "[?@ == `0`] | length(@) | to_string(@)"),
+        ("multi-select", "[@,@][][@,@][][@,@][] | to_string(@)"),
+        ("reverse slices", "reverse(@)[::-1][::2] | to_string(@)"),
+    ];
+    for (label, expr) in cases {
+        for (shape, doc) in [
+            ("quotes", &quotes),
+            ("numbers", &numbers),
+            ("deep", &deep),
+            ("1 MiB", &big),
+        ] {
+            let _ = bounded(&format!("jmesPath {label} / {shape}"), doc.len(), || {
+                fuzzing::jmes_path(doc.as_bytes(), expr)
+            });
+        }
+    }
+}
+
+#[test]
+fn aws_objects_documents_are_bounded() {
+    // 1,000 AWS objects with two jmesPath items each: refused by count.
+    let items: String = (0..2)
+        .map(|i| format!("    - {{path: k{i}, objectAlias: a{i}}}\n"))
+        .collect();
+    let doc: String = (0..1000)
+        .map(|i| format!("- objectName: s{i}\n  objectType: secretsmanager\n  jmesPath:\n{items}"))
+        .collect();
+    let attrs = attributes(&doc);
+    let out = bounded("AWS objects with jmesPath", doc.len(), || {
+        fuzzing::mount_request(&attrs, "null", "420")
+    });
+    assert!(out.is_err(), "3,000 objects are over the limit");
+}
+
 #[test]
 fn payload_and_value_shapes_are_bounded() {
     for (label, doc) in named_shapes() {
@@ -263,6 +313,11 @@ proptest! {
     fn generated_paths_are_bounded(list in prop::collection::vec("[a./-]{0,40}", 0..300)) {
         let refs: Vec<&str> = list.iter().map(String::as_str).collect();
         let _ = bounded("generated paths", list.len(), || fuzzing::paths(&refs));
+    }
+
+    #[test]
+    fn generated_jmes_paths_are_bounded(expr in "[a-z@*.\\[\\]|(),&?=!<> `0-9:-]{0,120}", doc in structured(4000)) {
+        let _ = bounded("generated jmesPath", doc.len(), || fuzzing::jmes_path(doc.as_bytes(), &expr));
     }
 
     #[test]

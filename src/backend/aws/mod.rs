@@ -29,6 +29,10 @@ pub mod params;
 
 use params::{Auth, AwsObject, AwsParams, Kind, Target};
 
+/// Largest value a `jmesPath` reads: JMESPath's tree costs about sixty
+/// times the text, and AWS's own values are at most 64 KiB.
+const MAX_JMES_INPUT: usize = 256 * 1024;
+
 /// SSM's GetParameters takes at most ten names.
 pub const SSM_BATCH: usize = 10;
 
@@ -643,19 +647,37 @@ fn too_large(size: usize, limits: FetchLimits) -> Result<(), ObjectError> {
     Ok(())
 }
 
+/// [`jmes_extract`] for `coffer::fuzzing`.
+pub fn jmes_for_fuzzing(value: &[u8], expr: &str) -> Result<usize, String> {
+    jmes_extract(value, expr, "fuzz")
+        .map(|v| v.len())
+        .map_err(|e| e.to_string())
+}
+
 /// A `jmesPath` item's value: the expression on the secret's JSON; the
 /// result must be a string (as the AWS provider requires).
 fn jmes_extract(value: &[u8], expr: &str, name: &str) -> Result<Vec<u8>, ObjectError> {
     let compiled = params::check_jmes(expr)?;
-    let mut json: serde_json::Value = serde_json::from_slice(value).map_err(|_| {
+    if value.len() > MAX_JMES_INPUT {
+        return Err(ObjectError::Invalid(format!(
+            "jmesPath {}: the value of {} is {} bytes; jmesPath reads values up to {MAX_JMES_INPUT} \
+             bytes (AWS's own limit is 64 KiB)",
+            shown(expr),
+            shown(name),
+            value.len()
+        )));
+    }
+    let not_json = || {
         ObjectError::Invalid(format!(
             "jmesPath {}: the value of {} is not JSON",
             shown(expr),
             shown(name)
         ))
-    })?;
-    let result = compiled.search(&json);
-    crate::backend::vault::zeroize_json(&mut json);
+    };
+    // Straight into JMESPath's own values: no second copy of the tree.
+    let text = std::str::from_utf8(value).map_err(|_| not_json())?;
+    let data = jmespath::Variable::from_json(text).map_err(|_| not_json())?;
+    let result = compiled.search(data);
     let result = result.map_err(|_| {
         ObjectError::Invalid(format!(
             "jmesPath {}: cannot be evaluated on the value of {} (a function met a value of the wrong type)",
@@ -706,8 +728,14 @@ impl Backend for AwsBackend {
         Ok(())
     }
 
+    /// Leftovers the AWS provider ignores too; near misses of its fields
+    /// are refused as typos instead (see `AwsObject::from_spec`).
     fn ignored_fields<'a>(&self, object: &'a ObjectSpec) -> Vec<&'a str> {
-        object.unknown_fields(params::OBJECT_FIELDS)
+        object
+            .unknown_fields(params::OBJECT_FIELDS)
+            .into_iter()
+            .filter(|u| crate::spc::suggestion(u, params::USER_FIELDS).is_none())
+            .collect()
     }
 
     fn parameters(&self) -> Vec<String> {
@@ -789,7 +817,14 @@ impl Backend for AwsBackend {
         let contents = match &o.jmes {
             None => answer.value,
             Some(expr) => {
-                SecretBytes::new(jmes_extract(answer.value.expose(), expr, &o.primary.name)?)
+                // Inline when small (AWS's values are), else off the async workers.
+                let (value, expr, name) = (answer.value, expr.clone(), o.primary.name.clone());
+                let extracted = crate::work::run(value.len(), move || {
+                    jmes_extract(value.expose(), &expr, &name)
+                })
+                .await
+                .map_err(|e| ObjectError::Unavailable(e.to_string()))??;
+                SecretBytes::new(extracted)
             }
         };
         Ok(Fetched {

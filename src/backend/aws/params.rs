@@ -750,17 +750,41 @@ pub fn check_jmes(expr: &str) -> Result<jmespath::Expression<'static>, ObjectErr
         }
     }
     let compiled = jmespath::compile(expr).map_err(|e| bad(format!("{}", e.reason)))?;
-    let mut nodes = 0usize;
-    walk(compiled.as_ast(), &mut nodes).map_err(bad)?;
+    let mut count = Count::default();
+    walk(compiled.as_ast(), &mut count).map_err(bad)?;
     Ok(compiled)
 }
 
-fn walk(ast: &jmespath::ast::Ast, nodes: &mut usize) -> Result<(), String> {
+/// Functions whose output may outgrow their input (`to_string` escapes
+/// each quote, six bytes for a control character): nested, they would
+/// multiply it, so an expression may call at most two.
+const GROWING_FUNCTIONS: [&str; 3] = ["to_string", "join", "merge"];
+const MAX_GROWING_CALLS: usize = 2;
+
+#[derive(Default)]
+struct Count {
+    nodes: usize,
+    growing: usize,
+}
+
+fn walk(ast: &jmespath::ast::Ast, count: &mut Count) -> Result<(), String> {
     use jmespath::ast::Ast;
-    *nodes += 1;
-    if *nodes > MAX_JMES_NODES {
+    count.nodes += 1;
+    if count.nodes > MAX_JMES_NODES {
         return Err(format!("more than {MAX_JMES_NODES} parts"));
     }
+    if let Ast::Function { name, .. } = ast {
+        if GROWING_FUNCTIONS.contains(&name.as_str()) {
+            count.growing += 1;
+            if count.growing > MAX_GROWING_CALLS {
+                return Err(format!(
+                    "more than {MAX_GROWING_CALLS} calls of {}",
+                    GROWING_FUNCTIONS.join(", ")
+                ));
+            }
+        }
+    }
+    let nodes = count;
     match ast {
         Ast::MultiList { .. } | Ast::MultiHash { .. } => Err(
             "multi-select lists and hashes are not allowed (the result must be one string)".into(),
@@ -992,5 +1016,7 @@ mod tests {
         assert!(check_jmes(&"(".repeat(40)).is_err());
         assert!(check_jmes(&"a.".repeat(300)).is_err());
         assert!(check_jmes("a[").is_err());
+        assert!(check_jmes("to_string(to_string(@))").is_ok());
+        assert!(check_jmes("to_string(to_string(to_string(@)))").is_err());
     }
 }
