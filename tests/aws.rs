@@ -23,6 +23,30 @@ struct World {
     moto: Moto,
     proxy: AwsProxy,
     signer: Signer,
+    /// Tokens minted once per (service account, pod, audience), as the
+    /// kubelet reuses a pod's token until it refreshes it.
+    tokens: std::sync::Mutex<BTreeMap<(String, String, String), String>>,
+}
+
+/// The uid of pod `name` (web-0 is the harness's default pod).
+fn uid(name: &str) -> String {
+    if name == "web-0" {
+        "0f6b7a0e-1111-4222-8333-444455556666".to_string()
+    } else {
+        format!("0f6b7a0e-1111-4222-8333-{:0>12}", name.len())
+    }
+}
+
+impl World {
+    fn token(&self, sa: &str, pod: &str, aud: &str) -> String {
+        let uid = uid(pod);
+        self.tokens
+            .lock()
+            .unwrap()
+            .entry((sa.into(), pod.into(), aud.into()))
+            .or_insert_with(|| self.signer.pod_token("shop", sa, aud, 600, pod, &uid))
+            .clone()
+    }
 }
 
 async fn world() -> World {
@@ -32,6 +56,7 @@ async fn world() -> World {
         moto,
         proxy,
         signer: Signer::new(),
+        tokens: Default::default(),
     }
 }
 
@@ -80,7 +105,7 @@ fn aws_spc(params: &[(&str, &str)]) -> SecretProviderClass {
 fn pod(w: &World, spc: &SecretProviderClass, audiences: &[&str]) -> proto::MountRequest {
     let tokens: Vec<(String, String)> = audiences
         .iter()
-        .map(|a| (a.to_string(), w.signer.token("shop", "web", a, 600)))
+        .map(|a| (a.to_string(), w.token("web", "web-0", a)))
         .collect();
     let refs: Vec<(&str, &str)> = tokens
         .iter()
@@ -455,7 +480,7 @@ async fn failover_on_outages_only() {
 async fn pod_identity_and_what_the_pod_must_bring() {
     let w = world().await;
     w.moto.secret("us-east-1", "MySecret", "pi-value").await;
-    let token = w.signer.token("shop", "web", POD_IDENTITY, 600);
+    let token = w.token("web", "web-0", POD_IDENTITY);
     let agent = Agent::start(&token).await;
     let d = daemon(&w, &["--aws-pod-identity-endpoint", &agent.url]);
     let mut c = d.client().await;
@@ -627,7 +652,7 @@ async fn trace_logs_hold_no_keys_tokens_or_values() {
         )
         .await;
     w.moto.parameter("us-east-1", "/canary", VALUE, true).await;
-    let pi_token = w.signer.token("shop", "web", POD_IDENTITY, 600);
+    let pi_token = w.token("web", "web-0", POD_IDENTITY);
     let agent = Agent::start(&pi_token).await;
     let d = daemon(
         &w,
@@ -663,7 +688,7 @@ async fn trace_logs_hold_no_keys_tokens_or_values() {
         "the AWS SDK's own lines stay quiet"
     );
     let sts_keys = w.proxy.seen.lock().unwrap().access_keys.clone();
-    let irsa_jwt = w.signer.token("shop", "web", IRSA, 600);
+    let irsa_jwt = w.token("web", "web-0", IRSA);
     let jwt_body = irsa_jwt.split('.').nth(1).unwrap().to_string();
     for canary in [
         VALUE,
@@ -717,12 +742,11 @@ fn pod_of(
     name: &str,
     aud: &str,
 ) -> proto::MountRequest {
-    let uid = format!("0f6b7a0e-1111-4222-8333-{:0>12}", name.len());
-    let token = w.signer.pod_token("shop", sa, aud, 600, name, &uid);
+    let token = w.token(sa, name, aud);
     let mut drv = driver(Path::new("/t"));
     drv.pod.service_account = sa.into();
     drv.pod.name = name.into();
-    drv.pod.uid = uid;
+    drv.pod.uid = uid(name);
     with_tokens(drv, &[(aud, &token)]).to_proto(spc)
 }
 
@@ -768,15 +792,7 @@ async fn cached_values_are_shared_only_by_identical_authorizations() {
         .unwrap();
     assert_eq!(calls(), 4);
     // Pod Identity is its own authorization, even for the same service account.
-    let token = w.signer.pod_token(
-        "shop",
-        "web",
-        POD_IDENTITY,
-        600,
-        "web-4",
-        "0f6b7a0e-1111-4222-8333-000000000005",
-    );
-    let agent = Agent::start(&token).await;
+    let agent = Agent::start(&w.token("web", "web-4", POD_IDENTITY)).await;
     drop(c);
     drop(d);
     let d = daemon(
