@@ -100,7 +100,7 @@ fn args(ds: &Value) -> Vec<String> {
 /// Node paths the example SPCs name (vaultCACertPath and friends).
 fn example_paths() -> Vec<String> {
     let mut paths = Vec::new();
-    for f in ["vault.yaml", "gcp.yaml", "file.yaml", "files.yaml"] {
+    for f in ["vault.yaml", "gcp.yaml", "aws.yaml", "file.yaml", "files.yaml"] {
         let text = std::fs::read_to_string(root().join("daemonset/examples").join(f)).unwrap();
         for d in docs(&text) {
             if d["kind"] != "SecretProviderClass" {
@@ -143,6 +143,15 @@ fn the_chart_renders_valid_hardened_manifests_for_every_value_set() {
         (
             "gcp",
             serde_json::json!({"gcp": {"project": "p", "clusterLocation": "europe-west1", "clusterName": "c"}}),
+        ),
+        (
+            "aws",
+            serde_json::json!({"aws": {
+                "region": "us-east-1",
+                "roleArnTemplate": "arn:aws:iam::123456789012:role/{namespace}-{serviceAccount}",
+                "secretsmanagerEndpoint": "https://vpce-1.secretsmanager.us-east-1.vpce.amazonaws.com",
+                "stsEndpoint": "https://sts.us-east-1.amazonaws.com",
+            }}),
         ),
         (
             "file",
@@ -255,6 +264,18 @@ fn the_chart_renders_valid_hardened_manifests_for_every_value_set() {
     assert!(args(nr).contains(&"--socket-mode=0660".to_string()));
     assert!(mount_paths(daemonset(&rendered["file"])).contains(&"/srv/coffer".to_string()));
     assert!(args(daemonset(&rendered["gcp"])).contains(&"--gcp-project=p".to_string()));
+    let aws = args(daemonset(&rendered["aws"]));
+    for flag in [
+        "--aws-region=us-east-1",
+        "--aws-role-arn-template=arn:aws:iam::123456789012:role/{namespace}-{serviceAccount}",
+        "--aws-secretsmanager-endpoint=https://vpce-1.secretsmanager.us-east-1.vpce.amazonaws.com",
+        "--aws-sts-endpoint=https://sts.us-east-1.amazonaws.com",
+    ] {
+        assert!(aws.contains(&flag.to_string()), "{flag} in {aws:?}");
+    }
+    assert!(!args(daemonset(&rendered["defaults"]))
+        .iter()
+        .any(|a| a.starts_with("--aws-")));
     // The policy: a ConfigMap the daemon reads, whose text is a valid policy.
     let p = &rendered["policy"];
     let pa = args(daemonset(p));
@@ -287,6 +308,7 @@ fn plain_manifests_and_examples_are_valid_and_consistent() {
         d.join("examples/vault.yaml"),
         d.join("examples/file.yaml"),
         d.join("examples/gcp.yaml"),
+        d.join("examples/aws.yaml"),
         d.join("examples/files.yaml"),
     ]);
     let text = std::fs::read_to_string(d.join("coffer.yaml")).unwrap();
@@ -301,7 +323,7 @@ fn plain_manifests_and_examples_are_valid_and_consistent() {
     }
     assert!(!text.contains("VAULT_ADDR"), "no hard-coded Vault address");
     // Each example creates what it uses: its namespace and service accounts.
-    for f in ["vault.yaml", "gcp.yaml", "file.yaml", "files.yaml"] {
+    for f in ["vault.yaml", "gcp.yaml", "aws.yaml", "file.yaml", "files.yaml"] {
         let docs = self::docs(&std::fs::read_to_string(d.join("examples").join(f)).unwrap());
         let made: Vec<(String, String)> = docs
             .iter()

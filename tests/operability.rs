@@ -313,6 +313,7 @@ fn check_validates_spcs_like_mount_without_fetching() {
             "daemonset/examples/vault.yaml",
             "daemonset/examples/file.yaml",
             "daemonset/examples/gcp.yaml",
+            "daemonset/examples/aws.yaml",
             // The node settings the GCP example relies on.
             "--gcp-cluster-location",
             "europe-west1",
@@ -326,6 +327,11 @@ fn check_validates_spcs_like_mount_without_fetching() {
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("shop-vault: ok (3 objects"), "{stdout}");
     assert!(stdout.contains("shop-gcp: ok (3 objects"), "{stdout}");
+    assert!(stdout.contains("shop-aws: ok (5 objects"), "{stdout}");
+    assert!(
+        stdout.contains("audience(s) pods.eks.amazonaws.com in"),
+        "{stdout}"
+    );
     // The audiences the CSIDriver must request.
     assert!(
         stdout.contains("audience(s) vault in the CSIDriver's tokenRequests"),
