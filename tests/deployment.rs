@@ -97,10 +97,19 @@ fn args(ds: &Value) -> Vec<String> {
         .collect()
 }
 
+/// The example manifests, one per backend (and built files).
+const EXAMPLES: [&str; 5] = [
+    "vault.yaml",
+    "gcp.yaml",
+    "aws.yaml",
+    "file.yaml",
+    "files.yaml",
+];
+
 /// Node paths the example SPCs name (vaultCACertPath and friends).
 fn example_paths() -> Vec<String> {
     let mut paths = Vec::new();
-    for f in ["vault.yaml", "gcp.yaml", "aws.yaml", "file.yaml", "files.yaml"] {
+    for f in EXAMPLES {
         let text = std::fs::read_to_string(root().join("daemonset/examples").join(f)).unwrap();
         for d in docs(&text) {
             if d["kind"] != "SecretProviderClass" {
@@ -323,7 +332,7 @@ fn plain_manifests_and_examples_are_valid_and_consistent() {
     }
     assert!(!text.contains("VAULT_ADDR"), "no hard-coded Vault address");
     // Each example creates what it uses: its namespace and service accounts.
-    for f in ["vault.yaml", "gcp.yaml", "aws.yaml", "file.yaml", "files.yaml"] {
+    for f in EXAMPLES {
         let docs = self::docs(&std::fs::read_to_string(d.join("examples").join(f)).unwrap());
         let made: Vec<(String, String)> = docs
             .iter()
