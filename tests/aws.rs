@@ -387,7 +387,8 @@ async fn ssm_parameters_are_batched_by_ten_with_versions_and_labels() {
         "- objectName: /cfg\n  objectType: ssmparameter\n\
          - objectName: /cfg\n  objectType: ssmparameter\n  objectVersion: \"1\"\n  objectAlias: cfg-v1\n\
          - objectName: /cfg\n  objectType: ssmparameter\n  objectVersionLabel: stable\n  objectAlias: cfg-stable\n\
-         - objectName: /json\n  objectType: ssmparameter\n  jmesPath:\n    - {Path: username, ObjectAlias: ssmUsername}\n",
+         - objectName: /json\n  objectType: ssmparameter\n  jmesPath:\n    - {Path: username, ObjectAlias: ssmUsername}\n\
+         - objectName: arn:aws:ssm:us-east-1:123456789012:parameter/json\n  objectAlias: by-arn\n",
     )]);
     let r = c.mount(pod(&w, &spc, &[IRSA])).await.unwrap().into_inner();
     let f = files(&r);
@@ -395,6 +396,7 @@ async fn ssm_parameters_are_batched_by_ten_with_versions_and_labels() {
     assert_eq!(f["cfg-v1"].0, b"one");
     assert_eq!(f["cfg-stable"].0, b"one");
     assert_eq!(f["ssmUsername"].0, b"su");
+    assert_eq!(f["by-arn"].0, f["_json"].0, "an SSM parameter by its ARN");
     assert_eq!(versions(&r)["_cfg"], "2");
     assert_eq!(versions(&r)["cfg-v1"], "1");
 
