@@ -169,6 +169,8 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub aws: AwsArgs,
     #[command(flatten)]
+    pub azure: AzureArgs,
+    #[command(flatten)]
     pub log: LogArgs,
 }
 
@@ -274,6 +276,47 @@ pub struct AwsArgs {
     pub pod_identity_endpoint: Option<String>,
 }
 
+/// Node-wide settings of the `azure` backend (Azure Key Vault).
+#[derive(Debug, Clone, Args)]
+pub struct AzureArgs {
+    /// Entra ID login endpoint (sovereign clouds, tests); default: the
+    /// SPC's `cloudName`'s.
+    #[arg(id = "azure-authority-host", long = "azure-authority-host", env = "AZURE_AUTHORITY_HOST")]
+    pub authority_host: Option<String>,
+    /// Key Vault URL in place of `https://<keyvaultName>.<cloud suffix>`;
+    /// `{name}` stands for the vault name.
+    #[arg(id = "azure-keyvault-endpoint", long = "azure-keyvault-endpoint", env = "COFFER_AZURE_KEYVAULT_ENDPOINT")]
+    pub keyvault_endpoint: Option<String>,
+    /// Certificate secrets: the key followed by the chain ordered leaf,
+    /// intermediates, root (as the Azure provider's flag of the same name).
+    #[arg(
+        id = "azure-construct-pem-chain",
+        long = "azure-construct-pem-chain",
+        env = "COFFER_AZURE_CONSTRUCT_PEM_CHAIN",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub construct_pem_chain: bool,
+    /// Also write `<alias>.crt` and `<alias>.key` for certificate secrets.
+    #[arg(
+        id = "azure-write-cert-and-key-in-separate-files",
+        long = "azure-write-cert-and-key-in-separate-files",
+        env = "COFFER_AZURE_WRITE_CERT_AND_KEY_IN_SEPARATE_FILES"
+    )]
+    pub write_cert_and_key_in_separate_files: bool,
+}
+
+impl Default for AzureArgs {
+    fn default() -> Self {
+        Self {
+            authority_host: None,
+            keyvault_endpoint: None,
+            construct_pem_chain: true,
+            write_cert_and_key_in_separate_files: false,
+        }
+    }
+}
+
 impl Default for GcpArgs {
     fn default() -> Self {
         Self {
@@ -340,6 +383,17 @@ impl ServeArgs {
             (
                 "--aws-pod-identity-endpoint",
                 &self.aws.pod_identity_endpoint,
+            ),
+        ] {
+            if let Some(v) = value {
+                url(flag, v)?;
+            }
+        }
+        for (flag, value) in [
+            ("--azure-authority-host", &self.azure.authority_host),
+            (
+                "--azure-keyvault-endpoint",
+                &self.azure.keyvault_endpoint.as_ref().map(|u| u.replace("{name}", "vault")),
             ),
         ] {
             if let Some(v) = value {

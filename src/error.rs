@@ -54,6 +54,14 @@ pub enum ObjectError {
         message: String,
         retry_after: Option<Duration>,
     },
+    /// Throttled by a backend whose peers report it as unavailable once
+    /// retries are spent (Azure Key Vault's 429): retried honouring the
+    /// hint, then Unavailable, and cached values may serve meanwhile.
+    #[error("backend unavailable: {message}")]
+    Busy {
+        message: String,
+        retry_after: Option<Duration>,
+    },
     #[error("too large: {size} bytes, the limit is {limit}")]
     TooLarge { size: u64, limit: u64 },
     #[error("internal error: {0}")]
@@ -66,14 +74,14 @@ impl ObjectError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            ObjectError::Unavailable(_) | ObjectError::Throttled { .. }
+            ObjectError::Unavailable(_) | ObjectError::Throttled { .. } | ObjectError::Busy { .. }
         )
     }
 
     /// Stale-if-error applies: the backend could not answer, as opposed to
     /// answering "no" (a revoked grant must take effect at once).
     pub fn is_outage(&self) -> bool {
-        matches!(self, ObjectError::Unavailable(_))
+        matches!(self, ObjectError::Unavailable(_) | ObjectError::Busy { .. })
     }
 
     pub fn code(&self) -> Code {
@@ -82,7 +90,7 @@ impl ObjectError {
             ObjectError::NotFound(_) => Code::NotFound,
             ObjectError::PermissionDenied(_) => Code::PermissionDenied,
             ObjectError::FailedPrecondition(_) => Code::FailedPrecondition,
-            ObjectError::Unavailable(_) => Code::Unavailable,
+            ObjectError::Unavailable(_) | ObjectError::Busy { .. } => Code::Unavailable,
             ObjectError::ResourceExhausted(_) | ObjectError::Throttled { .. } => {
                 Code::ResourceExhausted
             }

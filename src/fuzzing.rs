@@ -46,6 +46,14 @@ fn registry() -> &'static Registry {
             std::time::Duration::from_secs(1),
             1 << 20,
         )));
+        r.register(Arc::new(crate::backend::azure::AzureBackend::new(
+            crate::config::AzureArgs {
+                keyvault_endpoint: Some("https://{name}.vault.invalid".into()),
+                ..Default::default()
+            },
+            std::time::Duration::from_secs(1),
+            1 << 20,
+        )));
         r
     })
 }

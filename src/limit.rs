@@ -284,7 +284,9 @@ impl Policy<Call, Fetched, ObjectError> for Backoff {
         }
         let backoff = jitter(self.config.backoff * 2u32.saturating_pow(self.attempt));
         let hint = match err {
-            ObjectError::Throttled { retry_after, .. } => retry_after.unwrap_or_default(),
+            ObjectError::Throttled { retry_after, .. } | ObjectError::Busy { retry_after, .. } => {
+                retry_after.unwrap_or_default()
+            }
             _ => Duration::ZERO,
         };
         let wait = backoff.max(hint);

@@ -35,6 +35,8 @@ pub struct MountConfig {
     pub fetch_concurrency: usize,
     /// Backend for objects when neither the SPC nor the object names one.
     pub default_backend: String,
+    /// `--azure-write-cert-and-key-in-separate-files`.
+    pub azure_split_cert_key: bool,
     /// Serve cached values this old when the backend is unreachable, for
     /// SPCs that set no `staleIfError` (None = off).
     pub stale_if_error: Option<Duration>,
@@ -47,6 +49,7 @@ impl Default for MountConfig {
             max_response_bytes: 4 * 1024 * 1024,
             fetch_concurrency: 16,
             default_backend: "file".into(),
+            azure_split_cert_key: false,
             stale_if_error: None,
         }
     }
@@ -67,7 +70,8 @@ pub const REFRESH_PARAM: &str = "refreshInterval";
 pub const STALE_PARAM: &str = "staleIfError";
 /// The SPC parameters a [`Plan`] is parsed from (AWS's SPC-level
 /// parameters decide which objects are in AWS's form).
-const PLAN_PARAMS: [&str; 11] = [
+const PLAN_PARAMS: [&str; 12] = [
+    spc::AZURE_VAULT_PARAM,
     spc::BACKEND_PARAM,
     spc::OBJECTS_PARAM,
     spc::GCP_SECRETS_PARAM,
@@ -335,8 +339,15 @@ impl Mounter {
             .filter_map(|k| ctx.parameters.get(*k).map(|v| (k.to_string(), v.clone())))
             .collect();
         let default_backend = self.config.default_backend.clone();
+        let azure_split_cert_key = self.config.azure_split_cert_key;
         let parsed = work::run(size, move || {
-            let objects = spc::parse_objects(&parameters, &default_backend);
+            let objects = spc::parse_objects_with(
+                &parameters,
+                &spc::Defaults {
+                    backend: &default_backend,
+                    azure_split_cert_key,
+                },
+            );
             let files = Files::parse(&parameters);
             match (objects, files) {
                 (Ok(objects), Ok(files)) => Ok(Plan {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde_yaml_ng::Value;
 
 use crate::backend::aws::params as aws;
+use crate::backend::azure::params as azure;
 use crate::error::{shown, shown_bare, Failure, ObjectError};
 
 /// SPC parameter holding the YAML list of objects.
@@ -40,6 +41,26 @@ fn from_gcp_form(entry: Value) -> Value {
 
 /// SPC parameter of the AWS provider: what replaces `/` in file names.
 pub const AWS_TRANSLATION_PARAM: &str = "pathTranslation";
+
+/// SPC parameter of the Azure provider naming the vault: an SPC with it
+/// is in the Azure provider's form.
+pub const AZURE_VAULT_PARAM: &str = "keyvaultName";
+
+/// Is this entry for the `azure` backend, in the Azure provider's form?
+/// Its own `backend`; else the SPC's; else whether the SPC names a vault.
+fn is_azure_form(
+    map: &serde_yaml_ng::Mapping,
+    spc_backend: Option<&str>,
+    azure_spc: bool,
+) -> bool {
+    match map.get(Value::String("backend".into())) {
+        Some(Value::String(b)) if !b.trim().is_empty() => b.trim() == "azure",
+        _ => match spc_backend {
+            Some(b) => b == "azure",
+            None => azure_spc && !map.contains_key(Value::String("secretPath".into())),
+        },
+    }
+}
 
 /// SPC parameters only the AWS provider reads: an SPC with one of them and
 /// no `backend` was written for it, so its unmarked objects are AWS's
@@ -304,7 +325,31 @@ pub fn parse_objects(
     parameters: &BTreeMap<String, String>,
     default_backend: &str,
 ) -> Result<Vec<ObjectSpec>, Vec<Failure>> {
-    let (objects, failures) = parse_objects_partial(parameters, default_backend);
+    parse_objects_with(
+        parameters,
+        &Defaults {
+            backend: default_backend,
+            azure_split_cert_key: false,
+        },
+    )
+}
+
+/// The daemon's settings that shape how an `objects` list is read.
+#[derive(Debug, Clone, Copy)]
+pub struct Defaults<'a> {
+    /// Backend of objects that name none.
+    pub backend: &'a str,
+    /// `--azure-write-cert-and-key-in-separate-files`: an Azure secret also
+    /// makes `<file>.crt` and `<file>.key`.
+    pub azure_split_cert_key: bool,
+}
+
+/// [`parse_objects`] with all of the daemon's settings.
+pub fn parse_objects_with(
+    parameters: &BTreeMap<String, String>,
+    defaults: &Defaults,
+) -> Result<Vec<ObjectSpec>, Vec<Failure>> {
+    let (objects, failures) = parse_objects_partial_with(parameters, defaults);
     if failures.is_empty() {
         Ok(objects)
     } else {
@@ -318,7 +363,21 @@ pub fn parse_objects_partial(
     parameters: &BTreeMap<String, String>,
     default_backend: &str,
 ) -> (Vec<ObjectSpec>, Vec<Failure>) {
-    match parse_all(parameters, default_backend) {
+    parse_objects_partial_with(
+        parameters,
+        &Defaults {
+            backend: default_backend,
+            azure_split_cert_key: false,
+        },
+    )
+}
+
+/// [`parse_objects_partial`] with all of the daemon's settings.
+pub fn parse_objects_partial_with(
+    parameters: &BTreeMap<String, String>,
+    defaults: &Defaults,
+) -> (Vec<ObjectSpec>, Vec<Failure>) {
+    match parse_all(parameters, defaults) {
         Ok(pair) => pair,
         Err(failures) => (Vec::new(), failures),
     }
@@ -326,8 +385,9 @@ pub fn parse_objects_partial(
 
 fn parse_all(
     parameters: &BTreeMap<String, String>,
-    default_backend: &str,
+    defaults: &Defaults,
 ) -> Result<(Vec<ObjectSpec>, Vec<Failure>), Vec<Failure>> {
+    let default_backend = defaults.backend;
     // Google's provider lists objects under `secrets` in its own shape.
     let gcp_form =
         !parameters.contains_key(OBJECTS_PARAM) && parameters.contains_key(GCP_SECRETS_PARAM);
@@ -356,6 +416,13 @@ fn parse_all(
         .filter(|s| !s.is_empty());
     let doc: Value = crate::yaml::parse(raw, &crate::yaml::REQUEST)
         .map_err(|e| doc_failure(format!("the document {e}")))?;
+    // The Azure provider's shape: `array:` of YAML strings.
+    let azure_spc = !gcp_form && parameters.contains_key(AZURE_VAULT_PARAM);
+    let doc = match azure::array_entries(&doc) {
+        Some(Ok(entries)) if !gcp_form => Value::Sequence(entries),
+        Some(Err(e)) if !gcp_form => return Err(doc_failure(e.to_string())),
+        _ => doc,
+    };
     let entries = match doc {
         Value::Sequence(entries) => entries,
         Value::Null => return Err(doc_failure("the objects list is empty".into())),
@@ -387,6 +454,22 @@ fn parse_all(
         // The AWS provider's entries name the secret in objectName and the
         // file in objectAlias; one entry may make several files (jmesPath).
         let entries = match entry {
+            Value::Mapping(map) if !gcp_form && is_azure_form(&map, spc_backend, azure_spc) => {
+                let label = match map.get(Value::String("objectName".into())) {
+                    Some(Value::String(n)) if !n.is_empty() => n.clone(),
+                    _ => format!("{param_name}[{index}]"),
+                };
+                match azure::peer_entries(map, defaults.azure_split_cert_key) {
+                    Ok(entries) => entries,
+                    Err(error) => {
+                        failures.push(Failure {
+                            object: label,
+                            error,
+                        });
+                        continue;
+                    }
+                }
+            }
             Value::Mapping(map) if !gcp_form && is_aws_form(&map, spc_backend, parameters) => {
                 let label = match map.get(Value::String("objectName".into())) {
                     Some(Value::String(n)) if !n.is_empty() => n.clone(),

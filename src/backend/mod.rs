@@ -13,6 +13,7 @@ use crate::secret::SecretBytes;
 use crate::spc::ObjectSpec;
 
 pub mod aws;
+pub mod azure;
 pub mod file;
 pub mod gcp;
 pub mod vault;

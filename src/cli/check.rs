@@ -41,6 +41,9 @@ pub struct CheckArgs {
     /// The daemon's own AWS settings, likewise.
     #[command(flatten)]
     pub aws: crate::config::AwsArgs,
+    /// The daemon's own Azure settings, likewise.
+    #[command(flatten)]
+    pub azure: crate::config::AzureArgs,
     /// A node policy: print which rule decides each object (denied
     /// objects are problems).
     #[arg(long, env = "COFFER_POLICY")]
@@ -121,6 +124,9 @@ fn registry(args: &CheckArgs) -> Registry {
         &args.node_labels,
         std::time::Duration::from_secs(30),
         u64::MAX / 8,
+    )));
+    r.register(Arc::new(crate::backend::azure::AzureBackend::for_check(
+        args.azure.clone(),
     )));
     r
 }
@@ -279,7 +285,13 @@ pub fn check(args: &CheckArgs) -> Vec<Finding> {
                     let show = |f: &Failure| f.to_string();
                     problems.extend(check_parameters(&ctx).iter().map(show));
                     let (list, failures) =
-                        spc::parse_objects_partial(&ctx.parameters, &args.default_backend);
+                        spc::parse_objects_partial_with(
+                            &ctx.parameters,
+                            &spc::Defaults {
+                                backend: &args.default_backend,
+                                azure_split_cert_key: args.azure.write_cert_and_key_in_separate_files,
+                            },
+                        );
                     objects = list.len() + failures.len();
                     problems.extend(failures.iter().map(show));
                     problems.extend(check_objects(&registry, &list, &ctx).iter().map(show));

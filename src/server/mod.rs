@@ -94,6 +94,11 @@ pub fn backends(args: &ServeArgs) -> Registry {
         args.vault.request_timeout,
         args.max_response_bytes,
     )));
+    registry.register(Arc::new(crate::backend::azure::AzureBackend::new(
+        args.azure.clone(),
+        args.vault.request_timeout,
+        args.max_response_bytes,
+    )));
     registry
 }
 
@@ -103,6 +108,7 @@ pub fn mount_config(args: &ServeArgs) -> MountConfig {
         max_response_bytes: args.max_response_bytes,
         fetch_concurrency: usize::from(args.fetch_concurrency),
         default_backend: args.default_backend(),
+        azure_split_cert_key: args.azure.write_cert_and_key_in_separate_files,
         stale_if_error: Some(args.stale_if_error).filter(|d| !d.is_zero()),
     }
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod bao;
+pub mod azure;
 pub mod google;
 pub mod moto;
 pub mod proxy;
