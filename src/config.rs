@@ -281,11 +281,19 @@ pub struct AwsArgs {
 pub struct AzureArgs {
     /// Entra ID login endpoint (sovereign clouds, tests); default: the
     /// SPC's `cloudName`'s.
-    #[arg(id = "azure-authority-host", long = "azure-authority-host", env = "AZURE_AUTHORITY_HOST")]
+    #[arg(
+        id = "azure-authority-host",
+        long = "azure-authority-host",
+        env = "AZURE_AUTHORITY_HOST"
+    )]
     pub authority_host: Option<String>,
     /// Key Vault URL in place of `https://<keyvaultName>.<cloud suffix>`;
     /// `{name}` stands for the vault name.
-    #[arg(id = "azure-keyvault-endpoint", long = "azure-keyvault-endpoint", env = "COFFER_AZURE_KEYVAULT_ENDPOINT")]
+    #[arg(
+        id = "azure-keyvault-endpoint",
+        long = "azure-keyvault-endpoint",
+        env = "COFFER_AZURE_KEYVAULT_ENDPOINT"
+    )]
     pub keyvault_endpoint: Option<String>,
     /// Certificate secrets: the key followed by the chain ordered leaf,
     /// intermediates, root (as the Azure provider's flag of the same name).
@@ -393,7 +401,11 @@ impl ServeArgs {
             ("--azure-authority-host", &self.azure.authority_host),
             (
                 "--azure-keyvault-endpoint",
-                &self.azure.keyvault_endpoint.as_ref().map(|u| u.replace("{name}", "vault")),
+                &self
+                    .azure
+                    .keyvault_endpoint
+                    .as_ref()
+                    .map(|u| u.replace("{name}", "vault")),
             ),
         ] {
             if let Some(v) = value {

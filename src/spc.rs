@@ -48,11 +48,7 @@ pub const AZURE_VAULT_PARAM: &str = "keyvaultName";
 
 /// Is this entry for the `azure` backend, in the Azure provider's form?
 /// Its own `backend`; else the SPC's; else whether the SPC names a vault.
-fn is_azure_form(
-    map: &serde_yaml_ng::Mapping,
-    spc_backend: Option<&str>,
-    azure_spc: bool,
-) -> bool {
+fn is_azure_form(map: &serde_yaml_ng::Mapping, spc_backend: Option<&str>, azure_spc: bool) -> bool {
     match map.get(Value::String("backend".into())) {
         Some(Value::String(b)) if !b.trim().is_empty() => b.trim() == "azure",
         _ => match spc_backend {

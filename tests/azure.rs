@@ -98,18 +98,36 @@ async fn fixture() -> Fixture {
     let d = dir.path();
     az::make_chain(d, "rsa");
     // Shuffled on purpose: root before leaf before intermediate.
-    std::fs::write(d.join("shuffled.pem"), read(d, "root.crt") + &read(d, "int.crt")).unwrap();
+    std::fs::write(
+        d.join("shuffled.pem"),
+        read(d, "root.crt") + &read(d, "int.crt"),
+    )
+    .unwrap();
     az::openssl(
         d,
         &[
-            "pkcs12", "-export", "-inkey", "leaf.key", "-in", "leaf.crt", "-certfile", "shuffled.pem",
-            "-passout", "pass:", "-out", "leaf.pfx",
+            "pkcs12",
+            "-export",
+            "-inkey",
+            "leaf.key",
+            "-in",
+            "leaf.crt",
+            "-certfile",
+            "shuffled.pem",
+            "-passout",
+            "pass:",
+            "-out",
+            "leaf.pfx",
         ],
     );
     let pfx = std::fs::read(d.join("leaf.pfx")).unwrap();
     let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
     azure.put("secrets", "secret1", json!({"value": "s3cret-value"}));
-    azure.put("secrets", "bin", json!({"value": b64(b"\x00\x01binary\xff")}));
+    azure.put(
+        "secrets",
+        "bin",
+        json!({"value": b64(b"\x00\x01binary\xff")}),
+    );
     let kid = format!("{}/keys/tls/1", azure.vault_endpoint());
     azure.put(
         "secrets",
@@ -127,7 +145,18 @@ async fn fixture() -> Fixture {
         }),
     );
     azure.put("keys", "rsa-key", json!({"key": az::jwk(d, "leaf.key")}));
-    az::openssl(d, &["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ec.key"]);
+    az::openssl(
+        d,
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "ec.key",
+        ],
+    );
     azure.put("keys", "ec-key", json!({"key": az::jwk(d, "ec.key")}));
     azure.put(
         "certificates",
@@ -184,23 +213,37 @@ async fn secrets_keys_and_certificates_as_the_azure_provider_writes_them() {
     // The PFX as stored, read back by OpenSSL.
     assert_eq!(out["tls.pfx"], f.pfx);
     std::fs::write(d.join("out.pfx"), &out["tls.pfx"]).unwrap();
-    az::openssl(d, &["pkcs12", "-in", "out.pfx", "-nodes", "-passin", "pass:", "-out", "back.pem"]);
+    az::openssl(
+        d,
+        &[
+            "pkcs12", "-in", "out.pfx", "-nodes", "-passin", "pass:", "-out", "back.pem",
+        ],
+    );
     assert!(read(d, "back.pem").contains("web.shop.svc"));
     // Public keys exactly as OpenSSL writes them.
     for (file, key) in [("rsa-key", "leaf.key"), ("ec-key", "ec.key")] {
         az::openssl(d, &["pkey", "-in", key, "-pubout", "-out", "want.pub"]);
-        assert_eq!(String::from_utf8_lossy(&out[file]), read(d, "want.pub"), "{file}");
+        assert_eq!(
+            String::from_utf8_lossy(&out[file]),
+            read(d, "want.pub"),
+            "{file}"
+        );
     }
     let modes: BTreeMap<&str, i32> = r.files.iter().map(|f| (f.path.as_str(), f.mode)).collect();
     assert_eq!(modes["ec-key"], 0o400);
-    assert_eq!(String::from_utf8_lossy(&out["tls-cert"]), read(d, "leaf.crt"));
+    assert_eq!(
+        String::from_utf8_lossy(&out["tls-cert"]),
+        read(d, "leaf.crt")
+    );
     // objectVersionHistory: newest first.
     assert_eq!(out["hist/0"], b"h3");
     assert_eq!(out["hist/1"], b"h2");
     assert_eq!(out["hist/2"], b"h1");
     // ObjectVersions as the peer: <type>/<name>, the Key Vault version.
     let v = versions(&r);
-    let stored = f.azure.world.lock().unwrap().items["secrets/secret1"][0].id.clone();
+    let stored = f.azure.world.lock().unwrap().items["secrets/secret1"][0]
+        .id
+        .clone();
     assert_eq!(v["secret/secret1"], stored);
     assert!(v.contains_key("key/rsa-key") && v.contains_key("cert/tls-cert"));
     assert!(v.contains_key("secret/hist/0") && v.contains_key("secret/hist/2"));
@@ -211,7 +254,8 @@ async fn secrets_keys_and_certificates_as_the_azure_provider_writes_them() {
     assert_eq!(f.azure.world.lock().unwrap().token_calls, 1);
 
     // A new version is a rotation.
-    f.azure.put("secrets", "secret1", json!({"value": "rotated"}));
+    f.azure
+        .put("secrets", "secret1", json!({"value": "rotated"}));
     let r = c.mount(wi_pod(&f, &spc)).await.unwrap().into_inner();
     assert_eq!(files(&r)["secret1"], b"rotated");
     assert_ne!(versions(&r)["secret/secret1"], stored);
@@ -249,7 +293,14 @@ async fn service_principals_refusals_and_throttling() {
     f.azure.allow(SP_CLIENT, "secrets/secret1");
     f.azure.allow(SP_CLIENT, "secrets/nope");
     f.azure.put("secrets", "off", json!({"value": "x"}));
-    f.azure.world.lock().unwrap().items.get_mut("secrets/off").unwrap()[0].enabled = false;
+    f.azure
+        .world
+        .lock()
+        .unwrap()
+        .items
+        .get_mut("secrets/off")
+        .unwrap()[0]
+        .enabled = false;
     f.azure.allow(SP_CLIENT, "secrets/off");
     let daemon = daemon(&f.azure, &[]);
     let mut c = daemon.client().await;
@@ -262,14 +313,34 @@ async fn service_principals_refusals_and_throttling() {
         drv.to_proto(&spc(&[("objects", objects)]))
     };
     let one = |name: &str| array(&[&format!("objectName: {name}\nobjectType: secret")]);
-    let r = c.mount(sp(SP_SECRET, &one("secret1"))).await.unwrap().into_inner();
+    let r = c
+        .mount(sp(SP_SECRET, &one("secret1")))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(files(&r)["secret1"], b"s3cret-value");
 
     let cases: Vec<(proto::MountRequest, Code, &str)> = vec![
-        (sp("wrong", &one("secret1")), Code::PermissionDenied, "Entra ID refused"),
-        (sp(SP_SECRET, &one("tls-pem")), Code::PermissionDenied, "Forbidden (403)"),
-        (sp(SP_SECRET, &one("nope")), Code::NotFound, "SecretNotFound"),
-        (sp(SP_SECRET, &one("off")), Code::FailedPrecondition, "disabled"),
+        (
+            sp("wrong", &one("secret1")),
+            Code::PermissionDenied,
+            "Entra ID refused",
+        ),
+        (
+            sp(SP_SECRET, &one("tls-pem")),
+            Code::PermissionDenied,
+            "Forbidden (403)",
+        ),
+        (
+            sp(SP_SECRET, &one("nope")),
+            Code::NotFound,
+            "SecretNotFound",
+        ),
+        (
+            sp(SP_SECRET, &one("off")),
+            Code::FailedPrecondition,
+            "disabled",
+        ),
     ];
     for (req, code, want) in cases {
         let (got, msg) = mount_err(&mut c, req).await;
@@ -280,7 +351,11 @@ async fn service_principals_refusals_and_throttling() {
 
     // 429 with Retry-After: retried; throttled throughout: Unavailable.
     f.azure.world.lock().unwrap().throttle = 1;
-    let r = c.mount(sp(SP_SECRET, &one("secret1"))).await.unwrap().into_inner();
+    let r = c
+        .mount(sp(SP_SECRET, &one("secret1")))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(files(&r)["secret1"], b"s3cret-value");
     f.azure.world.lock().unwrap().throttle = 100;
     let (code, msg) = mount_err(&mut c, sp(SP_SECRET, &one("secret1"))).await;
@@ -293,7 +368,10 @@ async fn service_principals_refusals_and_throttling() {
         let s = spc(&[(flag, "true"), ("objects", &one("secret1"))]);
         let (code, msg) = mount_err(&mut c, driver(Path::new("/t")).to_proto(&s)).await;
         assert_eq!(code, Code::InvalidArgument, "{msg}");
-        assert!(msg.contains(flag) && msg.contains("only as the pod"), "{msg}");
+        assert!(
+            msg.contains(flag) && msg.contains("only as the pod"),
+            "{msg}"
+        );
     }
     let wi = spc(&[("clientID", WI_CLIENT), ("objects", &one("secret1"))]);
     let (code, msg) = mount_err(&mut c, driver(Path::new("/t")).to_proto(&wi)).await;
@@ -302,7 +380,8 @@ async fn service_principals_refusals_and_throttling() {
     // Another service account's token matches no federated credential.
     let mut other = driver(Path::new("/t"));
     other.pod.service_account = "batch".into();
-    let other = with_tokens(other, &[(WI, &f.signer.token("shop", "batch", WI, 600))]).to_proto(&wi);
+    let other =
+        with_tokens(other, &[(WI, &f.signer.token("shop", "batch", WI, 600))]).to_proto(&wi);
     let (code, msg) = mount_err(&mut c, other).await;
     assert_eq!(code, Code::PermissionDenied, "{msg}");
     assert!(msg.contains("system:serviceaccount:shop:batch"), "{msg}");
@@ -323,7 +402,10 @@ async fn service_principals_refusals_and_throttling() {
     for (object, want) in [
         ("objectName: a\nobjectType: blob", "objectType"),
         ("objectName: a\nobjectType: key\nobjectFormat: pfx", "PFX"),
-        ("objectName: a\nobjectType: cert\nobjectEncoding: hex", "objectEncoding"),
+        (
+            "objectName: a\nobjectType: cert\nobjectEncoding: hex",
+            "objectEncoding",
+        ),
         ("objectName: a\nobjectType: secret\nobjectAlias: ../x", ".."),
         ("objectName: a/b\nobjectType: secret", "item name"),
     ] {
@@ -340,8 +422,13 @@ async fn the_azure_providers_examples_check_and_mount_and_mix_with_other_backend
     let d = f.dir.path();
     let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
     // What the examples name.
-    f.azure.put("certificates", "cert1", json!({"cer": b64(&az::cert_der(&d.join("leaf.crt")))}));
-    f.azure.put("keys", "cert1", json!({"key": az::jwk(d, "leaf.key")}));
+    f.azure.put(
+        "certificates",
+        "cert1",
+        json!({"cer": b64(&az::cert_der(&d.join("leaf.crt")))}),
+    );
+    f.azure
+        .put("keys", "cert1", json!({"key": az::jwk(d, "leaf.key")}));
     let kid = format!("{}/keys/cert1/1", f.azure.vault_endpoint());
     f.azure.put(
         "secrets",
@@ -353,7 +440,8 @@ async fn the_azure_providers_examples_check_and_mount_and_mix_with_other_backend
         "cert2-pfx",
         json!({"value": b64(&f.pfx), "contentType": "application/x-pkcs12", "kid": kid}),
     );
-    f.azure.put("keys", "key1", json!({"key": az::jwk(d, "ec.key")}));
+    f.azure
+        .put("keys", "key1", json!({"key": az::jwk(d, "ec.key")}));
     f.azure.allow(SP_CLIENT, "*");
     let daemon = daemon(&f.azure, &[]);
     daemon.write_secret("local", "from-file");
@@ -364,15 +452,25 @@ async fn the_azure_providers_examples_check_and_mount_and_mix_with_other_backend
     for (file, manifest, count) in [("certs.yaml", certs, 5), ("sp.yaml", sp_example, 2)] {
         let path = dir.path().join(file);
         std::fs::write(&path, manifest).unwrap();
-        let out = std::process::Command::new(BIN).arg("check").arg(&path).output().unwrap();
+        let out = std::process::Command::new(BIN)
+            .arg("check")
+            .arg(&path)
+            .output()
+            .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         assert!(out.status.success(), "{file}: {text}");
-        assert!(text.contains(&format!("ok ({count} objects")), "{file}: {text}");
+        assert!(
+            text.contains(&format!("ok ({count} objects")),
+            "{file}: {text}"
+        );
         let spc = SecretProviderClass::from_yaml(manifest).unwrap();
         let mut drv = driver(Path::new("/t"));
         drv.node_publish_secrets = Some(BTreeMap::from([
             ("clientid".to_string(), Credential::new(SP_CLIENT.into())),
-            ("clientsecret".to_string(), Credential::new(SP_SECRET.into())),
+            (
+                "clientsecret".to_string(),
+                Credential::new(SP_SECRET.into()),
+            ),
         ]));
         let r = c.mount(drv.to_proto(&spc)).await.unwrap().into_inner();
         assert_eq!(r.files.len(), count, "{file}");
@@ -391,4 +489,144 @@ async fn the_azure_providers_examples_check_and_mount_and_mix_with_other_backend
     let out = files(&r);
     assert_eq!(out["azure.txt"], b"s3cret-value");
     assert_eq!(out["file.txt"], b"from-file");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ec_chains_legacy_pfx_and_costly_pfx() {
+    let signer = Signer::new();
+    let azure = Azure::start(&signer.public_pem).await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    az::make_chain(d, "ec");
+    std::fs::write(
+        d.join("shuffled.pem"),
+        read(d, "int.crt") + &read(d, "root.crt"),
+    )
+    .unwrap();
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let kid = format!("{}/keys/x/1", azure.vault_endpoint());
+    for (name, extra) in [
+        ("ec-modern", vec![]),
+        ("ec-legacy", vec!["-legacy"]),
+        ("ec-costly", vec!["-iter", "3000000"]),
+    ] {
+        let mut args = vec![
+            "pkcs12",
+            "-export",
+            "-inkey",
+            "leaf.key",
+            "-in",
+            "leaf.crt",
+            "-certfile",
+            "shuffled.pem",
+            "-passout",
+            "pass:",
+            "-out",
+            "x.pfx",
+        ];
+        args.extend(extra);
+        az::openssl(d, &args);
+        let pfx = std::fs::read(d.join("x.pfx")).unwrap();
+        if name == "ec-modern" {
+            let rounds = coffer::backend::azure::cert::pkcs12_iterations(&pfx);
+            assert!((2048..=10_000).contains(&rounds), "{rounds}");
+        }
+        azure.put(
+            "secrets",
+            name,
+            json!({"value": b64(&pfx), "contentType": "application/x-pkcs12", "kid": kid}),
+        );
+    }
+    azure.allow(WI_CLIENT, "*");
+    let daemon = daemon(&azure, &[]);
+    let mut c = daemon.client().await;
+    let pod = |spc: &SecretProviderClass| {
+        with_tokens(
+            driver(Path::new("/t")),
+            &[(WI, &signer.token("shop", "web", WI, 600))],
+        )
+        .to_proto(spc)
+    };
+    let objects = array(&[
+        "objectName: ec-modern\nobjectType: secret",
+        "objectName: ec-legacy\nobjectType: secret",
+    ]);
+    let r = c
+        .mount(pod(&spc(&[("clientID", WI_CLIENT), ("objects", &objects)])))
+        .await
+        .unwrap()
+        .into_inner();
+    let chain = read(d, "leaf.crt") + &read(d, "int.crt") + &read(d, "root.crt");
+    let expected = read(d, "leaf.p8") + &chain;
+    for f in ["ec-modern", "ec-legacy"] {
+        assert_eq!(String::from_utf8_lossy(&files(&r)[f]), expected, "{f}");
+    }
+    // A value that asks for millions of key-derivation rounds is refused
+    // before any is computed.
+    let costly = array(&["objectName: ec-costly\nobjectType: secret"]);
+    let started = std::time::Instant::now();
+    let (code, msg) = mount_err(
+        &mut c,
+        pod(&spc(&[("clientID", WI_CLIENT), ("objects", &costly)])),
+    )
+    .await;
+    assert_eq!(code, Code::InvalidArgument, "{msg}");
+    assert!(msg.contains("key-derivation rounds"), "{msg}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_logs_hold_no_secret_token_or_key() {
+    let f = fixture().await;
+    f.azure.allow(SP_CLIENT, "*");
+    let daemon = daemon(&f.azure, &["--log-level", "trace"]);
+    let mut c = daemon.client().await;
+    let objects = array(&[
+        "objectName: secret1\nobjectType: secret",
+        "objectName: tls-pfx\nobjectType: secret",
+    ]);
+    let wi_jwt = f.signer.token("shop", "web", WI, 600);
+    let req = with_tokens(driver(Path::new("/t")), &[(WI, &wi_jwt)])
+        .to_proto(&spc(&[("clientID", WI_CLIENT), ("objects", &objects)]));
+    c.mount(req).await.unwrap();
+    let mut drv = driver(Path::new("/t"));
+    drv.node_publish_secrets = Some(BTreeMap::from([
+        ("clientid".to_string(), Credential::new(SP_CLIENT.into())),
+        (
+            "clientsecret".to_string(),
+            Credential::new(SP_SECRET.into()),
+        ),
+    ]));
+    c.mount(drv.to_proto(&spc(&[("objects", &objects)])))
+        .await
+        .unwrap();
+    let logs = daemon.logs();
+    assert!(logs.len() > 1000, "trace logging is on");
+    let tokens: Vec<String> = f
+        .azure
+        .world
+        .lock()
+        .unwrap()
+        .tokens
+        .keys()
+        .cloned()
+        .collect();
+    assert_eq!(tokens.len(), 2);
+    let key_body: String = read(f.dir.path(), "leaf.p8")
+        .lines()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    for canary in [
+        "s3cret-value",
+        SP_SECRET,
+        wi_jwt.split('.').nth(1).unwrap(),
+        &key_body,
+    ]
+    .into_iter()
+    .chain(tokens.iter().map(String::as_str))
+    {
+        let lines: Vec<&str> = logs.lines().filter(|l| l.contains(canary)).collect();
+        assert!(lines.is_empty(), "{canary} is in the log: {lines:#?}");
+    }
 }

@@ -98,10 +98,11 @@ fn args(ds: &Value) -> Vec<String> {
 }
 
 /// The example manifests, one per backend (and built files).
-const EXAMPLES: [&str; 5] = [
+const EXAMPLES: [&str; 6] = [
     "vault.yaml",
     "gcp.yaml",
     "aws.yaml",
+    "azure.yaml",
     "file.yaml",
     "files.yaml",
 ];
@@ -160,6 +161,14 @@ fn the_chart_renders_valid_hardened_manifests_for_every_value_set() {
                 "roleArnTemplate": "arn:aws:iam::123456789012:role/{namespace}-{serviceAccount}",
                 "secretsmanagerEndpoint": "https://vpce-1.secretsmanager.us-east-1.vpce.amazonaws.com",
                 "stsEndpoint": "https://sts.us-east-1.amazonaws.com",
+            }}),
+        ),
+        (
+            "azure",
+            serde_json::json!({"azure": {
+                "keyvaultEndpoint": "https://{name}.privatelink.vaultcore.azure.net",
+                "constructPemChain": false,
+                "writeCertAndKeyInSeparateFiles": true,
             }}),
         ),
         (
@@ -284,7 +293,15 @@ fn the_chart_renders_valid_hardened_manifests_for_every_value_set() {
     }
     assert!(!args(daemonset(&rendered["defaults"]))
         .iter()
-        .any(|a| a.starts_with("--aws-")));
+        .any(|a| a.starts_with("--aws-") || a.starts_with("--azure-")));
+    let azure = args(daemonset(&rendered["azure"]));
+    for flag in [
+        "--azure-keyvault-endpoint=https://{name}.privatelink.vaultcore.azure.net",
+        "--azure-construct-pem-chain=false",
+        "--azure-write-cert-and-key-in-separate-files",
+    ] {
+        assert!(azure.contains(&flag.to_string()), "{flag} in {azure:?}");
+    }
     // The policy: a ConfigMap the daemon reads, whose text is a valid policy.
     let p = &rendered["policy"];
     let pa = args(daemonset(p));
@@ -318,6 +335,7 @@ fn plain_manifests_and_examples_are_valid_and_consistent() {
         d.join("examples/file.yaml"),
         d.join("examples/gcp.yaml"),
         d.join("examples/aws.yaml"),
+        d.join("examples/azure.yaml"),
         d.join("examples/files.yaml"),
     ]);
     let text = std::fs::read_to_string(d.join("coffer.yaml")).unwrap();

@@ -314,6 +314,7 @@ fn check_validates_spcs_like_mount_without_fetching() {
             "daemonset/examples/file.yaml",
             "daemonset/examples/gcp.yaml",
             "daemonset/examples/aws.yaml",
+            "daemonset/examples/azure.yaml",
             // The node settings the GCP example relies on.
             "--gcp-cluster-location",
             "europe-west1",
@@ -328,6 +329,11 @@ fn check_validates_spcs_like_mount_without_fetching() {
     assert!(stdout.contains("shop-vault: ok (3 objects"), "{stdout}");
     assert!(stdout.contains("shop-gcp: ok (3 objects"), "{stdout}");
     assert!(stdout.contains("shop-aws: ok (5 objects"), "{stdout}");
+    assert!(stdout.contains("shop-azure: ok (6 objects"), "{stdout}");
+    assert!(
+        stdout.contains("audience(s) api://AzureADTokenExchange in"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("audience(s) pods.eks.amazonaws.com in"),
         "{stdout}"

@@ -284,14 +284,13 @@ pub fn check(args: &CheckArgs) -> Vec<Finding> {
                 Ok(ctx) => {
                     let show = |f: &Failure| f.to_string();
                     problems.extend(check_parameters(&ctx).iter().map(show));
-                    let (list, failures) =
-                        spc::parse_objects_partial_with(
-                            &ctx.parameters,
-                            &spc::Defaults {
-                                backend: &args.default_backend,
-                                azure_split_cert_key: args.azure.write_cert_and_key_in_separate_files,
-                            },
-                        );
+                    let (list, failures) = spc::parse_objects_partial_with(
+                        &ctx.parameters,
+                        &spc::Defaults {
+                            backend: &args.default_backend,
+                            azure_split_cert_key: args.azure.write_cert_and_key_in_separate_files,
+                        },
+                    );
                     objects = list.len() + failures.len();
                     problems.extend(failures.iter().map(show));
                     problems.extend(check_objects(&registry, &list, &ctx).iter().map(show));

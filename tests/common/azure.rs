@@ -75,13 +75,18 @@ impl Azure {
             .insert(WI_CLIENT.into(), "system:serviceaccount:shop:web".into());
         let state = AppState {
             world: Arc::clone(&world),
-            jwt_key: Arc::new(jsonwebtoken::DecodingKey::from_rsa_pem(jwt_public_pem.as_bytes()).unwrap()),
+            jwt_key: Arc::new(
+                jsonwebtoken::DecodingKey::from_rsa_pem(jwt_public_pem.as_bytes()).unwrap(),
+            ),
             base: format!("{url}/kv"),
         };
         let app = axum::Router::new()
             .route("/{tenant}/oauth2/v2.0/token", axum::routing::post(token))
             .route("/kv/{collection}/{name}", axum::routing::get(item))
-            .route("/kv/{collection}/{name}/{version}", axum::routing::get(item))
+            .route(
+                "/kv/{collection}/{name}/{version}",
+                axum::routing::get(item),
+            )
             .with_state(state);
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -153,7 +158,9 @@ async fn token(
     UrlPath(tenant): UrlPath<String>,
     req: Request,
 ) -> Response {
-    let body = axum::body::to_bytes(req.into_body(), 1 << 20).await.unwrap_or_default();
+    let body = axum::body::to_bytes(req.into_body(), 1 << 20)
+        .await
+        .unwrap_or_default();
     let form: BTreeMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
     s.world.lock().unwrap().token_calls += 1;
     if tenant != TENANT && tenant != "tid" {
@@ -162,7 +169,11 @@ async fn token(
     if form.get("grant_type").map(String::as_str) != Some("client_credentials")
         || form.get("scope").map(String::as_str) != Some("https://vault.azure.net/.default")
     {
-        return aad_error(400, "invalid_request", "AADSTS900144: grant_type or scope is wrong.");
+        return aad_error(
+            400,
+            "invalid_request",
+            "AADSTS900144: grant_type or scope is wrong.",
+        );
     }
     let client = form.get("client_id").cloned().unwrap_or_default();
     let ok = match (form.get("client_assertion"), form.get("client_secret")) {
@@ -178,7 +189,12 @@ async fn token(
                 match jsonwebtoken::decode::<Value>(assertion, &s.jwt_key, &v) {
                     Ok(data) => {
                         let sub = data.claims.get("sub").and_then(Value::as_str).unwrap_or("");
-                        s.world.lock().unwrap().federated.get(&client).map(String::as_str)
+                        s.world
+                            .lock()
+                            .unwrap()
+                            .federated
+                            .get(&client)
+                            .map(String::as_str)
                             == Some(sub)
                     }
                     Err(_) => false,
@@ -225,9 +241,10 @@ async fn item(
     uri: axum::http::Uri,
     headers: HeaderMap,
 ) -> Response {
-    let query: BTreeMap<String, String> = url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
-        .into_owned()
-        .collect();
+    let query: BTreeMap<String, String> =
+        url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
     let get = |k: &str| {
         parts
             .iter()
@@ -237,7 +254,12 @@ async fn item(
     };
     let (collection, name, version) = (get("collection"), get("name"), get("version"));
     if query.get("api-version").map(String::as_str) != Some("7.4") {
-        return kv_error(400, "BadParameter", "The api-version is missing or not supported", None);
+        return kv_error(
+            400,
+            "BadParameter",
+            "The api-version is missing or not supported",
+            None,
+        );
     }
     let mut w = s.world.lock().unwrap();
     w.gets.push(format!("{collection}/{name}/{version}"));
@@ -285,7 +307,12 @@ async fn item(
             "keys" => "KeyNotFound",
             _ => "CertificateNotFound",
         };
-        return kv_error(404, code, &format!("A {collection} with (name/id) {name} was not found in this key vault."), None);
+        return kv_error(
+            404,
+            code,
+            &format!("A {collection} with (name/id) {name} was not found in this key vault."),
+            None,
+        );
     };
     let base = format!("{}/{collection}/{name}", s.base);
     if version == "versions" {
@@ -304,10 +331,20 @@ async fn item(
         versions.iter().find(|v| v.id == version)
     };
     let Some(v) = found else {
-        return kv_error(404, "NotFound", &format!("{name} has no version {version}"), None);
+        return kv_error(
+            404,
+            "NotFound",
+            &format!("{name} has no version {version}"),
+            None,
+        );
     };
     if !v.enabled {
-        return kv_error(403, "Forbidden", "Operation get is not allowed on a disabled secret.", Some("SecretDisabled"));
+        return kv_error(
+            403,
+            "Forbidden",
+            "Operation get is not allowed on a disabled secret.",
+            Some("SecretDisabled"),
+        );
     }
     let mut body = v.body.clone();
     let attributes = json!({"enabled": true, "created": v.created, "updated": v.created, "recoveryLevel": "Recoverable+Purgeable"});
@@ -325,7 +362,11 @@ async fn item(
 
 /// Runs openssl in `dir`, panicking with its output on failure.
 pub fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl").args(args).current_dir(dir).output().unwrap();
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "openssl {args:?}: {}",
@@ -337,7 +378,18 @@ pub fn openssl(dir: &Path, args: &[&str]) {
 /// "ec"), with Subject/Authority Key Identifiers, in `dir`.
 pub fn make_chain(dir: &Path, algo: &str) {
     let newkey = |name: &str| match algo {
-        "ec" => openssl(dir, &["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", &format!("{name}.key")]),
+        "ec" => openssl(
+            dir,
+            &[
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+                &format!("{name}.key"),
+            ],
+        ),
         _ => openssl(dir, &["genrsa", "-out", &format!("{name}.key"), "2048"]),
     };
     std::fs::write(
@@ -351,24 +403,68 @@ pub fn make_chain(dir: &Path, algo: &str) {
     )
     .unwrap();
     newkey("root");
-    openssl(dir, &["req", "-x509", "-new", "-key", "root.key", "-subj", "/CN=coffer test root", "-days", "30", "-out", "root.crt"]);
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "root.key",
+            "-subj",
+            "/CN=coffer test root",
+            "-days",
+            "30",
+            "-out",
+            "root.crt",
+        ],
+    );
     for (name, issuer, ext, cn) in [
         ("int", "root", "ca.ext", "coffer test intermediate"),
         ("leaf", "int", "leaf.ext", "web.shop.svc"),
     ] {
         newkey(name);
-        openssl(dir, &["req", "-new", "-key", &format!("{name}.key"), "-subj", &format!("/CN={cn}"), "-out", &format!("{name}.csr")]);
         openssl(
             dir,
             &[
-                "x509", "-req", "-in", &format!("{name}.csr"), "-CA", &format!("{issuer}.crt"), "-CAkey",
-                &format!("{issuer}.key"), "-CAcreateserial", "-days", "30", "-extfile", ext, "-out",
+                "req",
+                "-new",
+                "-key",
+                &format!("{name}.key"),
+                "-subj",
+                &format!("/CN={cn}"),
+                "-out",
+                &format!("{name}.csr"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                &format!("{issuer}.crt"),
+                "-CAkey",
+                &format!("{issuer}.key"),
+                "-CAcreateserial",
+                "-days",
+                "30",
+                "-extfile",
+                ext,
+                "-out",
                 &format!("{name}.crt"),
             ],
         );
     }
     // The leaf's key as PKCS#8, as coffer writes it.
-    openssl(dir, &["pkcs8", "-topk8", "-nocrypt", "-in", "leaf.key", "-out", "leaf.p8"]);
+    openssl(
+        dir,
+        &[
+            "pkcs8", "-topk8", "-nocrypt", "-in", "leaf.key", "-out", "leaf.p8",
+        ],
+    );
 }
 
 /// `(name, DER)` of a PEM file's first certificate.
@@ -379,7 +475,12 @@ pub fn cert_der(path: &Path) -> Vec<u8> {
 
 /// A JWK for the public key of a PEM private key file (RSA or EC P-256).
 pub fn jwk(dir: &Path, key_file: &str) -> Value {
-    openssl(dir, &["pkey", "-in", key_file, "-pubout", "-outform", "DER", "-out", "pub.der"]);
+    openssl(
+        dir,
+        &[
+            "pkey", "-in", key_file, "-pubout", "-outform", "DER", "-out", "pub.der",
+        ],
+    );
     let der = std::fs::read(dir.join("pub.der")).unwrap();
     use x509_parser::prelude::FromDer;
     let (_, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(&der).unwrap();

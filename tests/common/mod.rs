@@ -2,8 +2,8 @@
 //! on a socket in a temp dir, dials it over that socket, and cleans up by PID.
 #![allow(dead_code)]
 
-pub mod bao;
 pub mod azure;
+pub mod bao;
 pub mod google;
 pub mod moto;
 pub mod proxy;

@@ -207,7 +207,10 @@ impl Tokens {
             })?;
         let ttl = json
             .get("expires_in")
-            .and_then(|v| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())))
+            .and_then(|v| {
+                v.as_u64()
+                    .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+            })
             .unwrap_or(3600);
         crate::backend::vault::zeroize_json(&mut json);
         Ok((token, Duration::from_secs(ttl)))

@@ -17,14 +17,95 @@ fn pem_block(tag: &str, der: &[u8]) -> String {
     )
 }
 
+/// Key-derivation rounds one PKCS#12 value may ask for, summed over its
+/// MAC and encrypted parts. The count is the value's own: a vault owner
+/// could ask for billions and hold a thread for minutes. Key Vault and
+/// OpenSSL use 2,048 per part; 1,000,000 costs well under a second.
+pub const MAX_PKCS12_ITERATIONS: u64 = 1_000_000;
+
+/// The key-derivation rounds a PKCS#12 value asks for (MAC, PBKDF2 and
+/// PKCS#12 PBE parameters anywhere in it), read before anything is
+/// derived. An unreadable structure counts as zero: decoding refuses it.
+pub fn pkcs12_iterations(der: &[u8]) -> u64 {
+    use x509_parser::der_parser::ber::{BerObject, BerObjectContent};
+    const PBKDF2: &str = "1.2.840.113549.1.5.12";
+    const PKCS12_PBE: &str = "1.2.840.113549.1.12.1.";
+    fn walk(o: &BerObject, depth: usize, budget: &mut usize, total: &mut u64) {
+        if depth > 24 || *budget == 0 {
+            return;
+        }
+        *budget -= 1;
+        match &o.content {
+            BerObjectContent::Sequence(items) | BerObjectContent::Set(items) => {
+                // AlgorithmIdentifier { OID, params SEQUENCE { salt, iterations, … } }
+                if let (Some(first), Some(second)) = (items.first(), items.get(1)) {
+                    if let Ok(oid) = first.as_oid() {
+                        let oid = oid.to_id_string();
+                        if oid == PBKDF2 || oid.starts_with(PKCS12_PBE) {
+                            if let BerObjectContent::Sequence(params) = &second.content {
+                                if let Some(n) = params.iter().find_map(|p| p.as_u64().ok()) {
+                                    *total = total.saturating_add(n);
+                                }
+                            }
+                        }
+                    }
+                }
+                // MacData { DigestInfo, salt OCTET STRING, iterations INTEGER }
+                if items.len() == 3
+                    && matches!(items[0].content, BerObjectContent::Sequence(_))
+                    && matches!(items[1].content, BerObjectContent::OctetString(_))
+                {
+                    if let Ok(n) = items[2].as_u64() {
+                        *total = total.saturating_add(n);
+                    }
+                }
+                for i in items {
+                    walk(i, depth + 1, budget, total);
+                }
+            }
+            BerObjectContent::Tagged(_, _, inner) => walk(inner, depth + 1, budget, total),
+            BerObjectContent::OctetString(bytes) => inner(bytes, depth, budget, total),
+            BerObjectContent::Unknown(any) => inner(any.data, depth, budget, total),
+            _ => {}
+        }
+    }
+    fn inner(mut bytes: &[u8], depth: usize, budget: &mut usize, total: &mut u64) {
+        while !bytes.is_empty() && *budget > 0 {
+            match x509_parser::der_parser::parse_der(bytes) {
+                Ok((rest, o)) => {
+                    walk(&o, depth + 1, budget, total);
+                    bytes = rest;
+                }
+                Err(_) => return,
+            }
+        }
+    }
+    let mut total = 0;
+    let mut budget = 20_000;
+    inner(der, 0, &mut budget, &mut total);
+    total
+}
+
 /// A certificate secret stored as PKCS#12 (Key Vault stores it without a
 /// password), as key + ordered chain PEM.
-pub fn pfx_to_pem(pfx: &[u8], construct_chain: bool) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+pub fn pfx_to_pem(
+    pfx: &[u8],
+    construct_chain: bool,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+    let rounds = pkcs12_iterations(pfx);
+    if rounds > MAX_PKCS12_ITERATIONS {
+        return Err(format!(
+            "the PKCS#12 value asks for {rounds} key-derivation rounds; coffer allows {MAX_PKCS12_ITERATIONS}"
+        ));
+    }
     let archive = p12_keystore::Pkcs12Archive::from_pkcs12(pfx, "")
         .map_err(|e| format!("the PKCS#12 value cannot be read ({e})"))?;
     let mut out = zeroize::Zeroizing::new(String::new());
     for bag in &archive.keys {
-        out.push_str(&zeroize::Zeroizing::new(pem_block("PRIVATE KEY", bag.key.as_der())));
+        out.push_str(&zeroize::Zeroizing::new(pem_block(
+            "PRIVATE KEY",
+            bag.key.as_der(),
+        )));
     }
     let certs: Vec<Vec<u8>> = archive
         .certs
@@ -44,8 +125,12 @@ pub fn pfx_to_pem(pfx: &[u8], construct_chain: bool) -> Result<zeroize::Zeroizin
 
 /// A certificate secret stored as PEM: its key blocks as they are, then
 /// its certificates in chain order.
-pub fn pem_secret(text: &[u8], construct_chain: bool) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
-    let blocks = pem::parse_many(text).map_err(|e| format!("the PEM value cannot be read ({e})"))?;
+pub fn pem_secret(
+    text: &[u8],
+    construct_chain: bool,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+    let blocks =
+        pem::parse_many(text).map_err(|e| format!("the PEM value cannot be read ({e})"))?;
     let mut out = zeroize::Zeroizing::new(String::new());
     let mut certs = Vec::new();
     for b in &blocks {
@@ -114,7 +199,12 @@ fn node(der: Vec<u8>) -> Option<Node> {
 /// that cannot be parsed or a chain that does not cover every
 /// certificate leave the order as it came.
 pub fn order_chain(certs: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
-    let Some(nodes) = certs.iter().cloned().map(node).collect::<Option<Vec<Node>>>() else {
+    let Some(nodes) = certs
+        .iter()
+        .cloned()
+        .map(node)
+        .collect::<Option<Vec<Node>>>()
+    else {
         return certs;
     };
     let n = nodes.len();
@@ -182,7 +272,12 @@ pub fn public_key_pem(jwk: &Json) -> Result<String, String> {
                 "P-256" => (der::P256, 32),
                 "P-384" => (der::P384, 48),
                 "P-521" => (der::P521, 66),
-                other => return Err(format!("curve {} is not supported", crate::error::shown(other))),
+                other => {
+                    return Err(format!(
+                        "curve {} is not supported",
+                        crate::error::shown(other)
+                    ))
+                }
             };
             let (x, y) = (b64("x")?, b64("y")?);
             if x.len() > size || y.len() > size {

@@ -47,8 +47,7 @@ struct Item {
 
 type Shared<T> = OnceCell<Arc<Result<T, ObjectError>>>;
 
-static PARAMS: std::sync::LazyLock<Key> =
-    std::sync::LazyLock::new(|| Key::of("azure-params", &[]));
+static PARAMS: std::sync::LazyLock<Key> = std::sync::LazyLock::new(|| Key::of("azure-params", &[]));
 
 pub struct AzureBackend {
     defaults: AzureArgs,
@@ -74,8 +73,10 @@ impl AzureBackend {
             defaults,
             tokens: auth::Tokens::new(http.clone()),
             http,
-            max_answer: usize::try_from(max_value_bytes.saturating_mul(4).saturating_add(64 * 1024))
-                .unwrap_or(usize::MAX),
+            max_answer: usize::try_from(
+                max_value_bytes.saturating_mul(4).saturating_add(64 * 1024),
+            )
+            .unwrap_or(usize::MAX),
             assume_service_principal: false,
         }
     }
@@ -99,10 +100,13 @@ impl AzureBackend {
             let ctx = if self.assume_service_principal && ctx.node_publish_secrets.is_none() {
                 let mut c = ctx.clone();
                 c.node_publish_secrets = Some(
-                    [("clientid", "00000000-0000-0000-0000-000000000000"), ("clientsecret", "x")]
-                        .into_iter()
-                        .map(|(k, v)| (k.to_string(), Credential::new(v.to_string())))
-                        .collect(),
+                    [
+                        ("clientid", "00000000-0000-0000-0000-000000000000"),
+                        ("clientsecret", "x"),
+                    ]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), Credential::new(v.to_string())))
+                    .collect(),
                 );
                 assumed = c;
                 &assumed
@@ -134,7 +138,10 @@ impl AzureBackend {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        if resp.content_length().is_some_and(|n| n > self.max_answer as u64) {
+        if resp
+            .content_length()
+            .is_some_and(|n| n > self.max_answer as u64)
+        {
             return Err(ObjectError::Unavailable(format!(
                 "Key Vault's answer for {what} is larger than coffer reads ({} bytes)",
                 self.max_answer
@@ -248,7 +255,7 @@ impl AzureBackend {
                 _ => break,
             }
         }
-        found.sort_by(|a, b| b.0.cmp(&a.0));
+        found.sort_by_key(|v| std::cmp::Reverse(v.0));
         Ok(found.into_iter().map(|(_, v)| v).collect())
     }
 
@@ -344,7 +351,9 @@ impl AzureBackend {
                         _ => None,
                     })
                     .ok_or_else(|| {
-                        ObjectError::Unavailable(format!("Key Vault answered {what} without a value"))
+                        ObjectError::Unavailable(format!(
+                            "Key Vault answered {what} without a value"
+                        ))
                     })?;
                 let value = zeroize::Zeroizing::new(value);
                 let is_cert = json
@@ -367,7 +376,12 @@ impl AzureBackend {
                                     .decode(value.trim())
                                     .map_err(|_| bad("the PKCS#12 value is not base64".into()))?,
                             );
-                            cert::pfx_to_pem(&der, self.defaults.construct_pem_chain).map_err(bad)?
+                            // Key derivation is CPU work: off the async workers.
+                            let chain = self.defaults.construct_pem_chain;
+                            crate::work::run(usize::MAX, move || cert::pfx_to_pem(&der, chain))
+                                .await
+                                .map_err(|e| ObjectError::Unavailable(e.to_string()))?
+                                .map_err(bad)?
                         }
                         "application/x-pem-file" => {
                             cert::pem_secret(value.as_bytes(), self.defaults.construct_pem_chain)
@@ -435,11 +449,7 @@ impl AzureBackend {
 /// A disabled item, or one past its expiry, is refused clearly.
 fn check_attributes(json: &Json, what: &str) -> Result<(), ObjectError> {
     let attrs = json.get("attributes");
-    if attrs
-        .and_then(|a| a.get("enabled"))
-        .and_then(Json::as_bool)
-        == Some(false)
-    {
+    if attrs.and_then(|a| a.get("enabled")).and_then(Json::as_bool) == Some(false) {
         return Err(ObjectError::FailedPrecondition(format!(
             "Key Vault: {what} is disabled"
         )));
@@ -524,7 +534,9 @@ impl Backend for AzureBackend {
             .field(params.auth.client_id());
         let b = match &params.auth {
             Auth::WorkloadIdentity { .. } => b.field("wi").field(ctx.pod.service_account_id()?),
-            Auth::ServicePrincipal { secret, .. } => b.field("sp").key(&fingerprint(secret.expose())),
+            Auth::ServicePrincipal { secret, .. } => {
+                b.field("sp").key(&fingerprint(secret.expose()))
+            }
         };
         Some(
             b.field(o.kind.as_str())
@@ -584,7 +596,11 @@ impl Backend for AzureBackend {
                     return Err(ObjectError::NotFound(format!(
                         "{} is not a certificate secret: no {} file",
                         o.uid(),
-                        if o.part == Part::Certs { ".crt" } else { ".key" }
+                        if o.part == Part::Certs {
+                            ".crt"
+                        } else {
+                            ".key"
+                        }
                     )));
                 };
                 SecretBytes::new(

@@ -309,7 +309,8 @@ impl AzureParams {
 }
 
 fn check_client_id(id: &str) -> Result<(), ObjectError> {
-    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
         return Err(ObjectError::Invalid(format!(
             "clientID {} is not an application (client) id",
             shown(id)
@@ -385,7 +386,9 @@ pub fn peer_entries(mut map: Mapping, split: bool) -> Result<Vec<Value>, ObjectE
         .filter(|a| !a.is_empty())
         .unwrap_or(&name)
         .to_string();
-    let kind = string_field(&map, "objectType")?.unwrap_or_default().to_string();
+    let kind = string_field(&map, "objectType")?
+        .unwrap_or_default()
+        .to_string();
     let history = match map.remove(key("objectVersionHistory")) {
         None | Some(Value::Null) => 0,
         Some(Value::Number(n)) => n.as_i64().unwrap_or(-1),
