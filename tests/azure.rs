@@ -630,3 +630,69 @@ async fn trace_logs_hold_no_secret_token_or_key() {
         assert!(lines.is_empty(), "{canary} is in the log: {lines:#?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_values_are_shared_only_by_identical_authorizations() {
+    let f = fixture().await;
+    f.azure.allow(SP_CLIENT, "*");
+    let daemon = daemon_cached(&f.azure);
+    let mut c = daemon.client().await;
+    let objects = array(&["objectName: secret1\nobjectType: secret"]);
+    let wi = spc(&[("clientID", WI_CLIENT), ("objects", &objects)]);
+    let gets = || f.azure.world.lock().unwrap().gets.len();
+    let pod = |name: &str, uid: &str| {
+        let mut drv = driver(Path::new("/t"));
+        drv.pod.name = name.into();
+        drv.pod.uid = uid.into();
+        let token = f.signer.pod_token("shop", "web", WI, 600, name, uid);
+        with_tokens(drv, &[(WI, &token)]).to_proto(&wi)
+    };
+    c.mount(pod("web-0", "0f6b7a0e-1111-4222-8333-444455556666"))
+        .await
+        .unwrap();
+    assert_eq!(gets(), 1);
+    // Another pod of the same service account and application: cached.
+    c.mount(pod("web-1", "0f6b7a0e-1111-4222-8333-000000000001"))
+        .await
+        .unwrap();
+    assert_eq!(gets(), 1);
+    // A service principal is another authorization.
+    let mut drv = driver(Path::new("/t"));
+    drv.node_publish_secrets = Some(BTreeMap::from([
+        ("clientid".to_string(), Credential::new(SP_CLIENT.into())),
+        (
+            "clientsecret".to_string(),
+            Credential::new(SP_SECRET.into()),
+        ),
+    ]));
+    c.mount(drv.to_proto(&spc(&[("objects", &objects)])))
+        .await
+        .unwrap();
+    assert_eq!(gets(), 2);
+    // Another vault's item of the same name is another item.
+    f.azure.put("secrets", "other-kv--secret1", json!({"value": "other"}));
+    let other = spc(&[
+        ("clientID", WI_CLIENT),
+        ("keyvaultName", "other-kv"),
+        ("objects", &objects),
+    ]);
+    let token = f.signer.token("shop", "web", WI, 600);
+    c.mount(with_tokens(driver(Path::new("/t")), &[(WI, &token)]).to_proto(&other))
+        .await
+        .unwrap();
+    assert_eq!(gets(), 3);
+}
+
+fn daemon_cached(a: &Azure) -> Daemon {
+    Daemon::start_with(Options {
+        extra_args: vec![
+            "--azure-authority-host".into(),
+            a.url.clone(),
+            "--azure-keyvault-endpoint".into(),
+            format!("{}/v/{{name}}", a.url),
+            "--cache-ttl".into(),
+            "60s".into(),
+        ],
+        ..Default::default()
+    })
+}

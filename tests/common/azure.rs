@@ -82,6 +82,12 @@ impl Azure {
         };
         let app = axum::Router::new()
             .route("/{tenant}/oauth2/v2.0/token", axum::routing::post(token))
+            // Per-vault URLs (`--azure-keyvault-endpoint …/v/{name}`).
+            .route("/v/{vault}/{collection}/{name}", axum::routing::get(item))
+            .route(
+                "/v/{vault}/{collection}/{name}/{version}",
+                axum::routing::get(item),
+            )
             .route("/kv/{collection}/{name}", axum::routing::get(item))
             .route(
                 "/kv/{collection}/{name}/{version}",
@@ -253,6 +259,11 @@ async fn item(
             .unwrap_or_default()
     };
     let (collection, name, version) = (get("collection"), get("name"), get("version"));
+    // Each vault of the per-vault URLs holds its own items.
+    let name = match get("vault").as_str() {
+        "" | "kvname" => name,
+        vault => format!("{vault}--{name}"),
+    };
     if query.get("api-version").map(String::as_str) != Some("7.4") {
         return kv_error(
             400,
