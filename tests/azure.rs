@@ -87,6 +87,8 @@ fn read(dir: &Path, f: &str) -> String {
 struct Fixture {
     azure: Azure,
     signer: Signer,
+    /// shop/web's token, minted once as the kubelet reuses it.
+    token: String,
     dir: tempfile::TempDir,
     pfx: Vec<u8>,
 }
@@ -169,6 +171,7 @@ async fn fixture() -> Fixture {
     azure.allow(WI_CLIENT, "*");
     Fixture {
         azure,
+        token: signer.token("shop", "web", WI, 600),
         signer,
         dir,
         pfx,
@@ -176,11 +179,7 @@ async fn fixture() -> Fixture {
 }
 
 fn wi_pod(f: &Fixture, spc: &SecretProviderClass) -> proto::MountRequest {
-    with_tokens(
-        driver(Path::new("/t")),
-        &[(WI, &f.signer.token("shop", "web", WI, 600))],
-    )
-    .to_proto(spc)
+    with_tokens(driver(Path::new("/t")), &[(WI, &f.token)]).to_proto(spc)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -670,7 +669,8 @@ async fn cached_values_are_shared_only_by_identical_authorizations() {
         .unwrap();
     assert_eq!(gets(), 2);
     // Another vault's item of the same name is another item.
-    f.azure.put("secrets", "other-kv--secret1", json!({"value": "other"}));
+    f.azure
+        .put("secrets", "other-kv--secret1", json!({"value": "other"}));
     let other = spc(&[
         ("clientID", WI_CLIENT),
         ("keyvaultName", "other-kv"),

@@ -334,7 +334,7 @@ async fn bad_input_gets_the_right_code_and_the_daemon_keeps_serving() {
         ),
         (
             "unknown backend",
-            request("- objectName: ok\n  backend: azure"),
+            request("- objectName: ok\n  backend: hsm"),
             FailedPrecondition,
             "not enabled",
         ),
