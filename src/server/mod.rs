@@ -67,9 +67,19 @@ fn raise_nofile_limit() {
 async fn release_memory_periodically() {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = 0u32;
     loop {
         tick.tick().await;
-        let _ = tokio::task::spawn_blocking(crate::work::release_memory).await;
+        ticks += 1;
+        let _ = tokio::task::spawn_blocking(move || {
+            crate::work::release_memory();
+            // After the first minute: the code that ran only while
+            // starting and warming up leaves RSS.
+            if ticks == 2 {
+                crate::work::drop_code_pages();
+            }
+        })
+        .await;
     }
 }
 
@@ -241,6 +251,8 @@ pub async fn serve_with_backends(
         version = env!("CARGO_PKG_VERSION"),
         "coffer provider listening"
     );
+    // Start-up code (flag parsing, SDK clients, policy) is done with.
+    tokio::task::spawn_blocking(crate::work::drop_code_pages);
     tokio::pin!(server);
     let result = tokio::select! {
         r = &mut server => r.map_err(ServeError::from),
