@@ -89,6 +89,8 @@ impl Azure {
                 axum::routing::get(item),
             )
             .route("/kv/{collection}/{name}", axum::routing::get(item))
+            .route("/kv/{collection}/{name}/", axum::routing::get(item))
+            .route("/v/{vault}/{collection}/{name}/", axum::routing::get(item))
             .route(
                 "/kv/{collection}/{name}/{version}",
                 axum::routing::get(item),

@@ -317,20 +317,15 @@ impl AzureBackend {
         token: &Credential,
     ) -> Result<Item, ObjectError> {
         let what = format!("{}/{}", o.kind.as_str(), o.name);
-        let url = match version {
-            Some(v) => format!(
-                "{}/{}/{}/{v}?api-version={API_VERSION}",
-                params.vault_url,
-                o.kind.collection(),
-                o.name
-            ),
-            None => format!(
-                "{}/{}/{}?api-version={API_VERSION}",
-                params.vault_url,
-                o.kind.collection(),
-                o.name
-            ),
-        };
+        // `{name}/{version}`, with an empty version for the latest, as
+        // Azure's SDKs (and so the Azure provider) ask for it.
+        let url = format!(
+            "{}/{}/{}/{}?api-version={API_VERSION}",
+            params.vault_url,
+            o.kind.collection(),
+            o.name,
+            version.unwrap_or("")
+        );
         let mut json = self.get(&url, token, &what).await?;
         check_attributes(&json, &what)?;
         let id_of = |j: &Json, field: &str| {
