@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::key::Key;
 use crate::secret::Credential;
 
-use crate::error::shown;
+use crate::error::{shown, ObjectError};
 
 /// Attribute keys the driver fills in from the pod (with `podInfoOnMount`).
 pub mod keys {
@@ -107,6 +107,31 @@ impl Memo {
     pub fn once<T: Clone + Send + Sync + 'static>(&self, key: &Key, make: impl FnOnce() -> T) -> T {
         let slot: Arc<std::sync::OnceLock<T>> = self.get_or_default(key);
         slot.get_or_init(make).clone()
+    }
+}
+
+impl Memo {
+    /// `make()` run once per Mount under `key`: its answer, or its final
+    /// refusal, is shared by every object that asks (one call for a batch
+    /// or for a secret's several files); a retryable failure is not kept,
+    /// so a retry calls again.
+    pub async fn once_async<T, F, Fut>(&self, key: &Key, make: F) -> Result<T, ObjectError>
+    where
+        T: Clone + Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ObjectError>>,
+    {
+        type Slot<T> = tokio::sync::OnceCell<Arc<Result<T, ObjectError>>>;
+        let slot: Arc<Slot<T>> = self.get_or_default(key);
+        let kept = slot
+            .get_or_try_init(|| async {
+                match make().await {
+                    Err(e) if e.is_retryable() => Err(e),
+                    other => Ok(Arc::new(other)),
+                }
+            })
+            .await?;
+        (**kept).clone()
     }
 }
 

@@ -247,6 +247,40 @@ impl ObjectSpec {
         )))
     }
 
+    /// For objects rewritten from a peer's form, whose fields are `known`
+    /// once rewritten: a near miss of a field users write (`written`) is a
+    /// typo, refused with a suggestion in the words of `provider`'s form.
+    pub fn reject_peer_typos(
+        &self,
+        known: &[&str],
+        written: &[&str],
+        provider: &str,
+    ) -> Result<(), ObjectError> {
+        let typos: Vec<String> = self
+            .unknown_fields(known)
+            .into_iter()
+            .filter(|u| suggestion(u, written).is_some())
+            .map(|u| with_suggestion(u, written))
+            .collect();
+        if typos.is_empty() {
+            return Ok(());
+        }
+        Err(ObjectError::Invalid(format!(
+            "unknown field(s) {} (the {provider} provider's fields: {})",
+            typos.join(", "),
+            written.join(", ")
+        )))
+    }
+
+    /// The other unknown fields of such an object: leftovers the peer
+    /// ignores too, for a warning.
+    pub fn peer_leftovers<'a>(&'a self, known: &[&str], written: &[&str]) -> Vec<&'a str> {
+        self.unknown_fields(known)
+            .into_iter()
+            .filter(|u| suggestion(u, written).is_none())
+            .collect()
+    }
+
     /// The backend-specific fields that `known` does not list.
     pub fn unknown_fields(&self, known: &[&str]) -> Vec<&str> {
         self.fields
@@ -301,6 +335,22 @@ fn edit_distance(a: &str, b: &str) -> usize {
         prev2 = std::mem::replace(&mut prev, cur);
     }
     prev[b.len()]
+}
+
+/// A string field of a raw `objects` entry (peer forms are rewritten
+/// before [`ObjectSpec`] exists); a non-string value is an error.
+pub(crate) fn string_field<'a>(
+    map: &'a serde_yaml_ng::Mapping,
+    key: &str,
+) -> Result<Option<&'a str>, ObjectError> {
+    match map.get(Value::String(key.into())) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(ObjectError::Invalid(format!(
+            "{key} must be a string, got {}",
+            yaml_kind(other)
+        ))),
+    }
 }
 
 pub(crate) fn yaml_kind(v: &Value) -> &'static str {
@@ -450,28 +500,19 @@ fn parse_all(
         // The AWS provider's entries name the secret in objectName and the
         // file in objectAlias; one entry may make several files (jmesPath).
         let entries = match entry {
-            Value::Mapping(map) if !gcp_form && is_azure_form(&map, spc_backend, azure_spc) => {
+            Value::Mapping(map) if !gcp_form => {
                 let label = match map.get(Value::String("objectName".into())) {
                     Some(Value::String(n)) if !n.is_empty() => n.clone(),
                     _ => format!("{param_name}[{index}]"),
                 };
-                match azure::peer_entries(map, defaults.azure_split_cert_key) {
-                    Ok(entries) => entries,
-                    Err(error) => {
-                        failures.push(Failure {
-                            object: label,
-                            error,
-                        });
-                        continue;
-                    }
-                }
-            }
-            Value::Mapping(map) if !gcp_form && is_aws_form(&map, spc_backend, parameters) => {
-                let label = match map.get(Value::String("objectName".into())) {
-                    Some(Value::String(n)) if !n.is_empty() => n.clone(),
-                    _ => format!("{param_name}[{index}]"),
+                let rewritten = if is_azure_form(&map, spc_backend, azure_spc) {
+                    azure::peer_entries(map, defaults.azure_split_cert_key)
+                } else if is_aws_form(&map, spc_backend, parameters) {
+                    translate.clone().and_then(|t| aws::peer_entries(map, t))
+                } else {
+                    Ok(vec![Value::Mapping(map)])
                 };
-                match translate.clone().and_then(|t| aws::peer_entries(map, t)) {
+                match rewritten {
                     Ok(entries) => entries,
                     Err(error) => {
                         failures.push(Failure {

@@ -52,6 +52,58 @@ pub struct FetchLimits {
     pub max_bytes: u64,
 }
 
+impl FetchLimits {
+    /// Refuses a value of `size` bytes over the limit.
+    pub fn check(self, size: usize) -> Result<(), ObjectError> {
+        if size as u64 > self.max_bytes {
+            return Err(ObjectError::TooLarge {
+                size: size as u64,
+                limit: self.max_bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Go's `strconv.ParseBool`, which the peer providers read their flags with.
+pub fn go_bool(v: &str) -> Option<bool> {
+    match v {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+/// An HTTP answer's body, read with a byte bound (a lying server cannot
+/// balloon memory) into a buffer that is wiped when dropped. `who` names
+/// the server in errors.
+pub async fn read_capped(
+    mut resp: reqwest::Response,
+    cap: usize,
+    who: &str,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, ObjectError> {
+    let mut body = zeroize::Zeroizing::new(Vec::new());
+    if resp.content_length().is_some_and(|n| n > cap as u64) {
+        return Err(ObjectError::Unavailable(format!(
+            "{who} answered more than coffer reads ({cap} bytes)"
+        )));
+    }
+    while let Some(chunk) = resp.chunk().await.map_err(|e| {
+        ObjectError::Unavailable(format!(
+            "{who} broke off its answer: {}",
+            crate::error::cause_chain(&e)
+        ))
+    })? {
+        if body.len() + chunk.len() > cap {
+            return Err(ObjectError::Unavailable(format!(
+                "{who} answered more than coffer reads ({cap} bytes)"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 #[async_trait]
 pub trait Backend: Send + Sync {
     /// The name used in the SPC's `backend` parameter.

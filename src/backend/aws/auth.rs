@@ -149,24 +149,14 @@ impl Creds {
     }
 
     fn sts_client(&self, region: &str) -> aws_sdk_sts::Client {
-        let key = KeyBuilder::new("aws-sts-client")
-            .field(region)
-            .opt(self.defaults.sts_endpoint.as_deref())
-            .finish();
-        if let Some(c) = self.sts.get(&key) {
-            return c;
-        }
-        let mut b = aws_sdk_sts::Config::builder()
-            .behavior_version(aws_sdk_sts::config::BehaviorVersion::latest())
-            .region(aws_sdk_sts::config::Region::new(region.to_string()))
-            .retry_config(aws_sdk_sts::config::retry::RetryConfig::disabled())
-            .timeout_config(super::timeouts(self.timeout));
-        if let Some(ep) = &self.defaults.sts_endpoint {
-            b = b.endpoint_url(ep.trim_end_matches('/'));
-        }
-        let client = aws_sdk_sts::Client::from_conf(b.build());
-        self.sts.insert(key, client.clone());
-        client
+        regional_client!(
+            aws_sdk_sts,
+            self.sts,
+            "aws-sts-client",
+            region,
+            &self.defaults.sts_endpoint,
+            self.timeout
+        )
     }
 
     /// STS AssumeRoleWithWebIdentity (an unsigned call: the token is the
@@ -246,7 +236,7 @@ impl Creds {
 
     async fn agent_call(&self, endpoint: &str, token: &str) -> Result<Credentials, ObjectError> {
         self.agent_calls.fetch_add(1, Ordering::Relaxed);
-        let mut resp = self
+        let resp = self
             .http
             .get(endpoint)
             .header(reqwest::header::AUTHORIZATION, token)
@@ -259,21 +249,12 @@ impl Creds {
                 ))
             })?;
         let status = resp.status();
-        let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| {
-            ObjectError::Unavailable(format!(
-                "the EKS Pod Identity agent at {endpoint} broke off its answer: {}",
-                crate::error::cause_chain(&e)
-            ))
-        })? {
-            if body.len() + chunk.len() > MAX_AGENT_ANSWER {
-                return Err(ObjectError::Unavailable(format!(
-                    "the EKS Pod Identity agent at {endpoint} answered more than {MAX_AGENT_ANSWER} bytes"
-                )));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        let body = zeroize::Zeroizing::new(body);
+        let body = crate::backend::read_capped(
+            resp,
+            MAX_AGENT_ANSWER,
+            &format!("the EKS Pod Identity agent at {endpoint}"),
+        )
+        .await?;
         let json: Json = serde_json::from_slice(&body).unwrap_or(Json::Null);
         if !status.is_success() {
             let said = json

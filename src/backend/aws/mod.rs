@@ -13,7 +13,6 @@ use aws_credential_types::Credentials;
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
-use tokio::sync::OnceCell;
 
 use super::{Backend, FetchLimits, Fetched};
 use crate::bounded_map::{BoundedMap, Bounds};
@@ -23,6 +22,33 @@ use crate::key::{Key, KeyBuilder};
 use crate::request::MountContext;
 use crate::secret::SecretBytes;
 use crate::spc::ObjectSpec;
+
+/// The kept SDK client of one service for `region`, built once: the
+/// SDK's own retries off (coffer's limit layer decides), coffer's
+/// timeouts, the flag's endpoint for every region, and any further
+/// builder settings given.
+macro_rules! regional_client {
+    ($sdk:ident, $map:expr, $tag:literal, $region:expr, $endpoint:expr, $timeout:expr $(, $setting:ident($value:expr))*) => {{
+        let key = crate::key::Key::of($tag, &[$region]);
+        match $map.get(&key) {
+            Some(client) => client,
+            None => {
+                let mut b = $sdk::config::Builder::new()
+                    .behavior_version($sdk::config::BehaviorVersion::latest())
+                    .region($sdk::config::Region::new($region.to_string()))
+                    .retry_config($sdk::config::retry::RetryConfig::disabled())
+                    .timeout_config(crate::backend::aws::timeouts($timeout))
+                    $(.$setting($value))*;
+                if let Some(ep) = $endpoint {
+                    b = b.endpoint_url(ep.trim_end_matches('/'));
+                }
+                let client = $sdk::Client::from_conf(b.build());
+                $map.insert(key, client.clone());
+                client
+            }
+        }
+    }};
+}
 
 pub mod auth;
 pub mod params;
@@ -209,11 +235,6 @@ struct Answer {
     version: String,
 }
 
-/// One Mount's shared answer to one request: final failures are shared
-/// too (every object of an SSM batch gets AccessDenied from one call), a
-/// retryable one is not kept, so a retry calls again.
-type Shared<T> = OnceCell<Arc<Result<T, ObjectError>>>;
-
 /// The SSM names a Mount asks for, in SPC order, deduplicated: objects are
 /// batched ten names per GetParameters call in this order.
 #[derive(Default)]
@@ -222,6 +243,8 @@ struct SsmPlan(Mutex<Vec<(Target, Option<Target>)>>);
 static PARAMS: std::sync::LazyLock<Key> = std::sync::LazyLock::new(|| Key::of("aws-params", &[]));
 static SSM_PLAN: std::sync::LazyLock<Key> =
     std::sync::LazyLock::new(|| Key::of("aws-ssm-plan", &[]));
+static SSM_BATCHES: std::sync::LazyLock<Key> =
+    std::sync::LazyLock::new(|| Key::of("aws-ssm-batches", &[]));
 
 /// Clients kept: one per (service, region) in use.
 const CLIENTS: Bounds = Bounds {
@@ -281,45 +304,29 @@ impl AwsBackend {
     }
 
     fn sm_client(&self, region: &str) -> aws_sdk_secretsmanager::Client {
-        use aws_sdk_secretsmanager::config;
-        let key = Key::of("aws-sm-client", &[region]);
-        if let Some(c) = self.sm.get(&key) {
-            return c;
-        }
-        let mut b = config::Builder::new()
-            .behavior_version(config::BehaviorVersion::latest())
-            .region(config::Region::new(region.to_string()))
-            .retry_config(config::retry::RetryConfig::disabled())
-            .timeout_config(timeouts(self.timeout))
-            .identity_cache(config::IdentityCache::no_cache())
-            .interceptor(SizeGuard(self.max_answer));
-        if let Some(ep) = &self.defaults.secretsmanager_endpoint {
-            b = b.endpoint_url(ep.trim_end_matches('/'));
-        }
-        let client = aws_sdk_secretsmanager::Client::from_conf(b.build());
-        self.sm.insert(key, client.clone());
-        client
+        regional_client!(
+            aws_sdk_secretsmanager,
+            self.sm,
+            "aws-sm-client",
+            region,
+            &self.defaults.secretsmanager_endpoint,
+            self.timeout,
+            identity_cache(aws_sdk_secretsmanager::config::IdentityCache::no_cache()),
+            interceptor(SizeGuard(self.max_answer))
+        )
     }
 
     fn ssm_client(&self, region: &str) -> aws_sdk_ssm::Client {
-        use aws_sdk_ssm::config;
-        let key = Key::of("aws-ssm-client", &[region]);
-        if let Some(c) = self.ssm.get(&key) {
-            return c;
-        }
-        let mut b = config::Builder::new()
-            .behavior_version(config::BehaviorVersion::latest())
-            .region(config::Region::new(region.to_string()))
-            .retry_config(config::retry::RetryConfig::disabled())
-            .timeout_config(timeouts(self.timeout))
-            .identity_cache(config::IdentityCache::no_cache())
-            .interceptor(SizeGuard(self.max_answer));
-        if let Some(ep) = &self.defaults.ssm_endpoint {
-            b = b.endpoint_url(ep.trim_end_matches('/'));
-        }
-        let client = aws_sdk_ssm::Client::from_conf(b.build());
-        self.ssm.insert(key, client.clone());
-        client
+        regional_client!(
+            aws_sdk_ssm,
+            self.ssm,
+            "aws-ssm-client",
+            region,
+            &self.defaults.ssm_endpoint,
+            self.timeout,
+            identity_cache(aws_sdk_ssm::config::IdentityCache::no_cache()),
+            interceptor(SizeGuard(self.max_answer))
+        )
     }
 
     fn endpoint_host(&self, kind: Kind, region: &str) -> String {
@@ -374,7 +381,7 @@ impl AwsBackend {
             }
         };
         let value = SecretBytes::new(value);
-        too_large(value.len(), limits).map_err(|error| RegionError {
+        limits.check(value.len()).map_err(|error| RegionError {
             class: Class::Client,
             error,
         })?;
@@ -431,7 +438,7 @@ impl AwsBackend {
                 // Several objects may ask for the same name: keep it.
                 let p = &mut found[pos];
                 let value = SecretBytes::new(p.value.clone().unwrap_or_default().into_bytes());
-                too_large(value.len(), limits)?;
+                limits.check(value.len())?;
                 Ok(Answer {
                     value,
                     version: p.version.to_string(),
@@ -447,16 +454,17 @@ impl AwsBackend {
     }
 
     /// `call` in the primary region, then — only when that region is out —
-    /// in the failover region with the failover object.
-    async fn in_regions<T, F, Fut>(
+    /// in the failover region with the failover object(s).
+    async fn in_regions<R, T, F, Fut>(
         &self,
         params: &AwsParams,
-        primary: &Target,
-        failover: Option<&Target>,
+        primary: &R,
+        failover: Option<&R>,
         call: F,
     ) -> Result<T, ObjectError>
     where
-        F: Fn(String, Target) -> Fut,
+        R: Clone,
+        F: Fn(String, R) -> Fut,
         Fut: std::future::Future<Output = Result<T, RegionError>>,
     {
         let first = match call(params.region.clone(), primary.clone()).await {
@@ -489,19 +497,14 @@ impl AwsBackend {
         limits: FetchLimits,
     ) -> Result<Answer, ObjectError> {
         let key = request_key("aws-sm", &o.primary, o.failover.as_ref());
-        let shared: Arc<Shared<Answer>> = ctx.memo.get_or_default(&key);
-        let answer = shared
-            .get_or_try_init(|| async {
-                let r = self
-                    .in_regions(params, &o.primary, o.failover.as_ref(), |region, target| {
-                        let creds = creds.clone();
-                        async move { self.get_secret(&region, &target, &creds, limits).await }
-                    })
-                    .await;
-                shareable(r)
+        ctx.memo
+            .once_async(&key, || {
+                self.in_regions(params, &o.primary, o.failover.as_ref(), |region, target| {
+                    let creds = creds.clone();
+                    async move { self.get_secret(&region, &target, &creds, limits).await }
+                })
             })
-            .await?;
-        (**answer).clone()
+            .await
     }
 
     /// This object's parameter from its batch's one GetParameters call.
@@ -514,13 +517,21 @@ impl AwsBackend {
         limits: FetchLimits,
     ) -> Result<Answer, ObjectError> {
         let me = (o.primary.clone(), o.failover.clone());
-        let plan: Arc<SsmPlan> = ctx.memo.get_or_default(&SSM_PLAN);
-        let all = plan.0.lock().map(|l| l.clone()).unwrap_or_default();
+        // The Mount's batches, worked out once (validation has noted every
+        // SSM object by the time the first one is fetched).
+        let planned = ctx.memo.once(&SSM_BATCHES, || {
+            let plan: Arc<SsmPlan> = ctx.memo.get_or_default(&SSM_PLAN);
+            let all = plan.0.lock().map(|l| l.clone()).unwrap_or_default();
+            let batches = ssm_batches(&all);
+            Arc::new((all, batches))
+        });
+        let (all, batches) = &*planned;
         let (batch, at) = match all.iter().position(|e| *e == me) {
             Some(pos) => {
-                let b = ssm_batches(&all)
-                    .into_iter()
+                let b = batches
+                    .iter()
                     .find(|b| b.contains(&pos))
+                    .cloned()
                     .unwrap_or_else(|| vec![pos]);
                 let at = b.iter().position(|i| *i == pos).unwrap_or(0);
                 (
@@ -536,7 +547,6 @@ impl AwsBackend {
                 b.key(&request_key("t", p, f.as_ref()))
             })
             .finish();
-        let shared: Arc<Shared<Vec<Result<Answer, ObjectError>>>> = ctx.memo.get_or_default(&key);
         let primaries: Vec<Target> = batch.iter().map(|(p, _)| p.clone()).collect();
         // A failover batch asks each object's failover target (its own
         // name where it has no failover object).
@@ -544,48 +554,21 @@ impl AwsBackend {
             .iter()
             .map(|(_, f)| f.clone())
             .collect::<Option<Vec<_>>>();
-        let answers = shared
-            .get_or_try_init(|| async {
-                let first = self
-                    .get_parameters(&params.region, &primaries, creds, limits)
-                    .await;
-                let r = match (first, &params.failover_region, &failovers) {
-                    (Ok(v), _, _) => Ok(v),
-                    (Err(e), Some(region), Some(targets))
-                        if matches!(e.class, Class::Server | Class::Connection) =>
-                    {
-                        match self.get_parameters(region, targets, creds, limits).await {
-                            Ok(v) => {
-                                crate::metrics::METRICS.aws_failovers.inc();
-                                Ok(v)
-                            }
-                            Err(second) => Err(ObjectError::Unavailable(format!(
-                                "both regions failed: {}; failover region: {}",
-                                e.error, second.error
-                            ))),
-                        }
-                    }
-                    (Err(e), _, _) => Err(e.error),
-                };
-                shareable(r)
+        let answers: Arc<Vec<Result<Answer, ObjectError>>> = ctx
+            .memo
+            .once_async(&key, || async {
+                self.in_regions(params, &primaries, failovers.as_ref(), |region, targets| {
+                    let creds = creds.clone();
+                    async move { self.get_parameters(&region, &targets, &creds, limits).await }
+                })
+                .await
+                .map(Arc::new)
             })
             .await?;
-        match &**answers {
-            Ok(list) => list
-                .get(at)
-                .cloned()
-                .unwrap_or_else(|| Err(ObjectError::Internal("SSM batch answer is short".into()))),
-            Err(e) => Err(e.clone()),
-        }
-    }
-}
-
-/// Keeps final outcomes (answers and refusals) for the Mount; hands a
-/// retryable failure back without keeping it.
-fn shareable<T>(r: Result<T, ObjectError>) -> Result<Arc<Result<T, ObjectError>>, ObjectError> {
-    match r {
-        Err(e) if e.is_retryable() => Err(e),
-        other => Ok(Arc::new(other)),
+        answers
+            .get(at)
+            .cloned()
+            .unwrap_or_else(|| Err(ObjectError::Internal("SSM batch answer is short".into())))
     }
 }
 
@@ -635,16 +618,6 @@ fn ssm_matches(p: &aws_sdk_ssm::types::Parameter, t: &Target) -> bool {
         && t.version
             .as_ref()
             .is_none_or(|v| p.version.to_string() == *v)
-}
-
-fn too_large(size: usize, limits: FetchLimits) -> Result<(), ObjectError> {
-    if size as u64 > limits.max_bytes {
-        return Err(ObjectError::TooLarge {
-            size: size as u64,
-            limit: limits.max_bytes,
-        });
-    }
-    Ok(())
 }
 
 /// [`jmes_extract`] for `coffer::fuzzing`.
@@ -731,11 +704,7 @@ impl Backend for AwsBackend {
     /// Leftovers the AWS provider ignores too; near misses of its fields
     /// are refused as typos instead (see `AwsObject::from_spec`).
     fn ignored_fields<'a>(&self, object: &'a ObjectSpec) -> Vec<&'a str> {
-        object
-            .unknown_fields(params::OBJECT_FIELDS)
-            .into_iter()
-            .filter(|u| crate::spc::suggestion(u, params::USER_FIELDS).is_none())
-            .collect()
+        object.peer_leftovers(params::OBJECT_FIELDS, params::USER_FIELDS)
     }
 
     fn parameters(&self) -> Vec<String> {

@@ -9,7 +9,7 @@ use serde_yaml_ng::{Mapping, Value};
 use crate::config::AwsArgs;
 use crate::error::{shown, ObjectError};
 use crate::request::MountContext;
-use crate::spc::{yaml_kind, ObjectSpec};
+use crate::spc::{string_field, yaml_kind, ObjectSpec};
 
 /// SPC parameters this backend reads.
 pub const PARAMETERS: &[&str] = &[
@@ -196,7 +196,7 @@ impl AwsParams {
         };
         let pod_identity = match param("usePodIdentity") {
             None => false,
-            Some(v) => go_bool(v).ok_or_else(|| {
+            Some(v) => crate::backend::go_bool(v).ok_or_else(|| {
                 ObjectError::Invalid(format!("usePodIdentity {} is not true or false", shown(v)))
             })?,
         };
@@ -240,15 +240,6 @@ impl AwsParams {
             failover_region,
             auth,
         })
-    }
-}
-
-/// Go's `strconv.ParseBool`, which the AWS provider reads flags with.
-fn go_bool(v: &str) -> Option<bool> {
-    match v {
-        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
-        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
-        _ => None,
     }
 }
 
@@ -433,17 +424,6 @@ fn file_name(name: &str, alias: Option<&str>, translate: Option<char>) -> String
     }
 }
 
-fn string_field<'a>(map: &'a Mapping, key: &str) -> Result<Option<&'a str>, ObjectError> {
-    match map.get(Value::String(key.into())) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.as_str())),
-        Some(other) => Err(ObjectError::Invalid(format!(
-            "{key} must be a string, got {}",
-            yaml_kind(other)
-        ))),
-    }
-}
-
 /// Rewrites one entry of the peer's form into coffer's object form: the
 /// object itself (`objectName` = its file, the secret's name kept in
 /// [`NAME_FIELD`]) and one object per `jmesPath` item (its alias as the
@@ -536,19 +516,7 @@ pub fn peer_entries(map: Mapping, translate: Option<char>) -> Result<Vec<Value>,
 
 impl AwsObject {
     pub fn from_spec(object: &ObjectSpec, params: &AwsParams) -> Result<Self, ObjectError> {
-        let typos: Vec<String> = object
-            .unknown_fields(OBJECT_FIELDS)
-            .into_iter()
-            .filter(|u| crate::spc::suggestion(u, USER_FIELDS).is_some())
-            .map(|u| crate::spc::with_suggestion(u, USER_FIELDS))
-            .collect();
-        if !typos.is_empty() {
-            return Err(ObjectError::Invalid(format!(
-                "unknown field(s) {} (the AWS provider's fields: {})",
-                typos.join(", "),
-                USER_FIELDS.join(", ")
-            )));
-        }
+        object.reject_peer_typos(OBJECT_FIELDS, USER_FIELDS, "AWS")?;
         let name = object.required_str(NAME_FIELD).map_err(|_| {
             ObjectError::Invalid("objectName (the secret's name or ARN) is missing".into())
         })?;

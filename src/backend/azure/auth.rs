@@ -136,7 +136,7 @@ impl Tokens {
                 .finish(),
         );
         drop(grant);
-        let mut resp = self
+        let resp = self
             .http
             .post(&url)
             .header(
@@ -154,20 +154,7 @@ impl Tokens {
                 ))
             })?;
         let status = resp.status();
-        let mut raw = zeroize::Zeroizing::new(Vec::new());
-        while let Some(chunk) = resp.chunk().await.map_err(|e| {
-            ObjectError::Unavailable(format!(
-                "Entra ID broke off its answer: {}",
-                crate::error::cause_chain(&e)
-            ))
-        })? {
-            if raw.len() + chunk.len() > MAX_TOKEN_ANSWER {
-                return Err(ObjectError::Unavailable(
-                    "Entra ID answered more than 64 KiB".into(),
-                ));
-            }
-            raw.extend_from_slice(&chunk);
-        }
+        let raw = crate::backend::read_capped(resp, MAX_TOKEN_ANSWER, "Entra ID").await?;
         let mut json: Json = serde_json::from_slice(&raw).unwrap_or(Json::Null);
         if !status.is_success() {
             let said = json

@@ -107,19 +107,12 @@ pub fn pfx_to_pem(
             bag.key.as_der(),
         )));
     }
-    let certs: Vec<Vec<u8>> = archive
+    let certs = archive
         .certs
         .iter()
         .map(|c| c.cert.as_der().to_vec())
         .collect();
-    let certs = if construct_chain {
-        order_chain(certs)
-    } else {
-        certs
-    };
-    for c in &certs {
-        out.push_str(&pem_block(CERT, c));
-    }
+    push_chain(&mut out, certs, construct_chain);
     Ok(zeroize::Zeroizing::new(out.as_bytes().to_vec()))
 }
 
@@ -140,6 +133,12 @@ pub fn pem_secret(
             out.push_str(&zeroize::Zeroizing::new(pem_block(b.tag(), b.contents())));
         }
     }
+    push_chain(&mut out, certs, construct_chain);
+    Ok(zeroize::Zeroizing::new(out.as_bytes().to_vec()))
+}
+
+/// Appends `certs` as PEM, in chain order when asked.
+fn push_chain(out: &mut String, certs: Vec<Vec<u8>>, construct_chain: bool) {
     let certs = if construct_chain {
         order_chain(certs)
     } else {
@@ -148,7 +147,6 @@ pub fn pem_secret(
     for c in &certs {
         out.push_str(&pem_block(CERT, c));
     }
-    Ok(zeroize::Zeroizing::new(out.as_bytes().to_vec()))
 }
 
 /// The certificates (`.crt`) or the key blocks (`.key`) of key + chain PEM.

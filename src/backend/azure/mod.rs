@@ -14,7 +14,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use base64::Engine as _;
 use serde_json::Value as Json;
-use tokio::sync::OnceCell;
 
 use super::{Backend, FetchLimits, Fetched};
 use crate::config::AzureArgs;
@@ -44,8 +43,6 @@ struct Item {
     /// Key + chain PEM of a certificate secret (for `.crt` / `.key`).
     cert_pem: Option<SecretBytes>,
 }
-
-type Shared<T> = OnceCell<Arc<Result<T, ObjectError>>>;
 
 static PARAMS: std::sync::LazyLock<Key> = std::sync::LazyLock::new(|| Key::of("azure-params", &[]));
 
@@ -119,7 +116,7 @@ impl AzureBackend {
 
     /// GET `url` with the pod's token; the JSON answer, read within bounds.
     async fn get(&self, url: &str, token: &Credential, what: &str) -> Result<Json, ObjectError> {
-        let mut resp = self
+        let resp = self
             .http
             .get(url)
             .bearer_auth(token.expose())
@@ -138,30 +135,7 @@ impl AzureBackend {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        if resp
-            .content_length()
-            .is_some_and(|n| n > self.max_answer as u64)
-        {
-            return Err(ObjectError::Unavailable(format!(
-                "Key Vault's answer for {what} is larger than coffer reads ({} bytes)",
-                self.max_answer
-            )));
-        }
-        let mut raw = zeroize::Zeroizing::new(Vec::new());
-        while let Some(chunk) = resp.chunk().await.map_err(|e| {
-            ObjectError::Unavailable(format!(
-                "Key Vault broke off its answer for {what}: {}",
-                crate::error::cause_chain(&e)
-            ))
-        })? {
-            if raw.len() + chunk.len() > self.max_answer {
-                return Err(ObjectError::Unavailable(format!(
-                    "Key Vault's answer for {what} is larger than coffer reads ({} bytes)",
-                    self.max_answer
-                )));
-            }
-            raw.extend_from_slice(&chunk);
-        }
+        let raw = super::read_capped(resp, self.max_answer, &format!("Key Vault ({what})")).await?;
         let json: Json = serde_json::from_slice(&raw).map_err(|_| {
             ObjectError::Unavailable(format!(
                 "Key Vault answered {status} for {what} with something that is not JSON"
@@ -275,19 +249,12 @@ impl AzureBackend {
             .field(o.kind.as_str())
             .field(&o.name)
             .finish();
-        let shared: Arc<Shared<Vec<String>>> = ctx.memo.get_or_default(&key);
-        let list = shared
-            .get_or_try_init(|| async {
-                match self.versions(params, o, token).await {
-                    Err(e) if e.is_retryable() => Err(e),
-                    other => Ok(Arc::new(other)),
-                }
+        let list: Arc<Vec<String>> = ctx
+            .memo
+            .once_async(&key, || async {
+                self.versions(params, o, token).await.map(Arc::new)
             })
             .await?;
-        let list = match &**list {
-            Ok(l) => l,
-            Err(e) => return Err(e.clone()),
-        };
         let start = match &o.version {
             None => 0,
             Some(v) => list.iter().position(|x| x == v).ok_or_else(|| {
@@ -475,11 +442,7 @@ impl Backend for AzureBackend {
     }
 
     fn ignored_fields<'a>(&self, object: &'a ObjectSpec) -> Vec<&'a str> {
-        object
-            .unknown_fields(params::OBJECT_FIELDS)
-            .into_iter()
-            .filter(|u| crate::spc::suggestion(u, params::USER_FIELDS).is_none())
-            .collect()
+        object.peer_leftovers(params::OBJECT_FIELDS, params::USER_FIELDS)
     }
 
     fn parameters(&self) -> Vec<String> {
@@ -570,19 +533,10 @@ impl Backend for AzureBackend {
             .opt(version.as_deref())
             .field(if o.pfx { "pfx" } else { "pem" })
             .finish();
-        let shared: Arc<Shared<Item>> = ctx.memo.get_or_default(&key);
-        let item = shared
-            .get_or_try_init(|| async {
-                match self.item(&params, &o, version.as_deref(), &token).await {
-                    Err(e) if e.is_retryable() => Err(e),
-                    other => Ok(Arc::new(other)),
-                }
-            })
+        let item = ctx
+            .memo
+            .once_async(&key, || self.item(&params, &o, version.as_deref(), &token))
             .await?;
-        let item = match &**item {
-            Ok(i) => i.clone(),
-            Err(e) => return Err(e.clone()),
-        };
         let contents = match o.part {
             Part::Whole => item.value,
             Part::Certs | Part::Key => {
@@ -605,12 +559,7 @@ impl Backend for AzureBackend {
                 )
             }
         };
-        if contents.len() as u64 > limits.max_bytes {
-            return Err(ObjectError::TooLarge {
-                size: contents.len() as u64,
-                limit: limits.max_bytes,
-            });
-        }
+        limits.check(contents.len())?;
         Ok(Fetched {
             contents,
             version: Some(item.version).filter(|v| !v.is_empty()),

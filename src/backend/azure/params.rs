@@ -9,7 +9,7 @@ use serde_yaml_ng::{Mapping, Value};
 use crate::config::AzureArgs;
 use crate::error::{shown, ObjectError};
 use crate::request::MountContext;
-use crate::spc::{yaml_kind, ObjectSpec};
+use crate::spc::{string_field, yaml_kind, ObjectSpec};
 
 /// SPC parameters this backend reads.
 pub const PARAMETERS: &[&str] = &[
@@ -167,14 +167,6 @@ pub struct AzureParams {
     pub auth: Auth,
 }
 
-fn go_bool(v: &str) -> Option<bool> {
-    match v {
-        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
-        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
-        _ => None,
-    }
-}
-
 impl AzureParams {
     pub fn from_context(ctx: &MountContext, defaults: &AzureArgs) -> Result<Self, ObjectError> {
         let param = |k: &str| {
@@ -194,7 +186,7 @@ impl AzureParams {
             ),
         ] {
             if let Some(v) = param(flag) {
-                match go_bool(v) {
+                match crate::backend::go_bool(v) {
                     Some(false) => {}
                     Some(true) => {
                         return Err(ObjectError::Invalid(format!(
@@ -357,17 +349,6 @@ pub fn array_entries(doc: &Value) -> Option<Result<Vec<Value>, ObjectError>> {
     Some(Ok(out))
 }
 
-fn string_field<'a>(map: &'a Mapping, key: &str) -> Result<Option<&'a str>, ObjectError> {
-    match map.get(Value::String(key.into())) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.trim())),
-        Some(other) => Err(ObjectError::Invalid(format!(
-            "{key} must be a string, got {}",
-            yaml_kind(other)
-        ))),
-    }
-}
-
 /// Rewrites one entry of the Azure provider's form into coffer objects:
 /// the item as its file (`objectAlias`, else `objectName`), or with
 /// `objectVersionHistory: N` the files `<file>/0 … <file>/N-1` (newest
@@ -377,16 +358,19 @@ fn string_field<'a>(map: &'a Mapping, key: &str) -> Result<Option<&'a str>, Obje
 pub fn peer_entries(mut map: Mapping, split: bool) -> Result<Vec<Value>, ObjectError> {
     let key = |k: &str| Value::String(k.into());
     let name = string_field(&map, "objectName")?
+        .map(str::trim)
         .unwrap_or_default()
         .to_string();
     if name.is_empty() {
         return Err(ObjectError::Invalid("objectName is missing".into()));
     }
     let file = string_field(&map, "objectAlias")?
+        .map(str::trim)
         .filter(|a| !a.is_empty())
         .unwrap_or(&name)
         .to_string();
     let kind = string_field(&map, "objectType")?
+        .map(str::trim)
         .unwrap_or_default()
         .to_string();
     let history = match map.remove(key("objectVersionHistory")) {
@@ -447,7 +431,8 @@ pub fn peer_entries(mut map: Mapping, split: bool) -> Result<Vec<Value>, ObjectE
         return Ok(out);
     }
     map.insert(key("objectName"), Value::String(file.clone()));
-    let pfx = string_field(&map, "objectFormat")?.is_some_and(|f| f.eq_ignore_ascii_case("pfx"));
+    let pfx =
+        string_field(&map, "objectFormat")?.is_some_and(|f| f.trim().eq_ignore_ascii_case("pfx"));
     if split && kind == "secret" && !pfx {
         for (suffix, part) in [(".crt", "crt"), (".key", "key")] {
             let mut e = map.clone();
@@ -464,19 +449,7 @@ pub fn peer_entries(mut map: Mapping, split: bool) -> Result<Vec<Value>, ObjectE
 
 impl AzureObject {
     pub fn from_spec(object: &ObjectSpec) -> Result<Self, ObjectError> {
-        let typos: Vec<String> = object
-            .unknown_fields(OBJECT_FIELDS)
-            .into_iter()
-            .filter(|u| crate::spc::suggestion(u, USER_FIELDS).is_some())
-            .map(|u| crate::spc::with_suggestion(u, USER_FIELDS))
-            .collect();
-        if !typos.is_empty() {
-            return Err(ObjectError::Invalid(format!(
-                "unknown field(s) {} (the Azure provider's fields: {})",
-                typos.join(", "),
-                USER_FIELDS.join(", ")
-            )));
-        }
+        object.reject_peer_typos(OBJECT_FIELDS, USER_FIELDS, "Azure")?;
         let name = object
             .required_str(NAME_FIELD)
             .map_err(|_| ObjectError::Invalid("objectName (the vault item) is missing".into()))?;

@@ -197,7 +197,7 @@ impl GcpBackend {
                 request.resource
             ))
         })?;
-        too_large(payload.data.len(), limits)?;
+        limits.check(payload.data.len())?;
         if let Some(expected) = payload.data_crc32c {
             if i64::from(crc32c::crc32c(&payload.data)) != expected {
                 return Err(ObjectError::Unavailable(format!(
@@ -229,19 +229,9 @@ impl GcpBackend {
             .send()
             .await
             .map_err(|e| map_error(&e, "Parameter Manager", &request.resource))?;
-        too_large(resp.rendered_payload.len(), limits)?;
+        limits.check(resp.rendered_payload.len())?;
         Ok((resp.rendered_payload, None))
     }
-}
-
-fn too_large(size: usize, limits: FetchLimits) -> Result<(), ObjectError> {
-    if size as u64 > limits.max_bytes {
-        return Err(ObjectError::TooLarge {
-            size: size as u64,
-            limit: limits.max_bytes,
-        });
-    }
-    Ok(())
 }
 
 /// Maps a Secret Manager or Parameter Manager failure; messages name the
