@@ -171,7 +171,30 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub azure: AzureArgs,
     #[command(flatten)]
+    pub sops: SopsArgs,
+    #[command(flatten)]
     pub log: LogArgs,
+}
+
+/// Node-wide settings of the `sops` backend (SOPS documents in the SPC).
+#[derive(Debug, Clone, Default, Args)]
+pub struct SopsArgs {
+    /// Directory of age identities, one file per namespace
+    /// (`<dir>/<namespace>.txt`, 0600, owned by coffer's user): a pod's
+    /// documents are opened only with its own namespace's identities.
+    #[arg(
+        id = "sops-age-key-dir",
+        long = "sops-age-key-dir",
+        env = "COFFER_SOPS_AGE_KEY_DIR"
+    )]
+    pub age_key_dir: Option<PathBuf>,
+    /// Also try `<dir>/_cluster.txt` for every namespace.
+    #[arg(
+        id = "sops-cluster-key",
+        long = "sops-cluster-key",
+        env = "COFFER_SOPS_CLUSTER_KEY"
+    )]
+    pub cluster_key: bool,
 }
 
 /// Node-wide settings of the `gcp` backend (Google Secret Manager).
@@ -448,6 +471,19 @@ impl ServeArgs {
         }
         if self.vault.request_timeout.is_zero() {
             return Err("--vault-request-timeout 0s: every backend call would time out".into());
+        }
+        if let Some(dir) = &self.sops.age_key_dir {
+            if !dir.is_dir() {
+                return Err(format!(
+                    "--sops-age-key-dir {}: not a directory",
+                    dir.display()
+                ));
+            }
+        }
+        if self.sops.cluster_key && self.sops.age_key_dir.is_none() {
+            return Err(
+                "--sops-cluster-key needs --sops-age-key-dir (where _cluster.txt is)".into(),
+            );
         }
         if let Some(root) = &self.file_backend_root {
             if !root.is_dir() {

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use coffer::cli::{check, demo, mount};
+use coffer::cli::{check, demo, mount, sops};
 use coffer::config::{LogArgs, LogFormat, ServeArgs};
 use coffer::logging;
 
@@ -26,6 +26,12 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Validate SecretProviderClass manifests as Mount would, fetching nothing.
     Check(check::CheckArgs),
+    /// Keys for the `sops` backend (age identities per namespace).
+    #[command(subcommand)]
+    Sops(sops::SopsCommand),
+    /// Encrypt a value or a YAML/JSON/dotenv document into a SOPS document
+    /// for an SPC's `sops` object.
+    Seal(sops::SealArgs),
 }
 
 fn runtime(workers: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
@@ -117,6 +123,30 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
+            }
+        }
+        Command::Sops(sops::SopsCommand::Keygen(args)) => match sops::keygen(args) {
+            Ok(recipient) => {
+                println!("{recipient}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("coffer sops keygen: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Seal(args) => {
+            let _ = logging::init(&quiet_logs());
+            match rt.block_on(sops::seal(args)) {
+                Ok(Some(document)) => {
+                    print!("{document}");
+                    ExitCode::SUCCESS
+                }
+                Ok(None) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("coffer seal: {e}");
+                    ExitCode::FAILURE
+                }
             }
         }
         Command::Demo(args) => {

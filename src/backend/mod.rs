@@ -16,6 +16,7 @@ pub mod aws;
 pub mod azure;
 pub mod file;
 pub mod gcp;
+pub mod sops;
 pub mod vault;
 
 /// What a backend returns for one object.

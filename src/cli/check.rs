@@ -108,8 +108,20 @@ impl Finding {
 /// The file backend is judged by its rules only (no root is opened).
 fn registry(args: &CheckArgs) -> Registry {
     let mut r = Registry::new();
-    r.register(Arc::new(FileBackend::new("/".into(), Scope::None)));
-    r.register(Arc::new(VaultBackend::new(args.vault.clone())));
+    let files = Arc::new(FileBackend::new("/".into(), Scope::None));
+    r.register(files.clone());
+    let vault = Arc::new(VaultBackend::new(args.vault.clone()));
+    r.register(vault.clone());
+    r.register(Arc::new(
+        crate::backend::sops::SopsBackend::new(
+            None,
+            false,
+            vault,
+            Some(files),
+            std::time::Duration::ZERO,
+        )
+        .inspect_all(),
+    ));
     r.register(Arc::new(GcpBackend::new(
         GcpArgs {
             // key.json arrives in nodePublishSecretRef, which check has not

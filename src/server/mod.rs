@@ -86,14 +86,27 @@ async fn release_memory_periodically() {
 /// Builds the backends enabled by the flags.
 pub fn backends(args: &ServeArgs) -> Registry {
     let mut registry = Registry::new();
-    if let Some(root) = &args.file_backend_root {
-        registry.register(Arc::new(
+    let files = args.file_backend_root.as_ref().map(|root| {
+        Arc::new(
             FileBackend::new(root.clone(), args.file_backend_scope)
                 .refuse_hardlinks(args.file_backend_refuse_hardlinks),
-        ));
+        )
+    });
+    if let Some(files) = &files {
+        registry.register(files.clone());
     }
     // Always on: it does nothing until an SPC (or --vault-addr) names a Vault.
-    registry.register(Arc::new(VaultBackend::new(args.vault.clone())));
+    let vault = Arc::new(VaultBackend::new(args.vault.clone()));
+    registry.register(vault.clone());
+    // Always on: documents open only with keys the node has (age key
+    // files) or the pod's own Vault login.
+    registry.register(Arc::new(crate::backend::sops::SopsBackend::new(
+        args.sops.age_key_dir.clone(),
+        args.sops.cluster_key,
+        vault,
+        files,
+        args.cache_ttl,
+    )));
     registry.register(Arc::new(GcpBackend::new(
         args.gcp.clone(),
         args.vault.request_timeout,

@@ -8,6 +8,7 @@ pub mod google;
 pub mod moto;
 pub mod proxy;
 pub mod python;
+pub mod sops;
 
 use std::collections::BTreeMap;
 use std::io::Read;

@@ -420,31 +420,7 @@ impl Backend for VaultBackend {
     fn cache_key(&self, object: &ObjectSpec, ctx: &MountContext) -> Option<Key> {
         let params = self.params(ctx).ok()?;
         let request = VaultObject::from_spec(object).ok()?;
-        let key = KeyBuilder::new("vault-cache")
-            .field(&params.address)
-            .opt(params.namespace.as_deref());
-        let key = match &params.auth {
-            params::Auth::Login {
-                mount,
-                role,
-                audience,
-            } => key
-                .field("login")
-                .field(mount)
-                .field(role)
-                .field(audience)
-                .field(ctx.pod.service_account_id()?),
-            params::Auth::AppRole {
-                mount,
-                role_id,
-                secret_id,
-            } => key
-                .field("approle")
-                .field(mount)
-                .field(role_id)
-                .key(&fingerprint(secret_id.expose())),
-            params::Auth::Token(t) => key.field("token").key(&fingerprint(t.expose())),
-        };
+        let key = identity_fields(KeyBuilder::new("vault-cache"), &params, ctx)?;
         Some(
             request
                 .request_fields(key)
@@ -508,6 +484,117 @@ impl Backend for VaultBackend {
             .map(|p| p.address.clone())
             .unwrap_or_default();
         Some(Key::of("limit-vault", &[&address]))
+    }
+}
+
+/// The fields that decide what Vault lets this caller do: address,
+/// namespace, and the login (auth mount, role, audience and service
+/// account; AppRole and static tokens by the credential itself).
+fn identity_fields(
+    key: KeyBuilder,
+    params: &VaultParams,
+    ctx: &MountContext,
+) -> Option<KeyBuilder> {
+    let key = key.field(&params.address).opt(params.namespace.as_deref());
+    Some(match &params.auth {
+        params::Auth::Login {
+            mount,
+            role,
+            audience,
+        } => key
+            .field("login")
+            .field(mount)
+            .field(role)
+            .field(audience)
+            .field(ctx.pod.service_account_id()?),
+        params::Auth::AppRole {
+            mount,
+            role_id,
+            secret_id,
+        } => key
+            .field("approle")
+            .field(mount)
+            .field(role_id)
+            .key(&fingerprint(secret_id.expose())),
+        params::Auth::Token(t) => key.field("token").key(&fingerprint(t.expose())),
+    })
+}
+
+/// Transit answers are a few hundred bytes.
+const MAX_TRANSIT_BODY: u64 = 64 * 1024;
+
+impl VaultBackend {
+    /// Who this caller is to Vault (see [`identity_fields`]), for caches
+    /// of answers made with the caller's login; `None` when the SPC's Vault
+    /// settings are incomplete or the pod has no service account.
+    pub fn caller_identity(&self, ctx: &MountContext) -> Option<Key> {
+        let params = self.params(ctx).ok()?;
+        identity_fields(KeyBuilder::new("vault-identity"), &params, ctx).map(KeyBuilder::finish)
+    }
+
+    /// Transit decrypt as the pod (SOPS `hc_vault` keys): the SPC's Vault,
+    /// the pod's login, `POST /v1/<engine>/decrypt/<key>`. Returns the
+    /// plaintext bytes (base64-decoded), wiped on drop.
+    pub async fn transit_decrypt(
+        &self,
+        ctx: &MountContext,
+        engine_path: &str,
+        key_name: &str,
+        ciphertext: &str,
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, ObjectError> {
+        use base64::Engine as _;
+        let engine = engine_path.trim_matches('/');
+        let safe = |s: &str, slash: bool| {
+            !s.is_empty()
+                && s.len() <= 256
+                && s.split('/')
+                    .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+                && s.chars().all(|c| {
+                    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') || (slash && c == '/')
+                })
+        };
+        if !safe(engine, true) || !safe(key_name, false) {
+            return Err(ObjectError::Invalid(format!(
+                "transit key {}/keys/{} is not a Vault path",
+                crate::error::shown(engine_path),
+                crate::error::shown(key_name)
+            )));
+        }
+        let params = self.params(ctx)?;
+        let endpoint = self.clients.get(&params.address, &params.tls).await?;
+        let path = format!("/v1/{engine}/decrypt/{key_name}");
+        let body = serde_json::json!({ "ciphertext": ciphertext });
+        let raw = zeroize::Zeroizing::new(
+            self.call(
+                &endpoint,
+                &params,
+                ctx,
+                &http::Request {
+                    method: reqwest::Method::POST,
+                    path: &path,
+                    query: &[],
+                    body: Some(&body),
+                    namespace: params.namespace.as_deref(),
+                },
+                &format!("transit decrypt with {engine}/keys/{key_name}"),
+                MAX_TRANSIT_BODY,
+            )
+            .await?,
+        );
+        let mut parsed: Json = serde_json::from_slice(&raw).map_err(|_| {
+            ObjectError::Invalid(format!("Vault's transit answer from {path} is not JSON"))
+        })?;
+        let plain = parsed
+            .pointer("/data/plaintext")
+            .and_then(Json::as_str)
+            .map(|p| base64::engine::general_purpose::STANDARD.decode(p));
+        zeroize_json(&mut parsed);
+        match plain {
+            Some(Ok(bytes)) => Ok(zeroize::Zeroizing::new(bytes)),
+            _ => Err(ObjectError::Invalid(format!(
+                "Vault's transit answer from {path} has no base64 data.plaintext"
+            ))),
+        }
     }
 }
 

@@ -1,0 +1,292 @@
+//! The `sops` backend: SOPS-encrypted documents kept in Git (inline in the
+//! SecretProviderClass, or a file below `--file-backend-root`), decrypted
+//! on the node for the pods allowed to, straight into their volume. No
+//! controller and no Kubernetes Secret: the plaintext never reaches etcd.
+//!
+//! - `document`: the SOPS file formats (YAML, JSON, dotenv, binary) and
+//!   their `sops` metadata, within bounds;
+//! - `crypt`: values (AES-256-GCM, path as additional data) and the MAC;
+//! - `auth`: whose keys open the data key (per-namespace age identities,
+//!   Vault transit as the pod);
+//! - `params`: the object's fields.
+//!
+//! Nothing is cached in the node cache: each Mount decrypts (an X25519
+//! exchange and an AES pass), so a pod never receives a value another pod
+//! unwrapped. Only transit-unwrapped data keys are kept, per Vault identity.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::file::FileBackend;
+use super::vault::VaultBackend;
+use super::{Backend, FetchLimits, Fetched};
+use crate::error::{shown, ObjectError};
+use crate::request::MountContext;
+use crate::secret::SecretBytes;
+use crate::spc::ObjectSpec;
+
+pub mod auth;
+pub mod crypt;
+pub mod document;
+pub mod params;
+
+use document::{Document, Format, Node};
+use params::{SopsObject, Source, Step};
+
+/// Inline documents up to this size are fully inspected when an SPC is
+/// validated (every Mount): larger ones when they are fetched, off the
+/// async workers.
+const INSPECT_INLINE_BYTES: usize = 64 * 1024;
+
+pub struct SopsBackend {
+    keys: auth::Keys,
+    /// The file backend, for `sopsFile` (its root and scope rules).
+    files: Option<Arc<FileBackend>>,
+    /// `coffer check`: inspect every inline document, whatever its size.
+    inspect_all: bool,
+}
+
+impl SopsBackend {
+    pub fn new(
+        age_key_dir: Option<PathBuf>,
+        cluster_key: bool,
+        vault: Arc<VaultBackend>,
+        files: Option<Arc<FileBackend>>,
+        key_ttl: Duration,
+    ) -> Self {
+        Self {
+            keys: auth::Keys::new(age_key_dir, cluster_key, vault, key_ttl),
+            files,
+            inspect_all: false,
+        }
+    }
+
+    /// Inspect inline documents of any size in `validate` (`coffer check`).
+    pub fn inspect_all(mut self) -> Self {
+        self.inspect_all = true;
+        self
+    }
+
+    async fn document_bytes(
+        &self,
+        object: &ObjectSpec,
+        params: &SopsObject<'_>,
+        ctx: &MountContext,
+        limits: FetchLimits,
+    ) -> Result<SecretBytes, ObjectError> {
+        match &params.source {
+            Source::Inline(text) => Ok(SecretBytes::new(text.as_bytes().to_vec())),
+            Source::File(path) => {
+                let files = self.files_backend()?;
+                let mut spec = object.clone();
+                spec.backend = "file".into();
+                spec.fields = [(
+                    "path".to_string(),
+                    serde_yaml_ng::Value::String(path.to_string()),
+                )]
+                .into_iter()
+                .collect();
+                let limits = FetchLimits {
+                    max_bytes: limits.max_bytes.min(document::MAX_DOCUMENT_BYTES as u64),
+                };
+                files
+                    .fetch(&spec, ctx, limits)
+                    .await
+                    .map(|f| f.contents)
+                    .map_err(|e| match e {
+                        ObjectError::NotFound(m) => {
+                            ObjectError::NotFound(format!("sopsFile {}: {m}", shown(path)))
+                        }
+                        other => other,
+                    })
+            }
+        }
+    }
+
+    fn files_backend(&self) -> Result<&Arc<FileBackend>, ObjectError> {
+        self.files.as_ref().ok_or_else(|| {
+            ObjectError::FailedPrecondition(
+                "sopsFile needs the file backend on this node (--file-backend-root)".into(),
+            )
+        })
+    }
+}
+
+/// A document's problems as an object error.
+fn invalid(e: impl std::fmt::Display) -> ObjectError {
+    ObjectError::Invalid(format!("the SOPS document {e}"))
+}
+
+/// Reads a document and checks what can be checked without a key: its
+/// format, its metadata (a MAC, a stamp, key groups), its rules.
+pub fn inspect(bytes: &[u8], format: Format) -> Result<Document, ObjectError> {
+    let doc = document::parse(bytes, format).map_err(invalid)?;
+    let meta = &doc.metadata;
+    if meta.mac.is_empty() {
+        return Err(invalid(
+            "has no MAC (sops.mac): coffer never decrypts a document it cannot check",
+        ));
+    }
+    if crypt::go_rfc3339(&meta.lastmodified).is_none() {
+        return Err(invalid(format!(
+            "has no valid lastmodified stamp (got {})",
+            shown(&meta.lastmodified)
+        )));
+    }
+    if meta.groups.iter().all(Vec::is_empty) {
+        return Err(invalid("lists no keys (sops.age, sops.hc_vault, …)"));
+    }
+    crypt::Rules::of(meta).map_err(|e| ObjectError::Invalid(e.to_string()))?;
+    Ok(doc)
+}
+
+/// What one object writes from a decrypted document.
+fn output(doc: &Document, key: Option<&[Step]>) -> Result<Vec<u8>, ObjectError> {
+    let Some(steps) = key else {
+        return document::emit(doc).map_err(invalid);
+    };
+    let root = doc.branches.first().map(Vec::as_slice).unwrap_or(&[]);
+    let mut at: Option<&Node> = None;
+    let mut walked = String::new();
+    for step in steps {
+        let next = match (at, step) {
+            (None, Step::Key(k)) => root.iter().find(|(have, _)| have == k).map(|(_, v)| v),
+            (Some(node @ Node::Map(_)), Step::Key(k)) => node.get(k),
+            (Some(Node::List(items)), Step::Index(i)) => items.get(*i),
+            _ => None,
+        };
+        let Some(next) = next else {
+            let here: Vec<String> = match at {
+                None => root.iter().map(|(k, _)| k.clone()).collect(),
+                Some(Node::Map(items)) => items.iter().map(|(k, _)| k.clone()).collect(),
+                Some(Node::List(items)) => {
+                    vec![format!("indexes 0 to {}", items.len().saturating_sub(1))]
+                }
+                Some(other) => vec![format!("a {}", other.kind())],
+            };
+            let mut here: Vec<String> = here
+                .iter()
+                .map(|k| crate::error::shown_bare(k).to_string())
+                .collect();
+            here.truncate(crate::error::LISTED_FAILURES);
+            return Err(ObjectError::NotFound(format!(
+                "key {walked}{step} is not in the SOPS document (there: {})",
+                here.join(", ")
+            )));
+        };
+        walked.push_str(&step.to_string());
+        at = Some(next);
+    }
+    let Some(node) = at else {
+        return document::emit(doc).map_err(invalid);
+    };
+    match node.scalar_text() {
+        Some(bytes) => Ok(bytes),
+        // A subtree: written in the document's own format.
+        None => match doc.format {
+            Format::Json => {
+                serde_json::to_vec_pretty(node).map_err(|_| invalid("cannot be written"))
+            }
+            _ => serde_yaml_ng::to_string(node)
+                .map(String::into_bytes)
+                .map_err(|_| invalid("cannot be written")),
+        },
+    }
+}
+
+#[async_trait]
+impl Backend for SopsBackend {
+    fn name(&self) -> &'static str {
+        "sops"
+    }
+
+    fn validate(&self, object: &ObjectSpec, _ctx: &MountContext) -> Result<(), ObjectError> {
+        let params = SopsObject::from_spec(object)?;
+        match &params.source {
+            Source::Inline(text) if self.inspect_all || text.len() <= INSPECT_INLINE_BYTES => {
+                inspect(text.as_bytes(), params.format).map(drop)
+            }
+            Source::Inline(_) => Ok(()),
+            Source::File(path) => {
+                let files = self.files_backend()?;
+                let mut spec = object.clone();
+                spec.fields = [(
+                    "path".to_string(),
+                    serde_yaml_ng::Value::String(path.to_string()),
+                )]
+                .into_iter()
+                .collect();
+                files.validate(&spec, _ctx)
+            }
+        }
+    }
+
+    /// A document with Vault transit keys logs in to Vault as the pod.
+    fn token_audience(&self, object: &ObjectSpec, ctx: &MountContext) -> Option<String> {
+        let params = SopsObject::from_spec(object).ok()?;
+        let may_use_vault = match &params.source {
+            Source::Inline(text) => text.contains("hc_vault"),
+            Source::File(_) => true,
+        };
+        if !may_use_vault {
+            return None;
+        }
+        self.keys.vault().token_audience(object, ctx)
+    }
+
+    fn describe(&self, object: &ObjectSpec) -> String {
+        match SopsObject::from_spec(object) {
+            Ok(p) => match p.source {
+                Source::Inline(_) => format!("inline {} document", p.format.name()),
+                Source::File(path) => format!("sopsFile {path}"),
+            },
+            Err(_) => object.name.clone(),
+        }
+    }
+
+    fn placement(&self, object: &ObjectSpec, _ctx: &MountContext) -> crate::policy::Placement {
+        crate::policy::Placement {
+            path: SopsObject::from_spec(object)
+                .ok()
+                .and_then(|p| match p.source {
+                    Source::File(path) => Some(path.to_string()),
+                    Source::Inline(_) => None,
+                }),
+            ..Default::default()
+        }
+    }
+
+    async fn fetch(
+        &self,
+        object: &ObjectSpec,
+        ctx: &MountContext,
+        limits: FetchLimits,
+    ) -> Result<Fetched, ObjectError> {
+        let params = SopsObject::from_spec(object)?;
+        let bytes = self.document_bytes(object, &params, ctx, limits).await?;
+        let size = bytes.len();
+        let format = params.format;
+        let doc = crate::work::run(size, move || inspect(bytes.expose(), format))
+            .await
+            .map_err(|e| ObjectError::Unavailable(e.to_string()))??;
+        let data_key = self.keys.data_key(&doc.metadata, ctx).await?;
+        let key = params.key.clone();
+        let out = crate::work::run(size, move || {
+            let mut doc = doc;
+            crypt::decrypt(&mut doc, &data_key).map_err(|e| ObjectError::Invalid(e.to_string()))?;
+            output(&doc, key.as_deref())
+        })
+        .await
+        .map_err(|e| ObjectError::Unavailable(e.to_string()))??;
+        limits.check(out.len())?;
+        Ok(Fetched {
+            contents: SecretBytes::new(out),
+            version: None,
+            shareable: false,
+            immutable: false,
+        })
+    }
+}
