@@ -236,6 +236,23 @@ pub fn jmes_path(value: &[u8], expr: &str) -> Result<usize, String> {
     crate::backend::aws::jmes_for_fuzzing(value, expr)
 }
 
+/// A SOPS document (`format`: 0 YAML, 1 JSON, 2 dotenv, 3 binary) read,
+/// inspected and decrypted with a key that is not its own: every value
+/// and the MAC are looked at until the first refusal.
+pub fn sops_document(bytes: &[u8], format: u8) -> Result<usize, String> {
+    use crate::backend::sops::{crypt, document::Format, inspect};
+    let format = match format % 4 {
+        0 => Format::Yaml,
+        1 => Format::Json,
+        2 => Format::Dotenv,
+        _ => Format::Binary,
+    };
+    let mut doc = inspect(bytes, format).map_err(|e| e.to_string())?;
+    let key = zeroize::Zeroizing::new([7u8; 32]);
+    crypt::decrypt(&mut doc, &key).map_err(|e| e.to_string())?;
+    Ok(doc.branches.len())
+}
+
 /// A set of output paths through the driver's and coffer's path rules.
 pub fn paths(list: &[&str]) -> usize {
     list.iter()

@@ -178,6 +178,63 @@ fn payload_and_value_shapes_are_bounded() {
     });
 }
 
+/// The `sops` backend's reader and decryption on the worst documents
+/// known: as many values as fit in 1 MiB (each an AES-GCM open until the
+/// first refusal), deep nesting, alias bombs, huge metadata lists.
+#[test]
+fn sops_documents_are_bounded() {
+    let meta = "sops:\n  age:\n  - recipient: age1x\n    enc: x\n  lastmodified: '2024-01-01T00:00:00Z'\n  mac: ENC[AES256_GCM,data:AA==,iv:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=,tag:AAAAAAAAAAAAAAAAAAAAAA==,type:str]\n";
+    let value = "ENC[AES256_GCM,data:AA==,iv:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=,tag:AAAAAAAAAAAAAAAAAAAAAA==,type:str]";
+    // Unencrypted values (suffix rule) are not opened: many of them.
+    let many: String = (0..8000)
+        .map(|i| format!("k{i}_unencrypted: {i}\n"))
+        .collect::<String>()
+        + "sops:\n  unencrypted_suffix: _unencrypted\n"
+        + &meta[6..];
+    let _ = bounded("SOPS: 8,000 clear values", many.len(), || {
+        fuzzing::sops_document(many.as_bytes(), 0)
+    });
+    let sealed: String = (0..7000)
+        .map(|i| format!("k{i}: {value}\n"))
+        .collect::<String>()
+        + meta;
+    let out = bounded("SOPS: 7,000 sealed values", sealed.len(), || {
+        fuzzing::sops_document(sealed.as_bytes(), 0)
+    });
+    assert!(out.is_err(), "not its key");
+    let too_many: String = (0..30000).map(|i| format!("k{i}: 1\n")).collect::<String>() + meta;
+    let out = bounded("SOPS: 30,000 values", too_many.len(), || {
+        fuzzing::sops_document(too_many.as_bytes(), 0)
+    });
+    assert!(out.is_err(), "over the value bound");
+    let deep = format!(
+        "{{\"a\": {}1{}, {:?}: {{}}}}",
+        "[".repeat(100_000),
+        "]".repeat(100_000),
+        "sops"
+    );
+    let _ = bounded("SOPS: deep JSON", deep.len(), || {
+        fuzzing::sops_document(deep.as_bytes(), 1)
+    });
+    let list_bomb: String = (0..40000)
+        .map(|i| format!("sops_a{i}__list_255=x\n"))
+        .collect();
+    let out = bounded("SOPS: dotenv metadata lists", list_bomb.len(), || {
+        fuzzing::sops_document(list_bomb.as_bytes(), 2)
+    });
+    assert!(out.is_err());
+    let wide: String = (0..60000).map(|i| format!("[{i}],")).collect();
+    let wide = format!("{{\"a\": [{}0], \"sops\": {{}}}}", wide);
+    let _ = bounded("SOPS: wide JSON", wide.len(), || {
+        fuzzing::sops_document(wide.as_bytes(), 1)
+    });
+    for (label, doc) in named_shapes() {
+        let _ = bounded(&format!("SOPS: {label}"), doc.len(), || {
+            fuzzing::sops_document(doc.as_bytes(), 0)
+        });
+    }
+}
+
 /// Text from the characters YAML and JSON give meaning to.
 fn structured(max: usize) -> impl Strategy<Value = String> {
     let atoms = prop::sample::select(vec![
@@ -318,6 +375,11 @@ proptest! {
     #[test]
     fn generated_jmes_paths_are_bounded(expr in "[a-z@*.\\[\\]|(),&?=!<> `0-9:-]{0,120}", doc in structured(4000)) {
         let _ = bounded("generated jmesPath", doc.len(), || fuzzing::jmes_path(doc.as_bytes(), &expr));
+    }
+
+    #[test]
+    fn generated_sops_documents_are_bounded(doc in structured(4000), format in 0u8..4) {
+        let _ = bounded("generated SOPS documents", doc.len(), || fuzzing::sops_document(doc.as_bytes(), format));
     }
 
     #[test]

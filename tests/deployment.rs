@@ -176,6 +176,10 @@ fn the_chart_renders_valid_hardened_manifests_for_every_value_set() {
             serde_json::json!({"fileBackend": {"root": "/srv/secrets"}}),
         ),
         (
+            "sops",
+            serde_json::json!({"sops": {"ageKeySecret": "coffer-sops-age", "clusterKey": true}}),
+        ),
+        (
             "policy",
             serde_json::json!({
                 "policy": "default: deny\nrules:\n  - {name: files, objects: {backends: [file]}, action: allow}\n",
@@ -302,6 +306,17 @@ fn the_chart_renders_valid_hardened_manifests_for_every_value_set() {
     ] {
         assert!(azure.contains(&flag.to_string()), "{flag} in {azure:?}");
     }
+    let sops = daemonset(&rendered["sops"]);
+    let sa = args(sops);
+    assert!(
+        sa.contains(&"--sops-age-key-dir=/etc/coffer/sops-age".to_string()),
+        "{sa:?}"
+    );
+    assert!(sa.contains(&"--sops-cluster-key".to_string()), "{sa:?}");
+    assert!(mount_paths(sops).contains(&"/etc/coffer/sops-age".to_string()));
+    assert!(!args(daemonset(&rendered["defaults"]))
+        .iter()
+        .any(|a| a.starts_with("--sops-")));
     // The policy: a ConfigMap the daemon reads, whose text is a valid policy.
     let p = &rendered["policy"];
     let pa = args(daemonset(p));

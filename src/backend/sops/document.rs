@@ -23,6 +23,8 @@ pub const MAX_VALUES: usize = 20_000;
 /// attempt (an X25519 exchange, or a Vault call).
 pub const MAX_GROUPS: usize = 8;
 pub const MAX_KEYS_PER_GROUP: usize = 32;
+/// Flattened metadata entries of a dotenv document.
+pub const MAX_METADATA_ENTRIES: usize = 4096;
 /// One wrapped data key (an armored age file of one stanza is ~400 bytes).
 pub const MAX_WRAPPED_KEY_BYTES: usize = 8 * 1024;
 
@@ -439,6 +441,7 @@ pub fn parse(bytes: &[u8], format: Format) -> Result<Document, DocumentError> {
             v.count(1, &mut budget)?;
         }
     }
+    meta.count(1, &mut budget)?;
     let metadata = metadata(&meta)?;
     if format == Format::Binary
         && !(branches.len() == 1 && branches[0].len() == 1 && branches[0][0].0 == "data")
@@ -555,6 +558,11 @@ fn parse_dotenv(text: &str) -> Result<(Vec<Branch>, Node), DocumentError> {
     if flat.is_empty() {
         return Err(DocumentError::NoMetadata);
     }
+    if flat.len() > MAX_METADATA_ENTRIES {
+        return Err(DocumentError::Metadata(format!(
+            "more than {MAX_METADATA_ENTRIES} sops_ entries"
+        )));
+    }
     Ok((vec![branch], unflatten(flat)?))
 }
 
@@ -588,7 +596,13 @@ fn unflatten(flat: Vec<(String, String)>) -> Result<Node, DocumentError> {
             current = Some(if is_map { Ok(String::new()) } else { Err(0) });
             rest = &rest[at + sep.len()..];
         }
-        if tokens.len() > MAX_DEPTH || tokens.iter().any(|t| matches!(t, Err(i) if *i > 4096)) {
+        // Metadata lists are short (keys of a group, groups): an index
+        // is a count of nodes to make, so it is bounded like one.
+        if tokens.len() > MAX_DEPTH
+            || tokens
+                .iter()
+                .any(|t| matches!(t, Err(i) if *i >= MAX_KEYS_PER_GROUP * MAX_GROUPS))
+        {
             return Err(bad(&key));
         }
         place(&mut root, &tokens, Node::Str(value)).map_err(|()| bad(&key))?;
