@@ -329,7 +329,11 @@ async fn sealed_documents_open_everywhere() {
             ],
         ),
         object("api.json", &[("sops", sealed_json.into())]),
-        object("app.env", &[("sops", sealed_env.into())]),
+        object("app.env", &[("sops", sealed_env.clone().into())]),
+        object(
+            "envs",
+            &[("sops", sealed_env.into()), ("expand", true.into())],
+        ),
         object(
             "blob",
             &[("sops", sealed_bin.into()), ("format", "binary".into())],
@@ -346,6 +350,8 @@ async fn sealed_documents_open_everywhere() {
     let api: serde_json::Value = serde_json::from_slice(&files["api.json"]).unwrap();
     assert_eq!(api["api"]["n"], 7);
     assert_eq!(files["app.env"], b"API_TOKEN=t0k\nMULTI=a\\nb\n");
+    assert_eq!(files["envs/API_TOKEN"], b"t0k");
+    assert_eq!(files["envs/MULTI"], b"a\nb");
     assert_eq!(files["blob"], b"\x00\x01binary\xffvalue");
     use base64::Engine as _;
     let logs = daemon.logs();

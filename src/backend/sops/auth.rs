@@ -59,6 +59,17 @@ pub struct Keys {
 /// What was tried, for the refusal: key names and reasons, no material.
 struct Tried(Vec<String>);
 
+/// A Mount's age identities (with their recipients) and whose they are.
+#[derive(Clone)]
+struct PodIdentities {
+    ids: Arc<Vec<(String, age::x25519::Identity)>>,
+    whose: Arc<str>,
+}
+
+/// Where a Mount keeps its identities: one namespace per Mount.
+static IDENTITIES: std::sync::LazyLock<crate::key::Key> =
+    std::sync::LazyLock::new(|| crate::key::Key::of("sops-identities", &[]));
+
 impl Keys {
     pub fn new(
         age_dir: Option<PathBuf>,
@@ -155,37 +166,53 @@ impl Keys {
         if ages.is_empty() {
             return None;
         }
-        let (identities, whose) = self.identities(&ctx.pod.namespace);
+        let PodIdentities { ids, whose } = self.identities(ctx);
+        let mut addressed = false;
         for (recipient, enc) in &ages {
             // Only entries addressed to one of the pod's identities: one
             // X25519 exchange each, however many entries a document lists.
-            let Some(identity) = identities
-                .iter()
-                .find(|i| i.to_public().to_string() == **recipient)
-            else {
+            let Some((_, identity)) = ids.iter().find(|(r, _)| r == *recipient) else {
                 continue;
             };
+            addressed = true;
             match unwrap_age(enc, identity) {
                 Ok(key) => return Some(key),
                 Err(why) => tried.0.push(format!("age {recipient}: {why}")),
             }
         }
-        let listed: Vec<String> = ages.iter().map(|(r, _)| shown(r)).collect();
-        tried.0.push(format!(
-            "age {}: {}",
-            listed.join(", "),
-            if identities.is_empty() {
-                format!("no age identity for {whose}")
-            } else {
-                format!("not addressed to the identities of {whose}")
-            }
-        ));
+        if !addressed {
+            let listed: Vec<String> = ages.iter().map(|(r, _)| shown(r)).collect();
+            tried.0.push(format!(
+                "age {}: {}",
+                listed.join(", "),
+                if ids.is_empty() {
+                    format!("no age identity for {whose}")
+                } else {
+                    format!("not addressed to the identities of {whose}")
+                }
+            ));
+        }
         None
     }
 
-    /// The age identities this pod's documents may use, and whose they are
-    /// (for messages).
-    fn identities(&self, namespace: &str) -> (Vec<age::x25519::Identity>, String) {
+    /// The age identities this pod's documents may use, with their
+    /// recipients, and whose they are (for messages): read once per Mount.
+    fn identities(&self, ctx: &MountContext) -> PodIdentities {
+        ctx.memo.once(&IDENTITIES, || {
+            let (found, whose) = self.read_pod_identities(&ctx.pod.namespace);
+            PodIdentities {
+                ids: Arc::new(
+                    found
+                        .into_iter()
+                        .map(|i| (i.to_public().to_string(), i))
+                        .collect(),
+                ),
+                whose: whose.into(),
+            }
+        })
+    }
+
+    fn read_pod_identities(&self, namespace: &str) -> (Vec<age::x25519::Identity>, String) {
         let Some(dir) = &self.age_dir else {
             return (
                 Vec::new(),

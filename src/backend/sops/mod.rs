@@ -143,9 +143,16 @@ pub fn inspect(bytes: &[u8], format: Format) -> Result<Document, ObjectError> {
     Ok(doc)
 }
 
-/// What one object writes from a decrypted document.
-fn output(doc: &Document, key: Option<&[Step]>) -> Result<Vec<u8>, ObjectError> {
+/// What one object writes from a decrypted document: the document in its
+/// own format, one value (`key`), or, for `expand`, its top-level map as
+/// JSON (whatever the format: a dotenv document expands too).
+fn output(doc: &Document, key: Option<&[Step]>, expand: bool) -> Result<Vec<u8>, ObjectError> {
     let Some(steps) = key else {
+        if expand {
+            let branch = doc.branches.first().map(Vec::as_slice).unwrap_or(&[]);
+            return serde_json::to_vec(&document::MapRef(branch))
+                .map_err(|_| invalid("cannot be written"));
+        }
         return document::emit(doc).map_err(invalid);
     };
     let root = doc.branches.first().map(Vec::as_slice).unwrap_or(&[]);
@@ -274,10 +281,11 @@ impl Backend for SopsBackend {
             .map_err(|e| ObjectError::Unavailable(e.to_string()))??;
         let data_key = self.keys.data_key(&doc.metadata, ctx).await?;
         let key = params.key.clone();
+        let expand = object.expand;
         let out = crate::work::run(size, move || {
             let mut doc = doc;
             crypt::decrypt(&mut doc, &data_key).map_err(|e| ObjectError::Invalid(e.to_string()))?;
-            output(&doc, key.as_deref())
+            output(&doc, key.as_deref(), expand)
         })
         .await
         .map_err(|e| ObjectError::Unavailable(e.to_string()))??;
