@@ -297,6 +297,8 @@ impl Serialize for Node {
             Node::Null => s.serialize_unit(),
             Node::Bool(b) => s.serialize_bool(*b),
             Node::Int(i) => s.serialize_i64(*i),
+            // As Go's encoders print a float64: 7, not 7.0.
+            Node::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => s.serialize_i64(*f as i64),
             Node::Float(f) => s.serialize_f64(*f),
             Node::Str(v) => s.serialize_str(v),
             Node::Bytes(b) => s.serialize_str(&String::from_utf8_lossy(b)),
