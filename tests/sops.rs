@@ -683,6 +683,38 @@ async fn sops_files_and_check() {
     let (code, msg) = mount_err(&mut client, req_in(&escape, "shop")).await;
     assert_eq!(code, Code::InvalidArgument, "{msg}");
 
+    // A volume's documents are read and decrypted within a budget
+    // (8 MiB in all), each distinct document once.
+    let junk = "a".repeat(1_000_000);
+    let mut many = Vec::new();
+    for i in 0..9 {
+        node_daemon.write_secret(&format!("gitops/big{i}.yaml"), &junk);
+        many.push(object(
+            &format!("big{i}"),
+            &[("sopsFile", format!("gitops/big{i}.yaml").into())],
+        ));
+    }
+    let (code, msg) = mount_err(&mut client, req_in(&sops_spc(many, &[]), "shop")).await;
+    assert_eq!(code, Code::InvalidArgument, "{msg}");
+    assert!(msg.contains("add up to more than 8388608 bytes"), "{msg}");
+    let same: Vec<Value> = (0..40)
+        .map(|i| {
+            object(
+                &format!("t{i}"),
+                &[
+                    ("sopsFile", "gitops/app.env".into()),
+                    ("key", "TOKEN".into()),
+                ],
+            )
+        })
+        .collect();
+    let r = client
+        .mount(req_in(&sops_spc(same, &[]), "shop"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.files.len(), 40);
+
     // coffer check: format, MAC presence, key groups.
     let dir = tempfile::tempdir().unwrap();
     let manifest = |doc: &str| {

@@ -15,6 +15,7 @@
 //! unwrapped. Only transit-unwrapped data keys are kept, per Vault identity.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use super::file::FileBackend;
 use super::vault::VaultBackend;
 use super::{Backend, FetchLimits, Fetched};
 use crate::error::{shown, ObjectError};
+use crate::key::KeyBuilder;
 use crate::request::MountContext;
 use crate::secret::SecretBytes;
 use crate::spc::ObjectSpec;
@@ -40,6 +42,22 @@ use params::{SopsObject, Source, Step};
 /// validated (every Mount): larger ones when they are fetched, off the
 /// async workers.
 const INSPECT_INLINE_BYTES: usize = 64 * 1024;
+
+/// Document bytes one Mount may read and decrypt in all (each distinct
+/// document counted once): parsing and decrypting cost ~50 times reading,
+/// and a volume may name 1,000 files of 1 MiB.
+const MAX_MOUNT_DOCUMENT_BYTES: usize = 8 * 1024 * 1024;
+
+/// Where a Mount counts its document bytes.
+static BUDGET: std::sync::LazyLock<crate::key::Key> =
+    std::sync::LazyLock::new(|| crate::key::Key::of("sops-budget", &[]));
+
+/// A decrypted document, shared by the objects of one Mount that name it
+/// (wiped when the last one is done: `Document` wipes on drop).
+struct Opened {
+    doc: Document,
+    size: usize,
+}
 
 pub struct SopsBackend {
     keys: auth::Keys,
@@ -104,6 +122,39 @@ impl SopsBackend {
                     })
             }
         }
+    }
+
+    /// Reads, checks and decrypts one document, within the Mount's budget
+    /// of document bytes.
+    async fn open(
+        &self,
+        object: &ObjectSpec,
+        params: &SopsObject<'_>,
+        ctx: &MountContext,
+        limits: FetchLimits,
+    ) -> Result<Arc<Opened>, ObjectError> {
+        let bytes = self.document_bytes(object, params, ctx, limits).await?;
+        let size = bytes.len();
+        let spent: Arc<AtomicUsize> = ctx.memo.get_or_default(&BUDGET);
+        if spent.fetch_add(size, Ordering::Relaxed) + size > MAX_MOUNT_DOCUMENT_BYTES {
+            return Err(ObjectError::ResourceExhausted(format!(
+                "the SOPS documents of this volume add up to more than {MAX_MOUNT_DOCUMENT_BYTES} bytes"
+            )));
+        }
+        let format = params.format;
+        let doc = crate::work::run(size, move || inspect(bytes.expose(), format))
+            .await
+            .map_err(|e| ObjectError::Unavailable(e.to_string()))??;
+        let data_key = self.keys.data_key(&doc.metadata, ctx).await?;
+        let doc = crate::work::run(size, move || {
+            let mut doc = doc;
+            crypt::decrypt(&mut doc, &data_key)
+                .map(|()| doc)
+                .map_err(|e| ObjectError::Invalid(e.to_string()))
+        })
+        .await
+        .map_err(|e| ObjectError::Unavailable(e.to_string()))??;
+        Ok(Arc::new(Opened { doc, size }))
     }
 
     fn files_backend(&self) -> Result<&Arc<FileBackend>, ObjectError> {
@@ -273,22 +324,26 @@ impl Backend for SopsBackend {
         limits: FetchLimits,
     ) -> Result<Fetched, ObjectError> {
         let params = SopsObject::from_spec(object)?;
-        let bytes = self.document_bytes(object, &params, ctx, limits).await?;
-        let size = bytes.len();
-        let format = params.format;
-        let doc = crate::work::run(size, move || inspect(bytes.expose(), format))
-            .await
-            .map_err(|e| ObjectError::Unavailable(e.to_string()))??;
-        let data_key = self.keys.data_key(&doc.metadata, ctx).await?;
+        // Objects of one Mount that name the same document (several `key`s
+        // of one file) share one read and one decryption.
+        let doc_key = match &params.source {
+            Source::Inline(text) => KeyBuilder::new("sops-doc")
+                .field("inline")
+                .field(text.as_bytes()),
+            Source::File(path) => KeyBuilder::new("sops-doc").field("file").field(path),
+        }
+        .field(params.format.name())
+        .finish();
+        let opened: Arc<Opened> = ctx
+            .memo
+            .once_async(&doc_key, || self.open(object, &params, ctx, limits))
+            .await?;
         let key = params.key.clone();
         let expand = object.expand;
-        let out = crate::work::run(size, move || {
-            let mut doc = doc;
-            crypt::decrypt(&mut doc, &data_key).map_err(|e| ObjectError::Invalid(e.to_string()))?;
-            output(&doc, key.as_deref(), expand)
-        })
-        .await
-        .map_err(|e| ObjectError::Unavailable(e.to_string()))??;
+        let size = opened.size;
+        let out = crate::work::run(size, move || output(&opened.doc, key.as_deref(), expand))
+            .await
+            .map_err(|e| ObjectError::Unavailable(e.to_string()))??;
         limits.check(out.len())?;
         Ok(Fetched {
             contents: SecretBytes::new(out),
