@@ -166,6 +166,15 @@ impl SopsBackend {
     }
 }
 
+/// Whether the document may name Vault transit keys (a file's is not
+/// known before it is read).
+fn may_use_vault(params: &SopsObject<'_>) -> bool {
+    match &params.source {
+        Source::Inline(text) => text.contains("hc_vault"),
+        Source::File(_) => true,
+    }
+}
+
 /// A document's problems as an object error.
 fn invalid(e: impl std::fmt::Display) -> ObjectError {
     ObjectError::Invalid(format!("the SOPS document {e}"))
@@ -285,11 +294,7 @@ impl Backend for SopsBackend {
     /// A document with Vault transit keys logs in to Vault as the pod.
     fn token_audience(&self, object: &ObjectSpec, ctx: &MountContext) -> Option<String> {
         let params = SopsObject::from_spec(object).ok()?;
-        let may_use_vault = match &params.source {
-            Source::Inline(text) => text.contains("hc_vault"),
-            Source::File(_) => true,
-        };
-        if !may_use_vault {
+        if !may_use_vault(&params) {
             return None;
         }
         self.keys.vault().token_audience(object, ctx)
@@ -305,15 +310,24 @@ impl Backend for SopsBackend {
         }
     }
 
-    fn placement(&self, object: &ObjectSpec, _ctx: &MountContext) -> crate::policy::Placement {
+    /// The document's file, and the Vault its transit keys would be
+    /// opened at (the SPC's): a policy that limits Vault addresses limits
+    /// transit calls too.
+    fn placement(&self, object: &ObjectSpec, ctx: &MountContext) -> crate::policy::Placement {
+        let Ok(params) = SopsObject::from_spec(object) else {
+            return crate::policy::Placement::default();
+        };
+        let vault = may_use_vault(&params)
+            .then(|| self.keys.vault().placement(object, ctx))
+            .unwrap_or_default();
         crate::policy::Placement {
-            path: SopsObject::from_spec(object)
-                .ok()
-                .and_then(|p| match p.source {
-                    Source::File(path) => Some(path.to_string()),
-                    Source::Inline(_) => None,
-                }),
-            ..Default::default()
+            address: vault.address,
+            namespace: vault.namespace,
+            path: match params.source {
+                Source::File(path) => Some(path.to_string()),
+                Source::Inline(_) => None,
+            },
+            region: None,
         }
     }
 
