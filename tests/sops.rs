@@ -643,6 +643,26 @@ async fn vault_transit_as_the_pod() {
         !logs.contains("\"plaintext\""),
         "transit answers are not logged"
     );
+
+    // A node policy that keeps pods off this Vault keeps transit documents
+    // off it too, before any login.
+    let policy = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        policy.path(),
+        format!(
+            "default: allow\nrules:\n  - name: no-transit-here\n    objects: {{backends: [sops], addresses: [{:?}]}}\n    action: deny\n",
+            bao.addr()
+        ),
+    )
+    .unwrap();
+    let guarded = Daemon::start_with(Options {
+        extra_args: vec!["--policy".into(), policy.path().display().to_string()],
+        ..Default::default()
+    });
+    let mut client = guarded.client().await;
+    let (code, msg) = mount_err(&mut client, pod("web")).await;
+    assert_eq!(code, Code::PermissionDenied, "{msg}");
+    assert!(msg.contains("no-transit-here"), "{msg}");
 }
 
 /// `sopsFile` reads the document below the file backend's root, with its

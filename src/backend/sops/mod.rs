@@ -317,9 +317,11 @@ impl Backend for SopsBackend {
         let Ok(params) = SopsObject::from_spec(object) else {
             return crate::policy::Placement::default();
         };
-        let vault = may_use_vault(&params)
-            .then(|| self.keys.vault().placement(object, ctx))
-            .unwrap_or_default();
+        let vault = if may_use_vault(&params) {
+            self.keys.vault().placement(object, ctx)
+        } else {
+            crate::policy::Placement::default()
+        };
         crate::policy::Placement {
             address: vault.address,
             namespace: vault.namespace,
