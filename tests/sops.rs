@@ -805,3 +805,110 @@ fn seal_updates_an_spc_in_place() {
         String::from_utf8_lossy(&check.stdout)
     );
 }
+
+/// Interop both ways with rops (an independent SOPS implementation that
+/// checks the MAC): its documents decrypt in coffer, coffer's decrypt in
+/// it, and a document with a value removed is refused by both.
+#[tokio::test]
+async fn rops_reads_and_writes_what_coffer_does() {
+    let keys = tempfile::tempdir().unwrap();
+    let recipient = keygen(keys.path(), "shop", false);
+    let identity = identities_in(&keys.path().join("shop.txt")).remove(0);
+    let doc = "db:\n  password: p@ss\n  port: 5432\n  ratio: 0.5\n  tls: true\nlist: [a, 1, false]\nnote_u: clear\n";
+    let by_rops_yaml = run_rops(&["encrypt", "--age", &recipient, "-f", "yaml"], &[], doc).unwrap();
+    let by_rops_json = run_rops(
+        &[
+            "encrypt",
+            "--age",
+            &recipient,
+            "--unencrypted-suffix",
+            "_u",
+            "--mac-only-encrypted",
+            "-f",
+            "json",
+        ],
+        &[],
+        r#"{"api": {"token": "t0k", "n": 3}, "note_u": "clear", "l": [1.5, "x"]}"#,
+    )
+    .unwrap();
+    assert!(
+        by_rops_json.contains("\"note_u\": \"clear\""),
+        "{by_rops_json}"
+    );
+    let daemon = Daemon::start_with(Options {
+        extra_args: vec![
+            "--sops-age-key-dir".into(),
+            keys.path().display().to_string(),
+        ],
+        ..Default::default()
+    });
+    let mut client = daemon.client().await;
+    let objects = vec![
+        object("rops.yaml", &[("sops", by_rops_yaml.into())]),
+        object(
+            "token",
+            &[
+                ("sops", by_rops_json.into()),
+                ("key", "[\"api\"][\"token\"]".into()),
+            ],
+        ),
+    ];
+    let r = client
+        .mount(req_in(&sops_spc(objects, &[]), "shop"))
+        .await
+        .unwrap_or_else(|s| panic!("{s:?}"))
+        .into_inner();
+    let files = files_of(&r);
+    assert_eq!(yaml(&files["rops.yaml"]), yaml(doc.as_bytes()));
+    assert_eq!(files["token"], b"t0k");
+
+    // coffer's documents in rops, which recomputes and checks the MAC.
+    let env = [("ROPS_AGE", identity.as_str())];
+    for (format, input) in [
+        ("yaml", doc),
+        (
+            "json",
+            r#"{"a": {"b": "secret", "n": 3}, "l": [1.5, "x", true]}"#,
+        ),
+    ] {
+        let sealed = seal(
+            &["-r", &recipient, "--input-type", format, "-"],
+            input.as_bytes(),
+        );
+        let opened = run_rops(&["decrypt", "-f", format], &env, &sealed)
+            .unwrap_or_else(|e| panic!("rops refused coffer's {format}: {e}"));
+        assert_eq!(yaml(opened.as_bytes()), yaml(input.as_bytes()), "{format}");
+    }
+    let sealed = seal(
+        &[
+            "-r",
+            &recipient,
+            "--encrypted-regex",
+            "^pass",
+            "--input-type",
+            "yaml",
+            "-",
+        ],
+        doc.as_bytes(),
+    );
+    assert!(sealed.contains("port: 5432"), "{sealed}");
+    let opened = run_rops(&["decrypt", "-f", "yaml"], &env, &sealed).unwrap();
+    assert_eq!(yaml(opened.as_bytes()), yaml(doc.as_bytes()));
+    // A value removed: rops and coffer both refuse it.
+    let cut: String = sealed
+        .lines()
+        .filter(|l| !l.starts_with("note_u"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(run_rops(&["decrypt", "-f", "yaml"], &env, &cut).is_err());
+    let (code, msg) = mount_err(
+        &mut client,
+        req_in(
+            &sops_spc(vec![object("cut", &[("sops", cut.into())])], &[]),
+            "shop",
+        ),
+    )
+    .await;
+    assert_eq!(code, Code::InvalidArgument, "{msg}");
+    assert!(msg.contains("MAC does not match"), "{msg}");
+}

@@ -10,6 +10,8 @@ use std::process::Command;
 use nix::fcntl::{Flock, FlockArg};
 
 const ROPS_CRATE: &str = "https://static.crates.io/crates/rops/rops-0.1.7.crate";
+/// The rops CLI (a SOPS implementation in Rust, not coffer's), from crates.io.
+const ROPS_CLI: &str = "rops-cli@0.1.7";
 pub const SOPS_AGE_NPM: &str = "sops-age@4.0.2";
 
 fn locked<T>(name: &str, make: impl FnOnce(&Path) -> T) -> T {
@@ -196,4 +198,55 @@ pub fn write_key_file(dir: &Path, name: &str, identities: &[&str]) -> PathBuf {
     std::fs::write(&path, text).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     path
+}
+
+/// The `rops` CLI, built from crates.io once (a debug build, ~2 minutes on
+/// two cores) under the target directory.
+pub fn rops() -> PathBuf {
+    locked("rops", |base| {
+        let bin = base.join("bin/rops");
+        if !bin.exists() {
+            let out = Command::new(env!("CARGO"))
+                .args(["install", "--locked", "--debug", "--quiet", "--root"])
+                .arg(base)
+                .arg(ROPS_CLI)
+                .env("CARGO_TARGET_DIR", base.join("build"))
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "cargo install {ROPS_CLI}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let _ = std::fs::remove_dir_all(base.join("build"));
+        }
+        bin
+    })
+}
+
+/// Runs `rops encrypt|decrypt -f FORMAT` on `input` (standard input: rops
+/// refuses a path when standard input is not a terminal).
+pub fn run_rops(args: &[&str], env: &[(&str, &str)], input: &str) -> Result<String, String> {
+    let mut child = Command::new(rops())
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_BACKTRACE", "0")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8(out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).to_string())
+    }
 }
