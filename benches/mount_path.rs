@@ -326,7 +326,12 @@ fn main() {
         let rows = measure(&floor, &daemon, &reqs, runs, secs).await;
         table("file backend vs floor", &rows);
         let peak = common::proc_status(daemon.pid(), "VmHWM:");
-        println!("daemon peak RSS (VmHWM) after the 64-caller runs: {:.1} MiB", peak as f64 / 1024.0);
+        println!(
+            "daemon peak RSS (VmHWM) after the 64-caller runs: {:.1} MiB (now: heap and stacks {:.1} MiB, mapped files {:.1} MiB)",
+            peak as f64 / 1024.0,
+            common::proc_status(daemon.pid(), "RssAnon:") as f64 / 1024.0,
+            common::proc_status(daemon.pid(), "RssFile:") as f64 / 1024.0,
+        );
         let n10 = 10_000;
         let cpu10 = mounts(&daemon.socket, &reqs, n10, daemon.pid()).await;
         let rss10 = common::proc_status(daemon.pid(), "VmRSS:");
