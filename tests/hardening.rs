@@ -481,6 +481,7 @@ async fn health_port_survives_connection_floods() {
     let mut idle = Vec::new();
     for i in 0..2000 {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        late_source_port(&socket);
         socket.bind("127.0.0.3:0".parse().unwrap()).unwrap();
         if let Ok(s) = socket.connect(addr.parse().unwrap()).await {
             idle.push(s);
@@ -492,6 +493,7 @@ async fn health_port_survives_connection_floods() {
     let mut slow = Vec::new();
     for _ in 0..8 {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        late_source_port(&socket);
         socket.bind("127.0.0.4:0".parse().unwrap()).unwrap();
         let mut s = socket.connect(addr.parse().unwrap()).await.unwrap();
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")

@@ -64,7 +64,7 @@ pub struct SealArgs {
     #[arg(long)]
     pub encrypted_regex: Option<String>,
     /// Put the document into this SPC manifest's object (with --object),
-    /// rewriting the file in place.
+    /// rewriting the file in place (comments inside `objects` are not kept).
     #[arg(long, requires = "object")]
     pub spc: Option<PathBuf>,
     /// The `objectName` of the object that gets the document.

@@ -355,6 +355,27 @@ pub async fn http_get_from(
 }
 
 /// [`http_get_from`], saying which step failed and how.
+/// Makes a socket about to be bound to `ADDR:0` take its source port at
+/// connect time, unique for the 4-tuple. A port taken at bind time can be
+/// one whose connection to the same server still sits in TIME_WAIT there,
+/// and the new SYN is answered with a reset: a rare "Connection refused"
+/// from a healthy server under a stream of probes.
+pub fn late_source_port(socket: &tokio::net::TcpSocket) {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid descriptor, and an int option given its own size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "IP_BIND_ADDRESS_NO_PORT");
+}
+
 pub async fn http_get_traced(
     source: &str,
     addr: &str,
@@ -364,6 +385,7 @@ pub async fn http_get_traced(
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let attempt = async {
         let socket = tokio::net::TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
+        late_source_port(&socket);
         let from = format!("{source}:0").parse().map_err(|e| format!("{e}"))?;
         socket.bind(from).map_err(|e| format!("bind: {e}"))?;
         let to = addr.parse().map_err(|e| format!("{e}"))?;

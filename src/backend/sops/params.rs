@@ -93,6 +93,12 @@ impl<'a> SopsObject<'a> {
             })?,
             None => match &source {
                 Source::Inline(text) => Format::sniff(text),
+                Source::File(path) if path.ends_with(".ini") => {
+                    return Err(ObjectError::Invalid(format!(
+                        "sopsFile {}: coffer does not read sops' INI documents; keep the document as YAML, JSON or dotenv",
+                        shown(path)
+                    )))
+                }
                 Source::File(path) => Format::of_path(path),
             },
         };
@@ -235,5 +241,6 @@ mod tests {
         assert!(err("  sops: x\n  key: '[\"a\"]x]'\n").contains("key must be"));
         assert!(err("  sopsFile: x.bin\n  key: a\n").contains("binary"));
         assert!(err("  sops: x\n  key: a\n  expand: true\n").contains("choose one"));
+        assert!(err("  sopsFile: app.ini\n").contains("INI"));
     }
 }
