@@ -99,14 +99,7 @@ impl SopsBackend {
             Source::Inline(text) => Ok(SecretBytes::new(text.as_bytes().to_vec())),
             Source::File(path) => {
                 let files = self.files_backend()?;
-                let mut spec = object.clone();
-                spec.backend = "file".into();
-                spec.fields = [(
-                    "path".to_string(),
-                    serde_yaml_ng::Value::String(path.to_string()),
-                )]
-                .into_iter()
-                .collect();
+                let spec = file_spec(object, path);
                 let limits = FetchLimits {
                     max_bytes: limits.max_bytes.min(document::MAX_DOCUMENT_BYTES as u64),
                 };
@@ -164,6 +157,20 @@ impl SopsBackend {
             )
         })
     }
+}
+
+/// `object` as the file backend's object for its `sopsFile`, so the file
+/// backend's root, scope and confinement decide what may be read.
+fn file_spec(object: &ObjectSpec, path: &str) -> ObjectSpec {
+    let mut spec = object.clone();
+    spec.backend = "file".into();
+    spec.fields = [(
+        "path".to_string(),
+        serde_yaml_ng::Value::String(path.to_string()),
+    )]
+    .into_iter()
+    .collect();
+    spec
 }
 
 /// Whether the document may name Vault transit keys (a file's is not
@@ -277,17 +284,9 @@ impl Backend for SopsBackend {
                 inspect(text.as_bytes(), params.format).map(drop)
             }
             Source::Inline(_) => Ok(()),
-            Source::File(path) => {
-                let files = self.files_backend()?;
-                let mut spec = object.clone();
-                spec.fields = [(
-                    "path".to_string(),
-                    serde_yaml_ng::Value::String(path.to_string()),
-                )]
-                .into_iter()
-                .collect();
-                files.validate(&spec, _ctx)
-            }
+            Source::File(path) => self
+                .files_backend()?
+                .validate(&file_spec(object, path), _ctx),
         }
     }
 
