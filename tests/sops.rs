@@ -191,6 +191,20 @@ async fn documents_written_by_sops_decrypt() {
                 ],
             ),
             object(
+                "dotted",
+                &[
+                    ("sops", read("age_encrypted_regex").into()),
+                    ("key", "a.encrypted_1.b".into()),
+                ],
+            ),
+            object(
+                "dotted-index",
+                &[
+                    ("sops", read("age_example").into()),
+                    ("key", "example_array.0".into()),
+                ],
+            ),
+            object(
                 "second",
                 &[
                     ("sops", read("age_example").into()),
@@ -236,6 +250,8 @@ async fn documents_written_by_sops_decrypt() {
     );
     assert_eq!(files["number"], b"1234.56789");
     assert_eq!(files["second"], b"example_value2");
+    assert_eq!(files["dotted"], b"xxx");
+    assert_eq!(files["dotted-index"], b"example_value1");
     assert_eq!(
         yaml(&files["nested"]),
         yaml(b"encrypted_1: {a: xxx, b: xxx}\nnot_encrypted: aaa\n")

@@ -223,6 +223,19 @@ fn output(doc: &Document, key: Option<&[Step]>, expand: bool) -> Result<Vec<u8>,
         return document::emit(doc).map_err(invalid);
     };
     let root = doc.branches.first().map(Vec::as_slice).unwrap_or(&[]);
+    // `key: db.password` means the key of that name if the document has
+    // one, else the path db → password (as yq and Helm users write it).
+    let dotted: Vec<Step>;
+    let steps = match steps {
+        [Step::Key(k)] if k.contains('.') && !root.iter().any(|(have, _)| have == k) => {
+            dotted = k
+                .split('.')
+                .map(|part| Step::Key(part.to_string()))
+                .collect();
+            &dotted[..]
+        }
+        other => other,
+    };
     let mut at: Option<&Node> = None;
     let mut walked = String::new();
     for step in steps {
@@ -230,6 +243,9 @@ fn output(doc: &Document, key: Option<&[Step]>, expand: bool) -> Result<Vec<u8>,
             (None, Step::Key(k)) => root.iter().find(|(have, _)| have == k).map(|(_, v)| v),
             (Some(node @ Node::Map(_)), Step::Key(k)) => node.get(k),
             (Some(Node::List(items)), Step::Index(i)) => items.get(*i),
+            (Some(Node::List(items)), Step::Key(k)) => {
+                k.parse::<usize>().ok().and_then(|i| items.get(i))
+            }
             _ => None,
         };
         let Some(next) = next else {

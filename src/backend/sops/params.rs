@@ -124,7 +124,8 @@ impl<'a> SopsObject<'a> {
     }
 }
 
-/// `key:` as a top-level key (`password`), a list of steps (`[db, 0]`),
+/// `key:` as a top-level key (`password`; a dotted `db.password` is split
+/// when the document has no such key, see `output`), a list of steps (`[db, 0]`),
 /// or the `sops --extract` form (`["db"]["hosts"][0]`).
 fn parse_key(v: &Value) -> Result<Vec<Step>, ObjectError> {
     let steps = match v {
