@@ -28,13 +28,6 @@ fn mount_req(s: &SecretProviderClass) -> proto::MountRequest {
     driver(std::path::Path::new("/t")).to_proto(s)
 }
 
-fn files_of(r: &proto::MountResponse) -> BTreeMap<String, Vec<u8>> {
-    r.files
-        .iter()
-        .map(|f| (f.path.clone(), f.contents.clone()))
-        .collect()
-}
-
 fn versions_of(r: &proto::MountResponse) -> BTreeMap<String, String> {
     r.object_version
         .iter()

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -102,29 +101,12 @@ fn req_in(s: &SecretProviderClass, namespace: &str) -> proto::MountRequest {
     d.to_proto(s)
 }
 
-fn files_of(r: &proto::MountResponse) -> BTreeMap<String, Vec<u8>> {
-    r.files
-        .iter()
-        .map(|f| (f.path.clone(), f.contents.clone()))
-        .collect()
-}
-
 fn yaml(bytes: &[u8]) -> Value {
     serde_yaml_ng::from_slice(bytes).unwrap()
 }
 
 fn seal(args: &[&str], input: &[u8]) -> String {
-    let mut child = Command::new(BIN)
-        .arg("seal")
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child.stdin.take().unwrap().write_all(input).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = run_with_input(Command::new(BIN).arg("seal").args(args), input);
     assert!(
         out.status.success(),
         "coffer seal {args:?}: {}",
@@ -172,62 +154,41 @@ async fn documents_written_by_sops_decrypt() {
     let node = node(&[&key], &[]);
     let mut client = node.daemon.client().await;
     let read = |name: &str| std::fs::read_to_string(refs.join(format!("{name}.yaml"))).unwrap();
+    // One value of a reference document, by `key` (or `expand`).
+    let pick = |name: &str, doc: &str, field: &str, value: Value| {
+        object(name, &[("sops", read(doc).into()), (field, value)])
+    };
     let objects: Vec<Value> = REFERENCES
         .iter()
         .map(|name| object(&format!("{name}.yaml"), &[("sops", read(name).into())]))
         .chain([
-            object(
-                "hello",
-                &[
-                    ("sops", read("age_example").into()),
-                    ("key", "hello".into()),
-                ],
-            ),
-            object(
+            pick("hello", "age_example", "key", "hello".into()),
+            pick(
                 "number",
-                &[
-                    ("sops", read("age_example").into()),
-                    ("key", "[\"example_number\"]".into()),
-                ],
+                "age_example",
+                "key",
+                "[\"example_number\"]".into(),
             ),
-            object(
+            pick(
                 "dotted",
-                &[
-                    ("sops", read("age_encrypted_regex").into()),
-                    ("key", "a.encrypted_1.b".into()),
-                ],
+                "age_encrypted_regex",
+                "key",
+                "a.encrypted_1.b".into(),
             ),
-            object(
+            pick(
                 "dotted-index",
-                &[
-                    ("sops", read("age_example").into()),
-                    ("key", "example_array.0".into()),
-                ],
+                "age_example",
+                "key",
+                "example_array.0".into(),
             ),
-            object(
+            pick(
                 "second",
-                &[
-                    ("sops", read("age_example").into()),
-                    (
-                        "key",
-                        Value::Sequence(vec!["example_array".into(), 1.into()]),
-                    ),
-                ],
+                "age_example",
+                "key",
+                Value::Sequence(vec!["example_array".into(), 1.into()]),
             ),
-            object(
-                "nested",
-                &[
-                    ("sops", read("age_encrypted_regex").into()),
-                    ("key", "a".into()),
-                ],
-            ),
-            object(
-                "env",
-                &[
-                    ("sops", read("age_example").into()),
-                    ("expand", true.into()),
-                ],
-            ),
+            pick("nested", "age_encrypted_regex", "key", "a".into()),
+            pick("env", "age_example", "expand", true.into()),
         ])
         .collect();
     let resp = client
@@ -590,17 +551,12 @@ async fn vault_transit_as_the_pod() {
     setup_jwt(&bao, &signer, &["app"]).await;
     let uri = format!("{}/v1/transit/keys/sops", bao.addr());
     let seal_transit = |plain: &[u8]| {
-        let mut child = Command::new(BIN)
-            .args(["seal", "--vault-transit", &uri, "--input-type", "yaml", "-"])
-            .env("VAULT_TOKEN", "root")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child.stdin.take().unwrap().write_all(plain).unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = run_with_input(
+            Command::new(BIN)
+                .args(["seal", "--vault-transit", &uri, "--input-type", "yaml", "-"])
+                .env("VAULT_TOKEN", "root"),
+            plain,
+        );
         assert!(
             out.status.success(),
             "{}",

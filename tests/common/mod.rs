@@ -483,3 +483,39 @@ pub fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
 }
+
+/// Runs `cmd` with `input` on its standard input and returns its output.
+pub fn run_with_input(cmd: &mut Command, input: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input).unwrap();
+    drop(stdin);
+    child.wait_with_output().unwrap()
+}
+
+/// `make(dir)` under an exclusive lock on `dir` (below the target
+/// directory), so test binaries install a shared tool once.
+pub fn locked<T>(name: &str, make: impl FnOnce(&Path) -> T) -> T {
+    use nix::fcntl::{Flock, FlockArg};
+    let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::create_dir_all(&base).unwrap();
+    let lock_file = std::fs::File::create(base.join("lock")).unwrap();
+    let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .unwrap();
+    make(&base)
+}
+
+/// A Mount's files by path.
+pub fn files_of(r: &proto::MountResponse) -> BTreeMap<String, Vec<u8>> {
+    r.files
+        .iter()
+        .map(|f| (f.path.clone(), f.contents.clone()))
+        .collect()
+}

@@ -5,16 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use nix::fcntl::{Flock, FlockArg};
-
 /// Returns the venv's directory, installing `requirements` if needed.
 pub fn venv(requirements: &[&str]) -> PathBuf {
-    let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("py");
-    std::fs::create_dir_all(&base).unwrap();
-    let lock_file = std::fs::File::create(base.join("lock")).unwrap();
-    let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
-        .map_err(|(_, e)| e)
-        .unwrap();
+    super::locked("py", |base| install(base, requirements))
+}
+
+fn install(base: &Path, requirements: &[&str]) -> PathBuf {
     let dir = base.join("venv");
     let python = dir.join("bin/python");
     if !python.exists() {

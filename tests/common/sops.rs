@@ -7,22 +7,12 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use nix::fcntl::{Flock, FlockArg};
+use super::{locked, run_with_input};
 
 const ROPS_CRATE: &str = "https://static.crates.io/crates/rops/rops-0.1.7.crate";
 /// The rops CLI (a SOPS implementation in Rust, not coffer's), from crates.io.
 const ROPS_CLI: &str = "rops-cli@0.1.7";
 pub const SOPS_AGE_NPM: &str = "sops-age@4.0.2";
-
-fn locked<T>(name: &str, make: impl FnOnce(&Path) -> T) -> T {
-    let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
-    std::fs::create_dir_all(&base).unwrap();
-    let lock_file = std::fs::File::create(base.join("lock")).unwrap();
-    let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
-        .map_err(|(_, e)| e)
-        .unwrap();
-    make(&base)
-}
 
 /// The directory of `sops`-made reference documents and the age identity
 /// that opens them.
@@ -95,24 +85,14 @@ process.stdin.on("end", async () => {
   }
 });
 "#;
-    let mut child = Command::new("node")
-        .args(["-e", script])
-        .arg(&prefix)
-        .arg(file_type)
-        .arg(age_key)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("node");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(document.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = run_with_input(
+        Command::new("node")
+            .args(["-e", script])
+            .arg(&prefix)
+            .arg(file_type)
+            .arg(age_key),
+        document.as_bytes(),
+    );
     assert!(
         out.status.success(),
         "sops-age failed: {}",
@@ -125,23 +105,10 @@ process.stdin.on("end", async () => {
 pub fn age_decrypt(armored: &str, identity_file: &Path) -> Vec<u8> {
     let age =
         which("age").expect("Debian's `age` is needed (apt-get install age; .ci/run installs it)");
-    let mut child = Command::new(age)
-        .arg("-d")
-        .arg("-i")
-        .arg(identity_file)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(armored.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = run_with_input(
+        Command::new(age).arg("-d").arg("-i").arg(identity_file),
+        armored.as_bytes(),
+    );
     assert!(
         out.status.success(),
         "age -d failed: {}",
@@ -227,23 +194,13 @@ pub fn rops() -> PathBuf {
 /// Runs `rops encrypt|decrypt -f FORMAT` on `input` (standard input: rops
 /// refuses a path when standard input is not a terminal).
 pub fn run_rops(args: &[&str], env: &[(&str, &str)], input: &str) -> Result<String, String> {
-    let mut child = Command::new(rops())
-        .args(args)
-        .envs(env.iter().copied())
-        .env("RUST_BACKTRACE", "0")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = run_with_input(
+        Command::new(rops())
+            .args(args)
+            .envs(env.iter().copied())
+            .env("RUST_BACKTRACE", "0"),
+        input.as_bytes(),
+    );
     if out.status.success() {
         Ok(String::from_utf8(out.stdout).unwrap())
     } else {

@@ -390,6 +390,7 @@ pub struct Metadata {
 
 /// A document as read: its values (encrypted, or decrypted by `crypt`)
 /// and its metadata.
+#[derive(Clone)]
 pub struct Document {
     pub format: Format,
     /// One branch per YAML document; one for the other formats.
@@ -535,26 +536,12 @@ fn parse_yaml(text: &str) -> Result<(Vec<Branch>, Node), DocumentError> {
 /// dotenv: `KEY=value` lines (`\n` in a value is a newline), `#` comments;
 /// the metadata is flattened into `sops_` keys.
 fn parse_dotenv(text: &str) -> Result<(Vec<Branch>, Node), DocumentError> {
-    let mut branch: Vec<(String, Node)> = Vec::new();
+    let mut branch: Branch = Vec::new();
     let mut flat: Vec<(String, String)> = Vec::new();
-    for (n, line) in text.split('\n').enumerate() {
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let Some((k, v)) = line.split_once('=') else {
-            return Err(DocumentError::Syntax {
-                format: "dotenv",
-                at: format!(" at line {} (no `=`)", n + 1),
-            });
-        };
-        let v = v.replace("\\n", "\n");
-        if let Some(meta_key) = k.strip_prefix("sops_") {
-            flat.push((meta_key.to_string(), v));
-        } else {
-            if branch.iter().any(|(have, _)| have == k) {
-                return Err(DocumentError::DuplicateKey(k.to_string()));
-            }
-            branch.push((k.to_string(), Node::Str(v)));
+    for (k, v) in dotenv_pairs(text)? {
+        match k.strip_prefix("sops_") {
+            Some(meta_key) => flat.push((meta_key.to_string(), v)),
+            None => branch.push((k, Node::Str(v))),
         }
     }
     if flat.is_empty() {
@@ -566,6 +553,28 @@ fn parse_dotenv(text: &str) -> Result<(Vec<Branch>, Node), DocumentError> {
         )));
     }
     Ok((vec![branch], unflatten(flat)?))
+}
+
+/// The `KEY=value` pairs of a dotenv text as sops reads them (`\n` is a
+/// newline, `#` starts a comment line); a key given twice is refused.
+fn dotenv_pairs(text: &str) -> Result<Vec<(String, String)>, DocumentError> {
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for (n, line) in text.split('\n').enumerate() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((k, v)) = line.split_once('=') else {
+            return Err(DocumentError::Syntax {
+                format: "dotenv",
+                at: format!(" at line {} (no `=`)", n + 1),
+            });
+        };
+        if pairs.iter().any(|(have, _)| have == k) {
+            return Err(DocumentError::DuplicateKey(k.to_string()));
+        }
+        pairs.push((k.to_string(), v.replace("\\n", "\n")));
+    }
+    Ok(pairs)
 }
 
 /// SOPS's flattening of nested metadata into one level: `a__map_b`,
@@ -875,25 +884,10 @@ pub fn parse_plain(
                 serde_json::from_str(text).map_err(|e| json_error(&e))?,
             )?]
         }
-        Format::Dotenv => {
-            let mut branch: Vec<(String, Node)> = Vec::new();
-            for (n, line) in text.split('\n').enumerate() {
-                if line.is_empty() || line.starts_with('#') {
-                    continue;
-                }
-                let Some((k, v)) = line.split_once('=') else {
-                    return Err(DocumentError::Syntax {
-                        format: "dotenv",
-                        at: format!(" at line {} (no `=`)", n + 1),
-                    });
-                };
-                if branch.iter().any(|(have, _)| have == k) {
-                    return Err(DocumentError::DuplicateKey(k.to_string()));
-                }
-                branch.push((k.to_string(), Node::Str(v.replace("\\n", "\n"))));
-            }
-            vec![branch]
-        }
+        Format::Dotenv => vec![dotenv_pairs(text)?
+            .into_iter()
+            .map(|(k, v)| (k, Node::Str(v)))
+            .collect()],
         Format::Binary => unreachable!("handled above"),
     };
     let mut budget = MAX_VALUES;
@@ -975,63 +969,33 @@ pub fn metadata_node(meta: &Metadata) -> Node {
 /// Writes an encrypted document (values sealed, metadata given) in
 /// `format`, as the `sops` tool would.
 pub fn emit_encrypted(
-    branches: &[Vec<(String, Node)>],
+    branches: &[Branch],
     meta: &Metadata,
     format: Format,
 ) -> Result<Vec<u8>, DocumentError> {
     let meta_node = metadata_node(meta);
-    let with_meta = |branch: &[(String, Node)]| {
-        let mut b = branch.to_vec();
-        b.push(("sops".to_string(), meta_node.clone()));
-        b
-    };
-    let failed =
-        |e: &dyn std::error::Error| DocumentError::Other(format!("cannot be written: {e}"));
-    match format {
-        Format::Yaml => {
-            let mut out = Vec::new();
-            for (i, branch) in branches.iter().enumerate() {
-                if i > 0 {
-                    out.extend_from_slice(b"---\n");
-                }
-                let b = if i == 0 {
-                    with_meta(branch)
-                } else {
-                    branch.clone()
-                };
-                out.extend_from_slice(
-                    serde_yaml_ng::to_string(&MapRef(&b))
-                        .map_err(|e| failed(&e))?
-                        .as_bytes(),
-                );
-            }
-            if branches.is_empty() {
-                let b = with_meta(&[]);
-                out.extend_from_slice(
-                    serde_yaml_ng::to_string(&MapRef(&b))
-                        .map_err(|e| failed(&e))?
-                        .as_bytes(),
-                );
-            }
-            Ok(out)
-        }
-        Format::Json | Format::Binary => {
-            let b = with_meta(branches.first().map(Vec::as_slice).unwrap_or(&[]));
-            let mut out = serde_json::to_vec_pretty(&MapRef(&b)).map_err(|e| failed(&e))?;
-            out.push(b'\n');
-            Ok(out)
-        }
-        Format::Dotenv => {
-            let mut flat: Vec<(String, Node)> = branches.first().cloned().unwrap_or_default();
-            flatten("sops_", &meta_node, &mut flat);
-            let doc = Document {
-                format: Format::Dotenv,
-                branches: vec![flat],
-                metadata: Metadata::default(),
-            };
-            emit(&doc)
-        }
+    let mut branches = branches.to_vec();
+    if branches.is_empty() {
+        branches.push(Vec::new());
     }
+    // The metadata goes into the first document: under `sops`, or
+    // flattened into `sops_` keys in dotenv.
+    if format == Format::Dotenv {
+        flatten("sops_", &meta_node, &mut branches[0]);
+    } else {
+        branches[0].push(("sops".to_string(), meta_node));
+    }
+    let doc = Document {
+        // An encrypted binary document is JSON of `data` and `sops`.
+        format: if format == Format::Binary {
+            Format::Json
+        } else {
+            format
+        },
+        branches,
+        metadata: Metadata::default(),
+    };
+    emit(&doc)
 }
 
 /// SOPS's flattening of metadata into dotenv keys.

@@ -135,9 +135,15 @@ impl SopsBackend {
             )));
         }
         let format = params.format;
-        let doc = crate::work::run(size, move || inspect(bytes.expose(), format))
-            .await
-            .map_err(|e| ObjectError::Unavailable(e.to_string()))??;
+        let doc = match &params.source {
+            // Read once already, when the Mount was validated.
+            Source::Inline(text) if text.len() <= INSPECT_INLINE_BYTES => {
+                Document::clone(&*inspected(ctx, text, format)?)
+            }
+            _ => crate::work::run(size, move || inspect(bytes.expose(), format))
+                .await
+                .map_err(|e| ObjectError::Unavailable(e.to_string()))??,
+        };
         let data_key = self.keys.data_key(&doc.metadata, ctx).await?;
         let doc = crate::work::run(size, move || {
             let mut doc = doc;
@@ -208,6 +214,17 @@ pub fn inspect(bytes: &[u8], format: Format) -> Result<Document, ObjectError> {
     }
     crypt::Rules::of(meta).map_err(|e| ObjectError::Invalid(e.to_string()))?;
     Ok(doc)
+}
+
+/// A small inline document inspected once per Mount: validation reads it,
+/// the fetch decrypts a copy of what was read.
+fn inspected(ctx: &MountContext, text: &str, format: Format) -> Result<Arc<Document>, ObjectError> {
+    let key = KeyBuilder::new("sops-inspected")
+        .field(text.as_bytes())
+        .field(format.name())
+        .finish();
+    ctx.memo
+        .once(&key, || inspect(text.as_bytes(), format).map(Arc::new))
 }
 
 /// What one object writes from a decrypted document: the document in its
@@ -293,16 +310,19 @@ impl Backend for SopsBackend {
         "sops"
     }
 
-    fn validate(&self, object: &ObjectSpec, _ctx: &MountContext) -> Result<(), ObjectError> {
+    fn validate(&self, object: &ObjectSpec, ctx: &MountContext) -> Result<(), ObjectError> {
         let params = SopsObject::from_spec(object)?;
         match &params.source {
-            Source::Inline(text) if self.inspect_all || text.len() <= INSPECT_INLINE_BYTES => {
+            Source::Inline(text) if text.len() <= INSPECT_INLINE_BYTES => {
+                inspected(ctx, text, params.format).map(drop)
+            }
+            Source::Inline(text) if self.inspect_all => {
                 inspect(text.as_bytes(), params.format).map(drop)
             }
             Source::Inline(_) => Ok(()),
             Source::File(path) => self
                 .files_backend()?
-                .validate(&file_spec(object, path), _ctx),
+                .validate(&file_spec(object, path), ctx),
         }
     }
 
