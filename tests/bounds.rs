@@ -223,6 +223,15 @@ fn sops_documents_are_bounded() {
         fuzzing::sops_document(list_bomb.as_bytes(), 2)
     });
     assert!(out.is_err());
+    let keys: String = (0..85_000).map(|i| format!("\"k{i}\":0,")).collect();
+    let keys = format!("{{{keys}\"sops\": {{}}}}");
+    let _ = bounded("SOPS: a JSON map of 85,000 keys", keys.len(), || {
+        fuzzing::sops_document(keys.as_bytes(), 1)
+    });
+    let lines: String = (0..80_000).map(|i| format!("K{i}=v\n")).collect();
+    let _ = bounded("SOPS: dotenv of 80,000 lines", lines.len(), || {
+        fuzzing::sops_document(lines.as_bytes(), 2)
+    });
     let wide: String = (0..60000).map(|i| format!("[{i}],")).collect();
     let wide = format!("{{\"a\": [{}0], \"sops\": {{}}}}", wide);
     let _ = bounded("SOPS: wide JSON", wide.len(), || {
