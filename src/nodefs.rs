@@ -287,6 +287,11 @@ impl Stamp {
         self.size
     }
 
+    /// Hard links to the file.
+    pub fn links(&self) -> u64 {
+        self.nlink
+    }
+
     /// Did the file last change at least `margin` ([`SETTLE`]) before `t`?
     pub fn settled_before(&self, t: std::time::SystemTime, margin: std::time::Duration) -> bool {
         let Ok(now) = t.duration_since(std::time::UNIX_EPOCH) else {

@@ -75,6 +75,9 @@ pub struct MountContext {
     /// Scratch space that lives exactly as long as this Mount, so a backend
     /// can make identical requests of one Mount only once.
     pub memo: Memo,
+    /// When the request was taken up: a check of node state that began
+    /// after this saw every change made before the driver asked.
+    pub received: std::time::Instant,
 }
 
 /// Per-Mount shared values, keyed by a backend-built [`Key`]. At most one
@@ -171,6 +174,7 @@ impl MountContext {
         permission: &str,
         target_path: &str,
     ) -> Result<Self, RequestError> {
+        let received = std::time::Instant::now();
         let mut parameters = parse_string_map("attributes", attributes)?.unwrap_or_default();
         let tokens = match parameters.remove(keys::TOKENS) {
             Some(raw) => parse_tokens(Credential::new(raw))?,
@@ -198,6 +202,7 @@ impl MountContext {
             target_path: target_path.to_string(),
             default_mode: parse_permission(permission)?,
             memo: Memo::default(),
+            received,
         })
     }
 

@@ -11,11 +11,12 @@
 //! with more than one link.
 //!
 //! Small files named directly beneath the directory are kept after a read
-//! and served again while one `statx` of the name (no walk, no symlink
-//! followed) shows the very same file with the same stamps: a Mount of
-//! such files costs one syscall per object instead of four. Only files that
-//! last changed [`nodefs::SETTLE`] before they were read are kept, so a
-//! change is seen on the next Mount even where timestamps are coarse.
+//! and served again while nothing about them changed: on local file systems
+//! [`watch`] knows that without a syscall per object; elsewhere one `statx`
+//! of the name (no walk, no symlink followed) must show the very same file
+//! with the same stamps. Only files that last changed [`nodefs::SETTLE`]
+//! before they were read are kept, so a change is seen on the next Mount
+//! even where timestamps are coarse.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -27,11 +28,14 @@ use async_trait::async_trait;
 use super::{Backend, FetchLimits, Fetched};
 use crate::bounded_map::{BoundedMap, Bounds};
 use crate::error::ObjectError;
-use crate::key::KeyBuilder;
+use crate::key::{Key, KeyBuilder};
 use crate::nodefs::{self, NodeFileError, Stamp};
 use crate::request::MountContext;
 use crate::secret::SecretBytes;
 use crate::spc::ObjectSpec;
+
+mod watch;
+use watch::{KeptWatches, Watch};
 
 /// Fields an object of this backend may carry.
 const FIELDS: &[&str] = &["path"];
@@ -55,17 +59,35 @@ pub struct FileBackend {
     /// Open directory handles (the root, or a namespace's directory),
     /// reopened every [`DIR_REFRESH`] so a replaced directory is noticed:
     /// opening them for every object doubled the syscalls of a Mount.
-    dirs: BoundedMap<(Arc<std::fs::File>, Instant)>,
+    dirs: BoundedMap<Dir>,
     /// What was last read of small files, by (scope, name).
     known: BoundedMap<Arc<Known>>,
+    /// Change notices for the directories and kept files (`None`: no
+    /// inotify here; every kept file is checked with `statx`).
+    watch: Option<Watch>,
     /// [`nodefs::SETTLE`]; shorter only in tests.
     settle: Duration,
+}
+
+/// An open directory objects are read beneath.
+#[derive(Clone)]
+struct Dir {
+    file: Arc<std::fs::File>,
+    opened: Instant,
+    watch: Option<nix::sys::inotify::WatchDescriptor>,
 }
 
 /// What the file backend remembers of a name.
 enum Known {
     /// A small regular file as read, with its stamp at the time.
-    File { stamp: Stamp, bytes: SecretBytes },
+    File {
+        stamp: Stamp,
+        bytes: SecretBytes,
+        /// Its watches, when changes to it are reported.
+        watched: Option<KeptWatches>,
+        /// The change-event number it was read as of.
+        current_as_of: u64,
+    },
     /// Not worth keeping until the instant given: a symlink (as in
     /// Kubernetes' volume layouts; looked at again after [`RECHECK`]) or a
     /// file that changed too recently (until it has settled).
@@ -113,16 +135,17 @@ impl FileBackend {
             refuse_hardlinks: false,
             dirs: BoundedMap::new(DIRS),
             known: BoundedMap::new(KNOWN),
+            watch: Watch::new(known_key),
             settle: nodefs::SETTLE,
         }
     }
 
     /// The directory the pod's paths resolve beneath: the root, or
     /// `<root>/<scope>` (itself resolved beneath the root).
-    fn dir(&self, scope: Option<&str>, errors: &Errors) -> Result<Arc<std::fs::File>, ObjectError> {
+    fn dir(&self, scope: Option<&str>, errors: &Errors) -> Result<Dir, ObjectError> {
         let key = KeyBuilder::new("file-dir").opt(scope).finish();
-        if let Some((dir, opened)) = self.dirs.get(&key) {
-            if opened.elapsed() < DIR_REFRESH {
+        if let Some(dir) = self.dirs.get(&key) {
+            if dir.opened.elapsed() < DIR_REFRESH {
                 return Ok(dir);
             }
         }
@@ -146,8 +169,12 @@ impl FileBackend {
                 })?
             }
         };
-        let dir = Arc::new(dir);
-        self.dirs.insert(key, (Arc::clone(&dir), Instant::now()));
+        let dir = Dir {
+            watch: self.watch.as_ref().and_then(|w| w.dir(&dir, scope)),
+            file: Arc::new(dir),
+            opened: Instant::now(),
+        };
+        self.dirs.insert(key, dir.clone());
         Ok(dir)
     }
 
@@ -249,29 +276,43 @@ impl Backend for FileBackend {
         let dir = self.dir(scope, &errors)?;
         // Only a name directly beneath the directory can be checked with one
         // syscall that walks nothing.
-        let known_key = (!path.contains('/')).then(|| {
-            KeyBuilder::new("file-known")
-                .opt(scope)
-                .field(path)
-                .finish()
-        });
+        let known_key = (!path.contains('/')).then(|| known_key(scope, path));
         let mut keep = known_key.is_some();
         if let Some(key) = &known_key {
             match self.known.get(key).as_deref() {
-                Some(Known::File { stamp, bytes }) => {
-                    if bytes.expose().len() as u64 <= limits.max_bytes
-                        && nodefs::stamp_entry(&dir, path).as_ref() == Some(stamp)
-                    {
+                Some(Known::File {
+                    stamp,
+                    bytes,
+                    watched,
+                    current_as_of,
+                }) if bytes.expose().len() as u64 <= limits.max_bytes => {
+                    let fresh = match (&self.watch, watched) {
+                        // Watched: the notices decide; a file reported
+                        // changed is read again (its stamps may not show a
+                        // rewrite within one clock tick).
+                        (Some(w), Some(kept)) => {
+                            dir.watch == Some(kept.dir)
+                                && w.unchanged(key, *current_as_of, *kept, ctx.received)
+                        }
+                        _ => nodefs::stamp_entry(&dir.file, path).as_ref() == Some(stamp),
+                    };
+                    if fresh {
                         return Ok(Fetched::new(bytes.clone(), None));
                     }
                     self.known.remove(key);
                 }
+                Some(Known::File { .. }) => self.known.remove(key),
                 Some(Known::Uncached(until)) if Instant::now() < *until => keep = false,
                 _ => {}
             }
         }
+        // Changes from here on are reported after this number.
+        let read_as_of = match (&self.watch, keep) {
+            (Some(w), true) => Some(w.mark(ctx.received)),
+            _ => None,
+        };
         let read_at = std::time::SystemTime::now();
-        let file = nodefs::open_beneath(&dir, relative).map_err(|e| errors.map(e))?;
+        let file = nodefs::open_beneath(&dir.file, relative).map_err(|e| errors.map(e))?;
         let meta = file.metadata().map_err(|e| {
             ObjectError::Unavailable(format!("cannot stat {}: {}", errors.shown(), e.kind()))
         })?;
@@ -283,30 +324,47 @@ impl Backend for FileBackend {
             )));
         }
         let stamp = Stamp::of(&meta);
-        let contents = if meta.len() <= INLINE_READ_BYTES {
-            nodefs::read_regular_with(&file, &meta, limits.max_bytes)
+        let (contents, file) = if meta.len() <= INLINE_READ_BYTES {
+            (
+                nodefs::read_regular_with(&file, &meta, limits.max_bytes),
+                Some(file),
+            )
         } else {
             keep = false;
-            tokio::task::spawn_blocking(move || {
+            let read = tokio::task::spawn_blocking(move || {
                 nodefs::read_regular_with(&file, &meta, limits.max_bytes)
             })
             .await
-            .map_err(|e| ObjectError::Internal(format!("file read task failed: {e}")))?
-        }
-        .map_err(|e| errors.map(e))?;
-        let contents = SecretBytes::new(contents);
-        if let (true, Some(key)) = (keep, known_key) {
+            .map_err(|e| ObjectError::Internal(format!("file read task failed: {e}")))?;
+            (read, None)
+        };
+        let contents = SecretBytes::new(contents.map_err(|e| errors.map(e))?);
+        if let (true, Some(key), Some(file)) = (keep, known_key, file) {
+            // Watched before the last look at the name, so no change falls
+            // between the two; only a file with no other name is, since a
+            // write through another link is not reported to this directory.
+            let watched = match (&self.watch, dir.watch) {
+                (Some(w), Some(dir_wd)) if stamp.links() == 1 => {
+                    w.file(&file, key).map(|file_wd| KeptWatches {
+                        dir: dir_wd,
+                        file: file_wd,
+                    })
+                }
+                _ => None,
+            };
             // Kept only if the name itself is this file (not a symlink to
             // it) and the file had settled before it was read.
             let settled = stamp.settled_before(read_at, self.settle);
             let plain = settled
                 && contents.expose().len() as u64 == stamp.size()
-                && nodefs::stamp_entry(&dir, path) == Some(stamp);
+                && nodefs::stamp_entry(&dir.file, path) == Some(stamp);
             if plain {
                 let weight = contents.expose().len() as u64 + KNOWN_OVERHEAD;
                 let known = Known::File {
                     stamp,
                     bytes: contents.clone(),
+                    watched,
+                    current_as_of: read_as_of.unwrap_or(0),
                 };
                 self.known.insert_weighed(key, Arc::new(known), weight);
             } else {
@@ -318,6 +376,14 @@ impl Backend for FileBackend {
         }
         Ok(Fetched::new(contents, None))
     }
+}
+
+/// The key a small file directly beneath a directory is kept under.
+fn known_key(scope: Option<&str>, name: &str) -> Key {
+    KeyBuilder::new("file-known")
+        .opt(scope)
+        .field(name)
+        .finish()
 }
 
 /// Files up to this size are read on the async task.
@@ -565,6 +631,64 @@ mod tests {
         } else {
             assert!(fetch(&b, &name("s"), "").await.is_err());
         }
+    }
+
+    /// On a watched file system a kept file is served on change notices
+    /// (no syscall per object), and every change is still seen at once:
+    /// an in-place rewrite of the same size, a write through a hard link
+    /// made elsewhere after the file was kept, a rename over it.
+    #[tokio::test]
+    async fn watched_files_are_served_on_notices_and_changes_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir_in(dir.path().parent().unwrap()).unwrap();
+        let root = dir.path();
+        let mut b = FileBackend::new(root.to_path_buf(), Scope::None);
+        b.settle = Duration::ZERO;
+        let watched = |b: &FileBackend| {
+            b.known.get(&known_key(None, "s")).is_some_and(|k| {
+                matches!(
+                    *k,
+                    Known::File {
+                        watched: Some(_),
+                        ..
+                    }
+                )
+            })
+        };
+        let name = object("s", None);
+        std::fs::write(root.join("s"), "one").unwrap();
+        assert_eq!(fetch(&b, &name, "").await.unwrap(), b"one");
+        let local = watch::local_file_system(&std::fs::File::open(root).unwrap());
+        if b.watch.is_none() || !local {
+            // No inotify, or a file system changed behind the kernel's back:
+            // the statx checks of the test above apply.
+            return;
+        }
+        assert!(watched(&b));
+        assert_eq!(fetch(&b, &name, "").await.unwrap(), b"one");
+        assert!(watched(&b));
+        // Same size, same inode, at once.
+        std::fs::write(root.join("s"), "two").unwrap();
+        assert_eq!(fetch(&b, &name, "").await.unwrap(), b"two");
+        assert!(watched(&b));
+        // A second name outside the root, made after the file was kept.
+        let link = elsewhere.path().join("l");
+        std::fs::hard_link(root.join("s"), &link).unwrap();
+        assert_eq!(fetch(&b, &name, "").await.unwrap(), b"two");
+        std::fs::write(&link, "six").unwrap();
+        assert_eq!(fetch(&b, &name, "").await.unwrap(), b"six");
+        // With two names it is checked with statx, not kept on notices.
+        assert!(!watched(&b));
+        std::fs::remove_file(&link).unwrap();
+        std::fs::write(root.join("t"), "ten").unwrap();
+        std::fs::rename(root.join("t"), root.join("s")).unwrap();
+        assert_eq!(fetch(&b, &name, "").await.unwrap(), b"ten");
+        assert!(watched(&b));
+        std::fs::remove_file(root.join("s")).unwrap();
+        assert!(matches!(
+            fetch(&b, &name, "").await,
+            Err(ObjectError::NotFound(_))
+        ));
     }
 
     /// Names that are symlinks (Kubernetes' `key -> ..data/key`) and files
