@@ -21,6 +21,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -33,6 +34,8 @@ use crate::key::Key;
 const MAX_WATCHES: usize = 1024;
 /// Names remembered as changed; beyond this every kept file is suspect.
 const MAX_DIRTY: usize = 4096;
+/// Reads of the queue per drain (4 KiB each).
+const MAX_READS: usize = 64;
 
 /// What a watch descriptor watches.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,8 +55,6 @@ struct State {
     /// The number of the last event about each name.
     dirty: HashMap<Key, u64>,
     watches: HashMap<WatchDescriptor, Watched>,
-    /// When the last drain began.
-    drained: Option<Instant>,
 }
 
 /// The key a kept name is known under.
@@ -61,7 +62,14 @@ pub(super) type KeyOf = fn(Option<&str>, &str) -> Key;
 
 pub(super) struct Watch {
     inotify: Inotify,
+    /// Held for a drain (the read and the bookkeeping); checks take only
+    /// `state`, briefly, never across a syscall.
+    draining: Mutex<()>,
     state: Mutex<State>,
+    /// 1 + when the last completed drain began, in ns after `base`
+    /// (0: never).
+    drained: AtomicU64,
+    base: Instant,
     key_of: KeyOf,
 }
 
@@ -117,7 +125,10 @@ impl Watch {
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).ok()?;
         Some(Self {
             inotify,
+            draining: Mutex::new(()),
             state: Mutex::new(State::default()),
+            drained: AtomicU64::new(0),
+            base: Instant::now(),
             key_of,
         })
     }
@@ -180,74 +191,107 @@ impl Watch {
     /// The event number everything read from now on is current as of,
     /// having drained the queue unless a drain began after `since`.
     pub fn mark(&self, since: Instant) -> u64 {
-        match self.state.lock() {
-            Ok(mut state) => {
-                self.drain(&mut state, since);
-                state.seq
-            }
-            Err(_) => u64::MAX,
-        }
+        self.drain(since);
+        // Poisoned: a number no file is current as of.
+        self.state.lock().map_or(0, |state| state.seq)
     }
 
     /// Whether the file kept under `key` at event number `read` is still
     /// as read: both its watches stand and no event about it came since.
     pub fn unchanged(&self, key: &Key, read: u64, watched: KeptWatches, since: Instant) -> bool {
-        let Ok(mut state) = self.state.lock() else {
+        self.drain(since);
+        let Ok(state) = self.state.lock() else {
             return false;
         };
-        self.drain(&mut state, since);
         read >= state.floor
             && state.dirty.get(key).is_none_or(|&n| n <= read)
             && matches!(state.watches.get(&watched.dir), Some(Watched::Dir { .. }))
             && state.watches.get(&watched.file) == Some(&Watched::File { key: *key })
     }
 
-    fn drain(&self, state: &mut State, since: Instant) {
-        if state.drained.is_some_and(|d| d >= since) {
+    /// Takes every queued event, unless a drain that began after `since`
+    /// has completed (it took every event of a change made before then).
+    fn drain(&self, since: Instant) {
+        let since = self.nanos(since);
+        if self.drained.load(Ordering::Acquire) > since {
             return;
         }
-        state.drained = Some(Instant::now());
-        loop {
-            // Non-blocking: EAGAIN once the queue is empty.
-            let Ok(events) = self.inotify.read_events() else {
+        let Ok(_draining) = self.draining.lock() else {
+            return;
+        };
+        if self.drained.load(Ordering::Acquire) > since {
+            return;
+        }
+        let began = self.nanos(Instant::now());
+        let mut events = Vec::new();
+        let mut lost = false;
+        for reads in 0.. {
+            // Files changed faster than they can be followed (or an
+            // error, events gone with it): every kept file is suspect,
+            // which is also right for the events left unread.
+            if reads == MAX_READS {
+                lost = true;
+                break;
+            }
+            match self.inotify.read_events() {
+                Ok(more) if !more.is_empty() => events.extend(more),
+                Err(nix::errno::Errno::EAGAIN) | Ok(_) => break,
+                Err(_) => {
+                    lost = true;
+                    break;
+                }
+            }
+        }
+        if !events.is_empty() || lost {
+            let Ok(mut state) = self.state.lock() else {
                 return;
             };
-            if events.is_empty() {
-                return;
-            }
-            for e in events {
+            self.apply(&mut state, events);
+            if lost {
                 state.seq += 1;
-                let n = state.seq;
-                if e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
-                    state.floor = n;
-                    continue;
-                }
-                let dirty = match state.watches.get(&e.wd) {
-                    None => None,
-                    Some(Watched::File { key }) => Some(*key),
-                    Some(Watched::Dir { scope }) => {
-                        if e.mask.intersects(GONE) {
-                            state.floor = n;
-                            None
-                        } else {
-                            // A name that is not UTF-8 is never kept.
-                            e.name
-                                .as_deref()
-                                .and_then(|n| n.to_str())
-                                .map(|name| (self.key_of)(scope.as_deref(), name))
-                        }
-                    }
-                };
-                if e.mask.contains(AddWatchFlags::IN_IGNORED) {
-                    state.watches.remove(&e.wd);
-                }
-                if let Some(key) = dirty {
-                    if state.dirty.len() >= MAX_DIRTY && !state.dirty.contains_key(&key) {
-                        state.dirty.clear();
+                state.floor = state.seq;
+            }
+        }
+        self.drained.store(began + 1, Ordering::Release);
+    }
+
+    fn nanos(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX - 1)
+    }
+
+    fn apply(&self, state: &mut State, events: Vec<nix::sys::inotify::InotifyEvent>) {
+        for e in events {
+            state.seq += 1;
+            let n = state.seq;
+            if e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                state.floor = n;
+                continue;
+            }
+            let dirty = match state.watches.get(&e.wd) {
+                None => None,
+                Some(Watched::File { key }) => Some(*key),
+                Some(Watched::Dir { scope }) => {
+                    if e.mask.intersects(GONE) {
                         state.floor = n;
+                        None
+                    } else {
+                        // A name that is not UTF-8 is never kept.
+                        e.name
+                            .as_deref()
+                            .and_then(|n| n.to_str())
+                            .map(|name| (self.key_of)(scope.as_deref(), name))
                     }
-                    state.dirty.insert(key, n);
                 }
+            };
+            if e.mask.contains(AddWatchFlags::IN_IGNORED) {
+                state.watches.remove(&e.wd);
+            }
+            if let Some(key) = dirty {
+                if state.dirty.len() >= MAX_DIRTY && !state.dirty.contains_key(&key) {
+                    state.dirty.clear();
+                    state.floor = n;
+                }
+                state.dirty.insert(key, n);
             }
         }
     }
@@ -312,6 +356,48 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(5));
         assert_eq!(w.mark(since), read);
         assert!(w.mark(Instant::now()) > read);
+    }
+
+    /// A flood of changes to other names (more than one drain reads, more
+    /// than the kernel queues) is bounded work and leaves kept files
+    /// suspect, never trusted.
+    #[test]
+    fn a_flood_of_events_is_bounded_and_makes_everything_suspect() {
+        let Some(w) = Watch::new(key_of) else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let d = std::fs::File::open(dir.path()).unwrap();
+        let Some(dwd) = w.dir(&d, None) else {
+            return;
+        };
+        std::fs::write(dir.path().join("a"), "1").unwrap();
+        let key = key_of(None, "a");
+        let f = std::fs::File::open(dir.path().join("a")).unwrap();
+        let fwd = w.file(&f, key).unwrap();
+        let both = KeptWatches {
+            dir: dwd,
+            file: fwd,
+        };
+        let read = w.mark(Instant::now());
+        // Alternating names: the kernel merges only identical neighbours.
+        let mut noise = [
+            std::fs::File::create(dir.path().join("n1")).unwrap(),
+            std::fs::File::create(dir.path().join("n2")).unwrap(),
+        ];
+        for i in 0..20_000 {
+            std::io::Write::write_all(&mut noise[i % 2], b"x").unwrap();
+        }
+        let t = Instant::now();
+        assert!(!w.unchanged(&key, read, both, Instant::now()));
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
+        // Once the queue is read out (a few bounded drains), a file read
+        // again is current.
+        let current = (0..10).any(|_| {
+            let read = w.mark(Instant::now());
+            w.unchanged(&key, read, both, Instant::now())
+        });
+        assert!(current);
     }
 
     /// A watched directory going away makes every kept file suspect.
