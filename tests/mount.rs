@@ -485,3 +485,35 @@ async fn settled_files_rewritten_in_place_are_served_new_at_once() {
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
     assert!(!status.message().contains("host"), "{}", status.message());
 }
+
+/// A kept file (small, named directly under the root, settled) served
+/// on change notices by the real daemon: every change on disk is in the
+/// very next Mount, however it is made.
+#[tokio::test]
+async fn kept_files_are_served_new_on_the_next_mount() {
+    let d = Daemon::start();
+    d.write_secret("top", "value-1");
+    // Kept only once it last changed more than 3 s before a read.
+    tokio::time::sleep(std::time::Duration::from_millis(3200)).await;
+    let mut c = d.client().await;
+    let vol = tempfile::tempdir().unwrap();
+    let req = || driver(vol.path()).to_proto(&spc("- objectName: top\n"));
+    let contents = |r: &coffer::proto::MountResponse| r.files[0].contents.clone();
+    for _ in 0..3 {
+        let r = c.mount(req()).await.unwrap().into_inner();
+        assert_eq!(contents(&r), b"value-1");
+    }
+    // In place, same size: one clock tick may not show it; the notice does.
+    d.write_secret("top", "value-2");
+    let r = c.mount(req()).await.unwrap().into_inner();
+    assert_eq!(contents(&r), b"value-2");
+    // Renamed over.
+    d.write_secret("top.new", "value-3");
+    std::fs::rename(d.secrets.join("top.new"), d.secrets.join("top")).unwrap();
+    let r = c.mount(req()).await.unwrap().into_inner();
+    assert_eq!(contents(&r), b"value-3");
+    // Removed.
+    std::fs::remove_file(d.secrets.join("top")).unwrap();
+    let status = c.mount(req()).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+}
