@@ -155,12 +155,14 @@ impl Watch {
                 .filter(|(_, w)| matches!(w, Watched::File { .. }))
                 .map(|(wd, _)| *wd)
                 .collect();
-            for wd in files {
-                let _ = self.inotify.rm_watch(wd);
-                state.watches.remove(&wd);
+            if !files.is_empty() {
+                for wd in files {
+                    let _ = self.inotify.rm_watch(wd);
+                    state.watches.remove(&wd);
+                }
+                state.seq += 1;
+                state.floor = state.seq;
             }
-            state.seq += 1;
-            state.floor = state.seq;
             if state.watches.len() >= MAX_WATCHES {
                 return None;
             }
