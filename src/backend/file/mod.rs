@@ -306,8 +306,9 @@ impl Backend for FileBackend {
                 _ => {}
             }
         }
-        // Changes from here on are reported after this number.
-        let read_as_of = match (&self.watch, keep) {
+        // Changes from here on are reported after this number (asked only
+        // where the file can be kept on notices).
+        let read_as_of = match (&self.watch, keep && dir.watch.is_some()) {
             (Some(w), true) => Some(w.mark(ctx.received)),
             _ => None,
         };

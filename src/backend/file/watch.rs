@@ -308,28 +308,32 @@ mod tests {
         KeyBuilder::new("t").opt(scope).field(name).finish()
     }
 
+    /// `dir/name` (holding "1") kept under `scope`, both watched; `None`
+    /// where inotify or a watched file system is not to be had.
+    fn kept(dir: &std::path::Path, scope: Option<&str>) -> Option<(Watch, Key, KeptWatches)> {
+        let w = Watch::new(key_of)?;
+        let dir_wd = w.dir(&std::fs::File::open(dir).unwrap(), scope)?;
+        std::fs::write(dir.join("a"), "1").unwrap();
+        let key = key_of(scope, "a");
+        let f = std::fs::File::open(dir.join("a")).unwrap();
+        let file_wd = w.file(&f, key).unwrap();
+        let both = KeptWatches {
+            dir: dir_wd,
+            file: file_wd,
+        };
+        Some((w, key, both))
+    }
+
     /// Every kind of change is an event about the name, in the order made;
     /// a file read after an event is current again.
     #[test]
     fn changes_are_numbered_per_name() {
-        let Some(w) = Watch::new(key_of) else {
-            return;
-        };
         let dir = tempfile::tempdir().unwrap();
-        let d = std::fs::File::open(dir.path()).unwrap();
-        let Some(dwd) = w.dir(&d, None) else {
+        let Some((w, key, both)) = kept(dir.path(), None) else {
             // Not a watched file system here.
             return;
         };
         let path = dir.path().join("a");
-        std::fs::write(&path, "1").unwrap();
-        let f = std::fs::File::open(&path).unwrap();
-        let key = key_of(None, "a");
-        let fwd = w.file(&f, key).unwrap();
-        let both = KeptWatches {
-            dir: dwd,
-            file: fwd,
-        };
         let read = w.mark(Instant::now());
         assert!(w.unchanged(&key, read, both, Instant::now()));
         let changes: [&dyn Fn(); 4] = [
@@ -365,21 +369,9 @@ mod tests {
     /// suspect, never trusted.
     #[test]
     fn a_flood_of_events_is_bounded_and_makes_everything_suspect() {
-        let Some(w) = Watch::new(key_of) else {
-            return;
-        };
         let dir = tempfile::tempdir().unwrap();
-        let d = std::fs::File::open(dir.path()).unwrap();
-        let Some(dwd) = w.dir(&d, None) else {
+        let Some((w, key, both)) = kept(dir.path(), None) else {
             return;
-        };
-        std::fs::write(dir.path().join("a"), "1").unwrap();
-        let key = key_of(None, "a");
-        let f = std::fs::File::open(dir.path().join("a")).unwrap();
-        let fwd = w.file(&f, key).unwrap();
-        let both = KeptWatches {
-            dir: dwd,
-            file: fwd,
         };
         let read = w.mark(Instant::now());
         // Alternating names: the kernel merges only identical neighbours.
@@ -405,23 +397,11 @@ mod tests {
     /// A watched directory going away makes every kept file suspect.
     #[test]
     fn a_directory_gone_makes_everything_suspect() {
-        let Some(w) = Watch::new(key_of) else {
-            return;
-        };
         let top = tempfile::tempdir().unwrap();
         let sub = top.path().join("s");
         std::fs::create_dir(&sub).unwrap();
-        std::fs::write(sub.join("a"), "1").unwrap();
-        let d = std::fs::File::open(&sub).unwrap();
-        let Some(dwd) = w.dir(&d, Some("s")) else {
+        let Some((w, key, both)) = kept(&sub, Some("s")) else {
             return;
-        };
-        let key = key_of(Some("s"), "a");
-        let f = std::fs::File::open(sub.join("a")).unwrap();
-        let fwd = w.file(&f, key).unwrap();
-        let both = KeptWatches {
-            dir: dwd,
-            file: fwd,
         };
         let read = w.mark(Instant::now());
         std::fs::rename(&sub, top.path().join("moved")).unwrap();
