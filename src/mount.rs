@@ -157,6 +157,29 @@ pub fn check_objects(
     failures
 }
 
+/// The part of [`check_objects`] that depends on who calls (a backend's
+/// view of the pod: its namespace, its tokens), for a plan whose own checks
+/// passed when it was kept.
+fn check_callers_objects(
+    backends: &Registry,
+    objects: &[ObjectSpec],
+    ctx: &MountContext,
+) -> Vec<Failure> {
+    objects
+        .iter()
+        .filter_map(|object| {
+            let error = backends
+                .get(&object.backend)
+                .and_then(|backend| backend.validate(object, ctx))
+                .err()?;
+            Some(Failure {
+                object: object.label(),
+                error,
+            })
+        })
+        .collect()
+}
+
 /// Warnings about `objects` that do not stop a Mount: fields a backend
 /// ignores, as the peer provider whose form it reads ignores them.
 pub fn object_warnings(backends: &Registry, objects: &[ObjectSpec]) -> Vec<(String, String)> {
@@ -571,8 +594,9 @@ impl Mounter {
         // Once per Mount: a span field recorded twice is printed twice.
         tracing::Span::current().record("objects", objects.len());
         if memoised {
-            // Validated when it was kept; only the per-caller checks remain.
-            let failures = check_objects(&self.backends, objects, ctx);
+            // Validated when it was kept (paths, render fields, the path
+            // set); only the checks that depend on the caller remain.
+            let failures = check_callers_objects(&self.backends, objects, ctx);
             if failures.is_empty() {
                 return Ok(plan);
             }
