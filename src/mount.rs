@@ -129,20 +129,12 @@ pub fn check_objects(
     objects: &[ObjectSpec],
     ctx: &MountContext,
 ) -> Vec<Failure> {
-    let mut failures = Vec::new();
-    for object in objects {
-        let checked = paths::validate_path(&object.name)
+    let mut failures = object_failures(objects, |object| {
+        paths::validate_path(&object.name)
             .map_err(|e| ObjectError::Invalid(format!("{}: {e}", object.name_field)))
             .and_then(|_| render::check_object(object))
-            .and_then(|_| backends.get(&object.backend))
-            .and_then(|backend| backend.validate(object, ctx));
-        if let Err(error) = checked {
-            failures.push(Failure {
-                object: object.label(),
-                error,
-            });
-        }
-    }
+            .and_then(|_| check_for_caller(backends, object, ctx))
+    });
     let outputs = render::object_outputs(objects);
     for e in paths::validate_path_set(outputs.iter().map(String::as_str)) {
         let object = match &e {
@@ -158,21 +150,27 @@ pub fn check_objects(
 }
 
 /// The part of [`check_objects`] that depends on who calls (a backend's
-/// view of the pod: its namespace, its tokens), for a plan whose own checks
-/// passed when it was kept.
-fn check_callers_objects(
+/// view of the pod: its namespace, its tokens): all that is left to check
+/// of a plan whose own checks passed when it was kept.
+fn check_for_caller(
     backends: &Registry,
-    objects: &[ObjectSpec],
+    object: &ObjectSpec,
     ctx: &MountContext,
+) -> Result<(), ObjectError> {
+    backends
+        .get(&object.backend)
+        .and_then(|backend| backend.validate(object, ctx))
+}
+
+/// One failure per object that `check` refuses, in order.
+fn object_failures(
+    objects: &[ObjectSpec],
+    check: impl Fn(&ObjectSpec) -> Result<(), ObjectError>,
 ) -> Vec<Failure> {
     objects
         .iter()
         .filter_map(|object| {
-            let error = backends
-                .get(&object.backend)
-                .and_then(|backend| backend.validate(object, ctx))
-                .err()?;
-            Some(Failure {
+            check(object).err().map(|error| Failure {
                 object: object.label(),
                 error,
             })
@@ -596,7 +594,9 @@ impl Mounter {
         if memoised {
             // Validated when it was kept (paths, render fields, the path
             // set); only the checks that depend on the caller remain.
-            let failures = check_callers_objects(&self.backends, objects, ctx);
+            let failures = object_failures(objects, |object| {
+                check_for_caller(&self.backends, object, ctx)
+            });
             if failures.is_empty() {
                 return Ok(plan);
             }

@@ -15,6 +15,16 @@ use common::*;
 use serde_yaml_ng::Value;
 use tonic::Code;
 
+/// A daemon reading age identities from `keys`, with `more` flags.
+fn daemon_with_keys(keys: &Path, more: &[&str]) -> Daemon {
+    let mut extra_args = vec!["--sops-age-key-dir".to_string(), keys.display().to_string()];
+    extra_args.extend(more.iter().map(|s| s.to_string()));
+    Daemon::start_with(Options {
+        extra_args,
+        ..Default::default()
+    })
+}
+
 /// The reference documents shipped with rops, made by the `sops` tool.
 const REFERENCES: &[&str] = &[
     "age_example",
@@ -36,17 +46,11 @@ fn node(shop_identities: &[&str], extra: &[&str]) -> Node {
     if !shop_identities.is_empty() {
         write_key_file(keys.path(), "shop.txt", shop_identities);
     }
-    let mut args = vec![
-        "--sops-age-key-dir".to_string(),
-        keys.path().display().to_string(),
-        "--log-level".into(),
-        "trace".into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let daemon = Daemon::start_with(Options {
-        extra_args: args,
-        ..Default::default()
-    });
+    let more: Vec<&str> = ["--log-level", "trace"]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
+    let daemon = daemon_with_keys(keys.path(), &more);
     Node {
         daemon,
         _keys: keys,
@@ -286,15 +290,7 @@ async fn sealed_documents_open_everywhere() {
 
     // The daemon, with the identity keygen made (trace logs: nothing of
     // the values, the data key or the identity may show).
-    let daemon = Daemon::start_with(Options {
-        extra_args: vec![
-            "--sops-age-key-dir".into(),
-            keys.path().display().to_string(),
-            "--log-level".into(),
-            "trace".into(),
-        ],
-        ..Default::default()
-    });
+    let daemon = daemon_with_keys(keys.path(), &["--log-level", "trace"]);
     let mut client = daemon.client().await;
     let objects = vec![
         object("all.yaml", &[("sops", sealed_yaml.clone().into())]),
@@ -373,11 +369,7 @@ async fn keys_belong_to_namespaces() {
             &[],
         )
     };
-    let dir = keys.path().display().to_string();
-    let daemon = Daemon::start_with(Options {
-        extra_args: vec!["--sops-age-key-dir".into(), dir.clone()],
-        ..Default::default()
-    });
+    let daemon = daemon_with_keys(keys.path(), &[]);
     let mut client = daemon.client().await;
     let ok = client
         .mount(req_in(&spc_of(&for_shop), "shop"))
@@ -398,14 +390,7 @@ async fn keys_belong_to_namespaces() {
     assert_eq!(code, Code::PermissionDenied, "{msg}");
     drop(client);
     drop(daemon);
-    let daemon = Daemon::start_with(Options {
-        extra_args: vec![
-            "--sops-age-key-dir".into(),
-            dir.clone(),
-            "--sops-cluster-key".into(),
-        ],
-        ..Default::default()
-    });
+    let daemon = daemon_with_keys(keys.path(), &["--sops-cluster-key"]);
     let mut client = daemon.client().await;
     let ok = client
         .mount(req_in(&spc_of(&for_cluster), "other"))
@@ -501,13 +486,7 @@ async fn tampered_documents_are_refused() {
             "SOPS document",
         ),
     ];
-    let daemon = Daemon::start_with(Options {
-        extra_args: vec![
-            "--sops-age-key-dir".into(),
-            keys.path().display().to_string(),
-        ],
-        ..Default::default()
-    });
+    let daemon = daemon_with_keys(keys.path(), &[]);
     let mut client = daemon.client().await;
     for (what, doc, expect) in cases {
         let s = sops_spc(
@@ -647,13 +626,7 @@ async fn sops_files_and_check() {
         &["-r", &recipient, "--input-type", "dotenv", "-"],
         b"TOKEN=from-file\n",
     );
-    let node_daemon = Daemon::start_with(Options {
-        extra_args: vec![
-            "--sops-age-key-dir".into(),
-            keys.path().display().to_string(),
-        ],
-        ..Default::default()
-    });
+    let node_daemon = daemon_with_keys(keys.path(), &[]);
     node_daemon.write_secret("gitops/app.env", &sealed);
     let mut client = node_daemon.client().await;
     let s = sops_spc(
@@ -807,13 +780,7 @@ async fn rops_reads_and_writes_what_coffer_does() {
         by_rops_json.contains("\"note_u\": \"clear\""),
         "{by_rops_json}"
     );
-    let daemon = Daemon::start_with(Options {
-        extra_args: vec![
-            "--sops-age-key-dir".into(),
-            keys.path().display().to_string(),
-        ],
-        ..Default::default()
-    });
+    let daemon = daemon_with_keys(keys.path(), &[]);
     let mut client = daemon.client().await;
     let objects = vec![
         object("rops.yaml", &[("sops", by_rops_yaml.into())]),
