@@ -3,7 +3,9 @@
 //! which backend). Backend-specific fields stay raw here and are parsed by the
 //! backend that owns them.
 
+use std::any::Any;
 use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde_yaml_ng::Value;
@@ -173,9 +175,62 @@ pub struct ObjectSpec {
     /// The field that named the output path, for messages in the words of
     /// the form the SPC was written in (`objectName`, or Google's `path`).
     pub name_field: &'static str,
+    /// What its backend worked out from the fields above (see
+    /// [`ObjectSpec::derived`]).
+    pub derived: Derived,
+}
+
+/// One value a backend derives from an object's own fields (its request,
+/// its address), kept with the object: a memoised plan serves every
+/// rotation poll of its SPC, which then need not redo the work per Mount.
+/// A clone starts empty, so a copy whose fields are then changed never
+/// carries a value worked out from the old ones; equality ignores it.
+#[derive(Default)]
+pub struct Derived(OnceLock<Arc<dyn Any + Send + Sync>>);
+
+impl Clone for Derived {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl PartialEq for Derived {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Derived {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "Derived(kept)"
+        } else {
+            "Derived(none)"
+        })
+    }
 }
 
 impl ObjectSpec {
+    /// `make()`'s value for this object, worked out on first use and kept
+    /// with it. Only for values that depend on nothing but the object's own
+    /// fields (never on the caller); one type per object (its backend's):
+    /// asked for another type, it is worked out again and not kept.
+    pub fn derived<T: Send + Sync + 'static>(&self, make: impl FnOnce() -> T) -> Arc<T> {
+        if let Some(kept) = self.derived.0.get() {
+            return match Arc::clone(kept).downcast::<T>() {
+                Ok(value) => value,
+                Err(_) => Arc::new(make()),
+            };
+        }
+        let value = Arc::new(make());
+        // Two Mounts may both work it out first; either copy is the same.
+        let _ = self
+            .derived
+            .0
+            .set(Arc::clone(&value) as Arc<dyn Any + Send + Sync>);
+        value
+    }
+
     /// The object's label in messages: its name, or its position.
     pub fn label(&self) -> String {
         if self.name.is_empty() {
@@ -657,6 +712,7 @@ fn parse_object(
         expand,
         render,
         fields,
+        derived: Derived::default(),
     })
 }
 
@@ -855,6 +911,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("invalid path"), "{e}");
+    }
+
+    #[test]
+    fn derived_values_are_kept_per_object_and_not_copied() {
+        let o = &parse_objects(&params("- objectName: a\n  secretPath: x"), "vault").unwrap()[0];
+        let calls = std::cell::Cell::new(0);
+        let make = || {
+            calls.set(calls.get() + 1);
+            o.name.clone()
+        };
+        assert_eq!(*o.derived(make), "a");
+        assert_eq!(*o.derived(make), "a");
+        assert_eq!(calls.get(), 1, "worked out once");
+        // Asked for another type: worked out, not kept over the first.
+        assert_eq!(*o.derived(|| 7u32), 7);
+        assert_eq!(*o.derived(make), "a");
+        // A copy (whose fields may then change) starts empty; equality and
+        // the copy ignore the slot.
+        let mut copy = o.clone();
+        assert_eq!(&copy, o);
+        copy.name = "b".into();
+        assert_eq!(*copy.derived(|| copy.name.clone()), "b");
+        assert_eq!(format!("{:?}", o.derived), "Derived(kept)");
     }
 
     #[test]

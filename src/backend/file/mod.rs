@@ -460,6 +460,7 @@ mod tests {
             expand: false,
             render: true,
             fields,
+            derived: Default::default(),
         }
     }
 

@@ -341,6 +341,57 @@ pub(crate) fn zeroize_json(v: &mut Json) {
 
 /// Where a Mount keeps its worked-out Vault parameters.
 static PARAMS: std::sync::LazyLock<Key> = std::sync::LazyLock::new(|| Key::of("vault-params", &[]));
+/// Where a Mount keeps who its caller is to Vault.
+static IDENTITY: std::sync::LazyLock<Key> =
+    std::sync::LazyLock::new(|| Key::of("vault-identity", &[]));
+
+/// An object's Vault request as worked out from its fields, kept with the
+/// object (see [`ObjectSpec::derived`]): rotation polls of a kept plan
+/// need not parse it, format its address or hash its fields again.
+struct Request {
+    parsed: Result<VaultObject, ObjectError>,
+    /// The request's part of the cache key (method, path, query, body, key).
+    cache_fields: Option<Key>,
+    /// For the audit log: `GET /v1/secret/data/db?version=2#password`.
+    described: String,
+}
+
+impl Request {
+    fn parsed(&self) -> Result<&VaultObject, ObjectError> {
+        self.parsed.as_ref().map_err(Clone::clone)
+    }
+}
+
+fn request(object: &ObjectSpec) -> Arc<Request> {
+    object.derived(|| {
+        let parsed = VaultObject::from_spec(object);
+        let (cache_fields, described) = match &parsed {
+            Ok(r) => {
+                let query: Vec<String> = r.query.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let query = if query.is_empty() {
+                    String::new()
+                } else {
+                    format!("?{}", query.join("&"))
+                };
+                let key = r.key.as_ref().map(|k| format!("#{k}")).unwrap_or_default();
+                (
+                    Some(
+                        r.request_fields(KeyBuilder::new("vault-request-fields"))
+                            .opt(r.key.as_deref())
+                            .finish(),
+                    ),
+                    format!("{} {}{query}{key}", r.method, r.path),
+                )
+            }
+            Err(_) => (None, object.name.clone()),
+        };
+        Request {
+            parsed,
+            cache_fields,
+            described,
+        }
+    })
+}
 
 impl VaultBackend {
     /// The Mount's parameters, worked out once per Mount: every object asks
@@ -360,7 +411,7 @@ impl Backend for VaultBackend {
 
     fn validate(&self, object: &ObjectSpec, ctx: &MountContext) -> Result<(), ObjectError> {
         self.params(ctx)?;
-        VaultObject::from_spec(object).map(|_| ())
+        request(object).parsed().map(|_| ())
     }
 
     fn ignored_fields<'a>(&self, object: &'a ObjectSpec) -> Vec<&'a str> {
@@ -418,13 +469,12 @@ impl Backend for VaultBackend {
     /// account (Kubernetes auth roles bind service accounts); AppRole and
     /// static tokens by the credential itself.
     fn cache_key(&self, object: &ObjectSpec, ctx: &MountContext) -> Option<Key> {
-        let params = self.params(ctx).ok()?;
-        let request = VaultObject::from_spec(object).ok()?;
-        let key = identity_fields(KeyBuilder::new("vault-cache"), &params, ctx)?;
+        let request = request(object);
+        let fields = request.cache_fields.as_ref()?;
         Some(
-            request
-                .request_fields(key)
-                .opt(request.key.as_deref())
+            KeyBuilder::new("vault-cache")
+                .key(&self.caller_identity(ctx)?)
+                .key(fields)
                 .finish(),
         )
     }
@@ -455,7 +505,8 @@ impl Backend for VaultBackend {
         crate::policy::Placement {
             address: params.as_ref().map(|p| p.address.clone()),
             namespace: params.as_ref().and_then(|p| p.namespace.clone()),
-            path: VaultObject::from_spec(object)
+            path: request(object)
+                .parsed()
                 .ok()
                 .map(|o| o.path.trim_start_matches("/v1/").to_string()),
             region: None,
@@ -463,19 +514,7 @@ impl Backend for VaultBackend {
     }
 
     fn describe(&self, object: &ObjectSpec) -> String {
-        match VaultObject::from_spec(object) {
-            Ok(r) => {
-                let query: Vec<String> = r.query.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                let query = if query.is_empty() {
-                    String::new()
-                } else {
-                    format!("?{}", query.join("&"))
-                };
-                let key = r.key.map(|k| format!("#{k}")).unwrap_or_default();
-                format!("{} {}{query}{key}", r.method, r.path)
-            }
-            Err(_) => object.name.clone(),
-        }
+        request(object).described.clone()
     }
 
     fn limit_scope(&self, ctx: &MountContext) -> Option<Key> {
@@ -528,8 +567,11 @@ impl VaultBackend {
     /// of answers made with the caller's login; `None` when the SPC's Vault
     /// settings are incomplete or the pod has no service account.
     pub fn caller_identity(&self, ctx: &MountContext) -> Option<Key> {
-        let params = self.params(ctx).ok()?;
-        identity_fields(KeyBuilder::new("vault-identity"), &params, ctx).map(KeyBuilder::finish)
+        // Once per Mount: a static token's fingerprint is a hash of it.
+        ctx.memo.once(&IDENTITY, || {
+            let params = self.params(ctx).ok()?;
+            identity_fields(KeyBuilder::new("vault-identity"), &params, ctx).map(KeyBuilder::finish)
+        })
     }
 
     /// Transit decrypt as the pod (SOPS `hc_vault` keys): the SPC's Vault,
