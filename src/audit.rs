@@ -43,7 +43,7 @@ impl std::str::FromStr for Sink {
 /// One object of one Mount.
 #[derive(Debug, Serialize)]
 pub struct Record<'a> {
-    pub time: String,
+    pub time: &'a str,
     pub audit: &'static str,
     pub pod_namespace: &'a str,
     pub pod_name: &'a str,
@@ -461,7 +461,7 @@ mod tests {
 
     fn record(object: &str) -> Record<'_> {
         Record {
-            time: now_rfc3339(),
+            time: "2026-11-27T00:00:00.000Z",
             audit: "mount",
             pod_namespace: "ns",
             pod_name: "pod",

@@ -293,18 +293,33 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
 /// Records a backend call.
 pub fn backend_call(backend: &'static str, operation: &'static str, ok: bool, seconds: f64) {
-    METRICS
-        .backend_calls
-        .get_or_create(&BackendLabels {
-            backend,
-            operation,
-            outcome: if ok { "ok" } else { "error" },
-        })
-        .inc();
-    METRICS
-        .backend_duration
-        .get_or_create(&BackendName { backend })
-        .observe(seconds);
+    let labels = BackendLabels {
+        backend,
+        operation,
+        outcome: if ok { "ok" } else { "error" },
+    };
+    // Each worker keeps the handles it used: a family lookup takes a lock
+    // every worker shares, and this runs for every object of every Mount.
+    // The labels are static strings, so the set is small and fixed.
+    BACKEND_HANDLES.with(|kept| {
+        let mut kept = kept.borrow_mut();
+        let (calls, duration) = kept.entry(labels).or_insert_with_key(|labels| {
+            (
+                METRICS.backend_calls.get_or_create(labels).clone(),
+                METRICS
+                    .backend_duration
+                    .get_or_create(&BackendName { backend })
+                    .clone(),
+            )
+        });
+        calls.inc();
+        duration.observe(seconds);
+    });
+}
+
+thread_local! {
+    static BACKEND_HANDLES: std::cell::RefCell<std::collections::HashMap<BackendLabels, (Counter, Histogram)>> =
+        std::cell::RefCell::default();
 }
 
 #[cfg(test)]

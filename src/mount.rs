@@ -2,10 +2,11 @@
 //! paths → concurrent fetches under one deadline → decoded, versioned files.
 //! All-or-nothing: any failure returns an error and no file at all.
 
-use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future;
 use futures::stream::{self, StreamExt};
 use futures::FutureExt;
 use zeroize::Zeroizing;
@@ -228,13 +229,13 @@ pub fn check_parameters(ctx: &MountContext) -> Vec<Failure> {
 /// An audit record about one object of this Mount, failed until told otherwise.
 fn record<'a>(
     ctx: &'a MountContext,
-    time: &str,
+    time: &'a str,
     object: &'a str,
     backend: &'a str,
     address: &'a str,
 ) -> Record<'a> {
     Record {
-        time: time.to_string(),
+        time,
         audit: "mount",
         pod_namespace: audit::clip(&ctx.pod.namespace),
         pod_name: audit::clip(&ctx.pod.name),
@@ -335,14 +336,20 @@ impl Mounter {
     /// Presence is part of the key: `objects: ""` next to `secrets` parses
     /// differently from `secrets` alone.
     fn parsed_key(&self, ctx: &MountContext) -> (Key, usize) {
-        let get = |k: &str| ctx.parameters.get(k).map(String::as_str);
-        let texts = PLAN_PARAMS;
-        let size = texts.iter().filter_map(|k| get(k)).map(str::len).sum();
+        // One pass over the parameters rather than a map lookup per name:
+        // this runs on every Mount.
+        let mut texts: [Option<&str>; PLAN_PARAMS.len()] = [None; PLAN_PARAMS.len()];
+        for (name, value) in &ctx.parameters {
+            if let Some(i) = PLAN_PARAMS.iter().position(|p| *p == name) {
+                texts[i] = Some(value);
+            }
+        }
+        let size = texts.iter().flatten().map(|t| t.len()).sum();
         let key = texts
             .iter()
             .fold(
                 KeyBuilder::new("parsed-spc").field(&self.config.default_backend),
-                |b, k| b.opt(get(k)),
+                |b, t| b.opt(*t),
             )
             .finish();
         (key, size)
@@ -717,8 +724,9 @@ impl Mounter {
         freshness: &Freshness,
     ) -> Result<Vec<Ready>, MountError> {
         let deadline = tokio::time::Instant::now() + self.config.timeout;
-        let outstanding: Arc<Mutex<BTreeSet<usize>>> =
-            Arc::new(Mutex::new((0..objects.len()).collect()));
+        // Which fetches finished, so a Mount past its deadline can name the
+        // objects it was still waiting for.
+        let finished: Arc<[AtomicBool]> = objects.iter().map(|_| AtomicBool::new(false)).collect();
         let limits = FetchLimits {
             max_bytes: self.config.max_response_bytes,
         };
@@ -728,28 +736,39 @@ impl Mounter {
             .iter()
             .enumerate()
             .map(|(i, _)| {
-                let outstanding = Arc::clone(&outstanding);
+                let finished = Arc::clone(&finished);
                 async move {
                     let result = self
                         .fetch_one(ctx, objects, i, limits, freshness, deadline)
                         .await;
-                    if let Ok(mut set) = outstanding.lock() {
-                        set.remove(&i);
-                    }
+                    finished[i].store(true, Ordering::Release);
                     (i, result)
                 }
             })
             .collect();
-        let fetches = stream::iter(futures)
-            .buffer_unordered(self.config.fetch_concurrency.max(1))
-            .collect::<Vec<_>>();
+        let concurrency = self.config.fetch_concurrency.max(1);
+        // The usual few objects all run at once: joined in place, without
+        // the task bookkeeping a bounded stream needs.
+        let fetches = if futures.len() <= concurrency {
+            future::Either::Left(future::join_all(futures))
+        } else {
+            future::Either::Right(
+                stream::iter(futures)
+                    .buffer_unordered(concurrency)
+                    .collect::<Vec<_>>(),
+            )
+        };
         let mut results = match tokio::time::timeout(self.config.timeout, fetches).await {
             Ok(results) => results,
             Err(_) => {
-                let pending = outstanding.lock().map(|s| s.clone()).unwrap_or_default();
                 return Err(MountError::Deadline {
                     timeout: self.config.timeout,
-                    outstanding: pending.into_iter().map(|i| objects[i].label()).collect(),
+                    outstanding: finished
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, done)| !done.load(Ordering::Acquire))
+                        .map(|(i, _)| objects[i].label())
+                        .collect(),
                 });
             }
         };

@@ -160,7 +160,11 @@ impl VersionKey {
         mac.update(&(id.len() as u64).to_be_bytes());
         mac.update(id.as_bytes());
         mac.update(content);
-        hex::encode(&mac.finalize().into_bytes()[..16])
+        let mut hexed = [0u8; 32];
+        match hex::encode_to_slice(&mac.finalize().into_bytes()[..16], &mut hexed) {
+            Ok(()) => String::from_utf8_lossy(&hexed).into_owned(),
+            Err(_) => unreachable!("16 bytes are 32 hex digits"),
+        }
     }
 }
 
