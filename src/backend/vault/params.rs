@@ -209,6 +209,44 @@ impl std::fmt::Display for Spelling {
     }
 }
 
+/// Addresses already found to be http(s) URLs with a host: every Mount of
+/// an SPC names the same one, and parsing it again was a visible share of a
+/// warm Mount. Exact strings only; bounded in count and length.
+static GOOD_ADDRESSES: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<String>>> =
+    std::sync::LazyLock::new(Default::default);
+const GOOD_ADDRESSES_KEPT: usize = 64;
+const GOOD_ADDRESS_MAX_LEN: usize = 256;
+
+fn check_address(address: &str) -> Result<(), ObjectError> {
+    let kept = |f: &dyn Fn(&mut std::collections::HashSet<String>) -> bool| {
+        GOOD_ADDRESSES
+            .lock()
+            .map(|mut set| f(&mut set))
+            .unwrap_or(false)
+    };
+    if kept(&|set| set.contains(address)) {
+        return Ok(());
+    }
+    let parsed = url::Url::parse(address).map_err(|_| {
+        ObjectError::Invalid(format!("vaultAddress {} is not a URL", shown(address)))
+    })?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        return Err(ObjectError::Invalid(format!(
+            "vaultAddress {} must be an http:// or https:// URL",
+            shown(address)
+        )));
+    }
+    if address.len() <= GOOD_ADDRESS_MAX_LEN {
+        kept(&|set| {
+            if set.len() >= GOOD_ADDRESSES_KEPT {
+                set.clear();
+            }
+            set.insert(address.to_string())
+        });
+    }
+    Ok(())
+}
+
 fn parse_bool(key: &str, raw: &str) -> Result<bool, ObjectError> {
     match raw.to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" => Ok(true),
@@ -233,15 +271,7 @@ impl VaultParams {
                         .into(),
                 )
             })?;
-        let parsed = url::Url::parse(&address).map_err(|_| {
-            ObjectError::Invalid(format!("vaultAddress {} is not a URL", shown(&address)))
-        })?;
-        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
-            return Err(ObjectError::Invalid(format!(
-                "vaultAddress {} must be an http:// or https:// URL",
-                shown(&address)
-            )));
-        }
+        check_address(&address)?;
         let path_or = |suffix: &'static str, default: &Option<PathBuf>| match given.get(suffix)? {
             Some((key, raw)) => match crate::nodefs::confine(&defaults.tls_dir, raw) {
                 Some(relative) => Ok(Some(TlsPath::Spc {
@@ -599,6 +629,25 @@ mod tests {
         );
         let p = VaultParams::from_context(&c, &defaults).unwrap();
         assert_eq!(p.namespace.as_deref(), Some("team"));
+    }
+
+    #[test]
+    fn address_checks_are_kept_bounded_and_never_pass_a_bad_one() {
+        for n in 0..(GOOD_ADDRESSES_KEPT * 2) {
+            let good = format!("https://vault-{n}.example:8200");
+            check_address(&good).unwrap();
+            check_address(&good).unwrap();
+            assert!(GOOD_ADDRESSES.lock().unwrap().len() <= GOOD_ADDRESSES_KEPT);
+        }
+        let long = format!("https://{}.example", "a".repeat(GOOD_ADDRESS_MAX_LEN));
+        check_address(&long).unwrap();
+        assert!(!GOOD_ADDRESSES.lock().unwrap().contains(&long));
+        for bad in ["vault:8200", "ftp://vault", "https://", "not a url"] {
+            for _ in 0..2 {
+                let e = check_address(bad).unwrap_err().to_string();
+                assert!(e.contains("vaultAddress"), "{bad}: {e}");
+            }
+        }
     }
 
     #[test]
