@@ -75,8 +75,9 @@ pub struct MountContext {
     /// Scratch space that lives exactly as long as this Mount, so a backend
     /// can make identical requests of one Mount only once.
     pub memo: Memo,
-    /// When the request was taken up: a check of node state that began
-    /// after this saw every change made before the driver asked.
+    /// When the request was known to be in (its connection's last read, or
+    /// else when it was taken up): a check of node state that began after
+    /// this saw every change made before the driver asked.
     pub received: std::time::Instant,
 }
 

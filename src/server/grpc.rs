@@ -109,9 +109,20 @@ impl CsiDriverProvider for ProviderService {
             objects = field::Empty,
         );
         let mounter = Arc::clone(&self.mounter);
+        let heard = request
+            .extensions()
+            .get::<crate::server::peer::Caller>()
+            .and_then(crate::server::peer::Caller::last_heard);
         let (ctx, result) = async move {
             let ctx = match Mounter::parse(request.into_inner()).await {
-                Ok(ctx) => Arc::new(ctx),
+                Ok(mut ctx) => {
+                    // The request was in by the connection's last read:
+                    // what changed before then is what this Mount must see.
+                    if let Some(heard) = heard.filter(|h| *h < ctx.received) {
+                        ctx.received = heard;
+                    }
+                    Arc::new(ctx)
+                }
                 Err(e) => return (None, Err(e)),
             };
             let span = tracing::Span::current();

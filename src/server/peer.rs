@@ -7,10 +7,10 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
-
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -36,12 +36,44 @@ pub struct PeerInfo {
     pub pid: i32,
 }
 
+/// What every request on a connection knows of it: the peer's credentials,
+/// and when the connection last delivered bytes.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub peer: Option<PeerInfo>,
+    heard: Arc<AtomicU64>,
+}
+
+/// The origin of [`Caller`]'s read times.
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+impl Caller {
+    /// When the connection last delivered bytes: no earlier than the
+    /// arrival of any request it has delivered so far (a change the caller
+    /// made before sending a request happened before this). Unlike the
+    /// moment a handler starts, it is shared by all the requests one read
+    /// brought in, so they can share one look at what changed meanwhile.
+    pub fn last_heard(&self) -> Option<Instant> {
+        match self.heard.load(Ordering::Acquire) {
+            0 => None,
+            nanos => EPOCH.checked_add(Duration::from_nanos(nanos)),
+        }
+    }
+
+    fn heard_now(&self) {
+        let nanos = u64::try_from(EPOCH.elapsed().as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        self.heard.fetch_max(nanos, Ordering::AcqRel);
+    }
+}
+
 /// A provider-socket connection that knows its peer. Once admitted it
 /// holds a connection slot until it closes, and must send its first bytes
 /// within a handshake window.
 pub struct PeerStream {
     inner: UnixStream,
-    peer: Option<PeerInfo>,
+    caller: Caller,
     _slot: Option<OwnedSemaphorePermit>,
     handshake: Option<Pin<Box<tokio::time::Sleep>>>,
 }
@@ -53,16 +85,20 @@ impl PeerStream {
             gid: c.gid(),
             pid: c.pid(),
         });
+        LazyLock::force(&EPOCH);
         Self {
             inner,
-            peer,
+            caller: Caller {
+                peer,
+                heard: Arc::default(),
+            },
             _slot: None,
             handshake: None,
         }
     }
 
     pub fn peer(&self) -> Option<PeerInfo> {
-        self.peer
+        self.caller.peer
     }
 
     /// Holds `slot` for the connection's life; the peer must start talking
@@ -75,9 +111,9 @@ impl PeerStream {
 }
 
 impl Connected for PeerStream {
-    type ConnectInfo = Option<PeerInfo>;
+    type ConnectInfo = Caller;
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.peer
+        self.caller.clone()
     }
 }
 
@@ -90,6 +126,9 @@ impl AsyncRead for PeerStream {
         let this = self.get_mut();
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.caller.heard_now();
+        }
         if let Some(deadline) = this.handshake.as_mut() {
             match &polled {
                 Poll::Ready(Ok(())) if buf.filled().len() > before => this.handshake = None,
@@ -172,11 +211,7 @@ pub struct Guard<S> {
 
 impl<S> Guard<S> {
     fn refusal<B>(&self, req: &http::Request<B>) -> Option<tonic::Status> {
-        let peer = req
-            .extensions()
-            .get::<Option<PeerInfo>>()
-            .copied()
-            .flatten();
+        let peer = req.extensions().get::<Caller>().and_then(|c| c.peer);
         match peer {
             Some(p) if self.allowed.contains(&p.uid) => {}
             Some(p) => {
@@ -250,5 +285,43 @@ where
             return Box::pin(async move { Ok(status.into_http()) });
         }
         Box::pin(self.inner.call(req))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn a_connection_knows_when_it_last_delivered_bytes() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let mut stream = PeerStream::new(ours);
+        let caller = stream.connect_info();
+        assert_eq!(
+            caller.peer.map(|p| p.uid),
+            Some(nix::unistd::getuid().as_raw())
+        );
+        assert_eq!(caller.last_heard(), None, "nothing read yet");
+
+        let sent = Instant::now();
+        theirs.write_all(b"first").await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = stream.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"first");
+        let first = caller.last_heard().expect("a read was recorded");
+        assert!(first >= sent && first <= Instant::now());
+
+        // A later read moves it on; the clone every request gets sees it.
+        theirs.write_all(b"second").await.unwrap();
+        let _ = stream.read(&mut buf).await.unwrap();
+        let second = stream.connect_info().last_heard().unwrap();
+        assert!(second >= first);
+        assert_eq!(caller.last_heard(), Some(second));
+
+        // End of stream delivers nothing and changes nothing.
+        drop(theirs);
+        assert_eq!(stream.read(&mut buf).await.unwrap(), 0);
+        assert_eq!(caller.last_heard(), Some(second));
     }
 }

@@ -143,7 +143,12 @@ impl FileBackend {
     /// The directory the pod's paths resolve beneath: the root, or
     /// `<root>/<scope>` (itself resolved beneath the root).
     fn dir(&self, scope: Option<&str>, errors: &Errors) -> Result<Dir, ObjectError> {
-        let key = KeyBuilder::new("file-dir").opt(scope).finish();
+        static ROOT: std::sync::LazyLock<Key> =
+            std::sync::LazyLock::new(|| KeyBuilder::new("file-dir").opt(None::<&str>).finish());
+        let key = match scope {
+            None => *ROOT,
+            Some(_) => KeyBuilder::new("file-dir").opt(scope).finish(),
+        };
         if let Some(dir) = self.dirs.get(&key) {
             if dir.opened.elapsed() < DIR_REFRESH {
                 return Ok(dir);
@@ -276,7 +281,11 @@ impl Backend for FileBackend {
         let dir = self.dir(scope, &errors)?;
         // Only a name directly beneath the directory can be checked with one
         // syscall that walks nothing.
-        let known_key = (!path.contains('/')).then(|| known_key(scope, path));
+        let known_key = (!path.contains('/')).then(|| match scope {
+            // The same for every Mount of the object: kept with it.
+            None => *object.derived(|| known_key(None, path)),
+            Some(_) => known_key(scope, path),
+        });
         let mut keep = known_key.is_some();
         if let Some(key) = &known_key {
             match self.known.get(key).as_deref() {
