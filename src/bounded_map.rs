@@ -5,7 +5,7 @@
 //! address or identity an SPC names would cost memory forever.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lru::LruCache;
 
@@ -14,7 +14,17 @@ use crate::key::Key;
 struct Slot<V> {
     value: V,
     weight: u64,
-    touched: Instant,
+    touched: Duration,
+}
+
+/// A clock for idle limits of minutes: the kernel's last tick
+/// (`CLOCK_MONOTONIC_COARSE`, a few ms fine), read without the timer
+/// access a precise clock costs. Every lookup notes the time, and lookups
+/// run several times per Mount.
+fn coarse_now() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .map(Duration::from)
+        .unwrap_or_default()
 }
 
 struct Inner<V> {
@@ -61,8 +71,8 @@ impl<V: Clone> BoundedMap<V> {
 
     /// The value under `key`, marking it used.
     pub fn get(&self, key: &Key) -> Option<V> {
+        let now = coarse_now();
         let mut inner = self.lock();
-        let now = Instant::now();
         let slot = inner.lru.get_mut(key)?;
         slot.touched = now;
         Some(slot.value.clone())
@@ -89,8 +99,8 @@ impl<V: Clone> BoundedMap<V> {
             self.remove(&key);
             return;
         }
+        let now = coarse_now();
         let mut inner = self.lock();
-        let now = Instant::now();
         if let Some(old) = inner.lru.put(
             key,
             Slot {
@@ -105,14 +115,14 @@ impl<V: Clone> BoundedMap<V> {
         self.shrink(&mut inner, now);
     }
 
-    fn shrink(&self, inner: &mut Inner<V>, now: Instant) {
+    fn shrink(&self, inner: &mut Inner<V>, now: Duration) {
         loop {
             let over = inner.lru.len() > self.max_entries
                 || (self.max_weight > 0 && inner.weight > self.max_weight);
             let idle = inner
                 .lru
                 .peek_lru()
-                .is_some_and(|(_, s)| now.saturating_duration_since(s.touched) > self.idle);
+                .is_some_and(|(_, s)| now.saturating_sub(s.touched) > self.idle);
             if !over && !idle {
                 return;
             }
@@ -144,7 +154,7 @@ impl<V: Clone> BoundedMap<V> {
                 inner.weight = inner.weight.saturating_sub(old.weight);
             }
         }
-        self.shrink(&mut inner, Instant::now());
+        self.shrink(&mut inner, coarse_now());
     }
 
     pub fn len(&self) -> usize {
