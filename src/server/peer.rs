@@ -126,12 +126,13 @@ impl AsyncRead for PeerStream {
         let this = self.get_mut();
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+        let delivered = matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before;
+        if delivered {
             this.caller.heard_now();
         }
         if let Some(deadline) = this.handshake.as_mut() {
             match &polled {
-                Poll::Ready(Ok(())) if buf.filled().len() > before => this.handshake = None,
+                Poll::Ready(Ok(())) if delivered => this.handshake = None,
                 Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,

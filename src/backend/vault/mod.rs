@@ -436,7 +436,8 @@ impl Backend for VaultBackend {
         limits: FetchLimits,
     ) -> Result<Fetched, ObjectError> {
         let params = self.params(ctx)?;
-        let request = VaultObject::from_spec(object)?;
+        let kept = request(object);
+        let request = kept.parsed()?;
         let what = format!("{} {}", request.method, request.path);
         // Objects of this Mount asking the same thing share one answer.
         let shared: Arc<Shared> = ctx.memo.get_or_default(
@@ -449,7 +450,7 @@ impl Backend for VaultBackend {
                 .finish(),
         );
         let answer = shared
-            .get_or_try_init(|| self.answer(&params, &request, ctx, answer_limit(limits)))
+            .get_or_try_init(|| self.answer(&params, request, ctx, answer_limit(limits)))
             .await
             .cloned()?;
         let extracted = extract(&answer, request.key.as_deref(), &what)?;

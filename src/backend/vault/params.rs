@@ -218,13 +218,7 @@ const GOOD_ADDRESSES_KEPT: usize = 64;
 const GOOD_ADDRESS_MAX_LEN: usize = 256;
 
 fn check_address(address: &str) -> Result<(), ObjectError> {
-    let kept = |f: &dyn Fn(&mut std::collections::HashSet<String>) -> bool| {
-        GOOD_ADDRESSES
-            .lock()
-            .map(|mut set| f(&mut set))
-            .unwrap_or(false)
-    };
-    if kept(&|set| set.contains(address)) {
+    if GOOD_ADDRESSES.lock().is_ok_and(|set| set.contains(address)) {
         return Ok(());
     }
     let parsed = url::Url::parse(address).map_err(|_| {
@@ -237,12 +231,12 @@ fn check_address(address: &str) -> Result<(), ObjectError> {
         )));
     }
     if address.len() <= GOOD_ADDRESS_MAX_LEN {
-        kept(&|set| {
+        if let Ok(mut set) = GOOD_ADDRESSES.lock() {
             if set.len() >= GOOD_ADDRESSES_KEPT {
                 set.clear();
             }
-            set.insert(address.to_string())
-        });
+            set.insert(address.to_string());
+        }
     }
     Ok(())
 }
