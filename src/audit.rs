@@ -40,7 +40,8 @@ impl std::str::FromStr for Sink {
     }
 }
 
-/// One object of one Mount.
+/// One object of one Mount. Written by [`Record::write_json`]; the serde
+/// form is the reference its output is tested against.
 #[derive(Debug, Serialize)]
 pub struct Record<'a> {
     pub time: &'a str,
@@ -63,6 +64,62 @@ pub struct Record<'a> {
     /// matched); absent otherwise.
     #[serde(skip_serializing_if = "str::is_empty")]
     pub rule: &'a str,
+}
+
+impl Record<'_> {
+    /// Appends the record as one JSON object, byte for byte what serde_json
+    /// writes for it: field names are constants here, so the per-field
+    /// name escaping and state machine of a generic serializer are skipped
+    /// (this runs for every object of every Mount).
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        let fields: [(&[u8], &str); 10] = [
+            (b"{\"time\":", self.time),
+            (b",\"audit\":", self.audit),
+            (b",\"pod_namespace\":", self.pod_namespace),
+            (b",\"pod_name\":", self.pod_name),
+            (b",\"pod_uid\":", self.pod_uid),
+            (b",\"service_account\":", self.service_account),
+            (b",\"spc\":", self.spc),
+            (b",\"backend\":", self.backend),
+            (b",\"object\":", self.object),
+            (b",\"address\":", self.address),
+        ];
+        for (name, value) in fields {
+            out.extend_from_slice(name);
+            json_str(out, value);
+        }
+        out.extend_from_slice(b",\"version\":");
+        match self.version {
+            Some(v) => json_str(out, v),
+            None => out.extend_from_slice(b"null"),
+        }
+        for (name, value) in [
+            (&b",\"source\":"[..], self.source),
+            (b",\"outcome\":", self.outcome),
+            (b",\"code\":", self.code),
+        ] {
+            out.extend_from_slice(name);
+            json_str(out, value);
+        }
+        if !self.rule.is_empty() {
+            out.extend_from_slice(b",\"rule\":");
+            json_str(out, self.rule);
+        }
+        out.push(b'}');
+    }
+}
+
+/// A JSON string: copied as is when nothing in it needs escaping (the
+/// usual name or path), else escaped by serde_json itself.
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else if serde_json::to_writer(&mut *out, s).is_err() {
+        // Writing to a Vec cannot fail; keep the record valid JSON anyway.
+        out.extend_from_slice(b"\"\"");
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -181,9 +238,8 @@ impl Auditor {
         };
         let mut lines = Vec::with_capacity(records.len() * RECORD_BYTES);
         for r in records {
-            if serde_json::to_writer(&mut lines, r).is_ok() {
-                lines.push(b'\n');
-            }
+            r.write_json(&mut lines);
+            lines.push(b'\n');
         }
         let size = lines.len();
         let count = records.len() as u64;
@@ -253,8 +309,54 @@ pub fn clip(s: &str) -> &str {
     &s[..end]
 }
 
-pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+/// The audit time of a record: RFC 3339 UTC to the millisecond, formatted at
+/// most once per millisecond per thread (every Mount stamps its records).
+#[derive(Debug, Clone, Copy)]
+pub struct Timestamp {
+    text: [u8; TIMESTAMP_BYTES],
+    len: u8,
+}
+
+/// `2026-11-28T02:35:00.123Z` is 24 bytes; room for years past 9999.
+const TIMESTAMP_BYTES: usize = 32;
+
+impl Timestamp {
+    pub fn now() -> Self {
+        thread_local! {
+            static LAST: std::cell::Cell<Option<(u128, Timestamp)>> = const { std::cell::Cell::new(None) };
+        }
+        let now = SystemTime::now();
+        let millis = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        LAST.with(|last| match last.get() {
+            Some((at, stamp)) if at == millis => stamp,
+            _ => {
+                let stamp = Self::format(now);
+                last.set(Some((millis, stamp)));
+                stamp
+            }
+        })
+    }
+
+    fn format(t: SystemTime) -> Self {
+        let mut text = [0u8; TIMESTAMP_BYTES];
+        let mut rest = &mut text[..];
+        let len = match write!(rest, "{}", humantime::format_rfc3339_millis(t)) {
+            Ok(()) => TIMESTAMP_BYTES - rest.len(),
+            // Not reachable before the year 10^12; an empty time is still
+            // valid JSON.
+            Err(_) => 0,
+        };
+        Self {
+            text,
+            len: len as u8,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.text[..usize::from(self.len)]).unwrap_or("")
+    }
 }
 
 /// Where the writer writes.
@@ -476,6 +578,38 @@ mod tests {
             outcome: "ok",
             code: "OK",
             rule: "",
+        }
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_millis_and_follow_the_clock() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_833_300_123);
+        assert_eq!(Timestamp::format(t).as_str(), "2026-11-28T02:35:00.123Z");
+        let a = Timestamp::now();
+        let parsed = humantime::parse_rfc3339(a.as_str()).unwrap();
+        let skew = SystemTime::now().duration_since(parsed).unwrap();
+        assert!(skew < Duration::from_secs(1), "{skew:?}");
+        std::thread::sleep(Duration::from_millis(3));
+        assert!(Timestamp::now().as_str() > a.as_str());
+    }
+
+    #[test]
+    fn hand_written_records_are_what_serde_writes() {
+        let hostile = "q\"b\\s\u{0}\u{1f}\n\t\u{7f}é😀</script>";
+        let mut cases = vec![record("db-password"), record(hostile)];
+        let mut r = record("x");
+        r.version = None;
+        r.rule = "deny-prod";
+        r.address = hostile;
+        r.pod_name = "";
+        cases.push(r);
+        for r in &cases {
+            let mut mine = Vec::new();
+            r.write_json(&mut mine);
+            assert_eq!(
+                String::from_utf8(mine).unwrap(),
+                serde_json::to_string(r).unwrap()
+            );
         }
     }
 

@@ -432,9 +432,10 @@ impl Mounter {
     pub async fn mount(&self, ctx: Arc<MountContext>) -> Result<proto::MountResponse, MountError> {
         let result = self.mount_inner(&ctx).await;
         let ctx = &*ctx;
-        let time = audit::now_rfc3339();
-        let base = |object, backend, address| record(ctx, &time, object, backend, address);
-        let mut records = Vec::new();
+        let time = audit::Timestamp::now();
+        let time = time.as_str();
+        let base = |object, backend, address| record(ctx, time, object, backend, address);
+        let mut records = Vec::with_capacity(result.as_ref().map_or(1, |(_, ready)| ready.len()));
         let summary;
         match &result {
             Ok((_, ready)) => {
