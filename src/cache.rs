@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use lru::LruCache;
 
-use crate::backend::Fetched;
+use crate::backend::{Fetched, VersionMemo, VERSION_MEMO_BYTES};
 use crate::error::ObjectError;
 use crate::key::Key;
 use crate::metrics::METRICS;
@@ -38,6 +38,8 @@ pub struct Entry {
     pub immutable: bool,
     pub shareable: bool,
     pub fetched_at: Instant,
+    /// The version derived for this value (when the backend gave none).
+    memo: Arc<VersionMemo>,
 }
 
 impl Entry {
@@ -48,6 +50,7 @@ impl Entry {
             immutable: f.immutable,
             shareable: f.shareable,
             fetched_at: Instant::now(),
+            memo: f.memo.unwrap_or_default(),
         }
     }
 
@@ -59,6 +62,7 @@ impl Entry {
             version: self.version.clone(),
             shareable: self.shareable,
             immutable: self.immutable,
+            memo: Some(Arc::clone(&self.memo)),
         }
     }
 }
@@ -107,7 +111,7 @@ pub struct Cache {
 }
 
 fn entry_size(e: &Entry) -> u64 {
-    e.contents.len() as u64 + Key::SIZE + ENTRY_OVERHEAD
+    e.contents.len() as u64 + Key::SIZE + ENTRY_OVERHEAD + VERSION_MEMO_BYTES
 }
 
 impl Cache {
@@ -458,7 +462,7 @@ mod tests {
     async fn bytes_are_bounded_with_lru_eviction() {
         let cache = Cache::new(
             Duration::from_secs(60),
-            3 * (100 + Key::SIZE + ENTRY_OVERHEAD),
+            3 * (100 + Key::SIZE + ENTRY_OVERHEAD + VERSION_MEMO_BYTES),
         );
         let calls = Arc::new(AtomicUsize::new(0));
         let value: &'static str = Box::leak("x".repeat(100).into_boxed_str());
@@ -478,7 +482,7 @@ mod tests {
             .await
             .unwrap(); // evicts k2
         assert_eq!(cache.len(), 3);
-        assert!(cache.bytes() <= 3 * (100 + Key::SIZE + ENTRY_OVERHEAD));
+        assert!(cache.bytes() <= 3 * (100 + Key::SIZE + ENTRY_OVERHEAD + VERSION_MEMO_BYTES));
         assert_eq!(cache.stats.evictions.load(Ordering::SeqCst), 1);
         let (_, s) = cache
             .get(&k("k2"), Duration::from_secs(60), None, &f)

@@ -863,9 +863,12 @@ impl Mounter {
                 limit: limits.max_bytes,
             });
         }
-        let version = match fetched.version {
-            Some(v) => v,
-            None => self.version_key.version(&object.name, &contents),
+        let version = match (fetched.version, &fetched.memo) {
+            (Some(v), _) => v,
+            (None, Some(memo)) => memo.version(&object.name, object.encoding, || {
+                self.version_key.version(&object.name, &contents)
+            }),
+            (None, None) => self.version_key.version(&object.name, &contents),
         };
         Ok(Ready {
             path: object.name.clone(),

@@ -486,6 +486,50 @@ async fn settled_files_rewritten_in_place_are_served_new_at_once() {
     assert!(!status.message().contains("host"), "{}", status.message());
 }
 
+/// A kept file's version is worked out once and kept with it: it must be
+/// the version the same bytes get when they are not kept, stay apart per
+/// object name and encoding, and change with the content.
+#[tokio::test]
+async fn kept_file_versions_match_unkept_ones_per_name_and_encoding() {
+    let d = Daemon::start();
+    d.write_secret("v", "aGVsbG8="); // base64 of "hello"
+    let mut c = d.client().await;
+    let plain = "- objectName: v\n";
+    let renamed = "- objectName: w\n  path: v\n";
+    let decoded = "- objectName: v\n  encoding: base64\n";
+    let served = |r: proto::MountResponse| {
+        (
+            r.object_version[0].version.clone(),
+            String::from_utf8_lossy(&r.files[0].contents).into_owned(),
+        )
+    };
+    // Not settled yet: read and versioned on every Mount, nothing kept.
+    let mut unkept = Vec::new();
+    for objects in [plain, renamed, decoded] {
+        unkept.push(served(
+            c.mount(request(objects)).await.unwrap().into_inner(),
+        ));
+    }
+    assert_eq!(unkept[2].1, "hello");
+    assert_ne!(unkept[0].0, unkept[1].0, "the name is part of the version");
+    assert_ne!(unkept[0].0, unkept[2].0, "the decoded bytes are versioned");
+    std::thread::sleep(coffer::nodefs::SETTLE + std::time::Duration::from_millis(300));
+    // Kept now: the first Mount fills the memo, the others read it or (for
+    // another name or encoding) work their own out.
+    for _ in 0..3 {
+        for (i, objects) in [plain, renamed, decoded].into_iter().enumerate() {
+            let got = served(c.mount(request(objects)).await.unwrap().into_inner());
+            assert_eq!(got, unkept[i], "{objects}");
+        }
+    }
+    d.write_secret("v", "aGk=");
+    let changed = served(c.mount(request(decoded)).await.unwrap().into_inner());
+    assert_eq!(changed.1, "hi");
+    assert_ne!(changed.0, unkept[2].0);
+    let changed = served(c.mount(request(plain)).await.unwrap().into_inner());
+    assert_ne!(changed.0, unkept[0].0);
+}
+
 /// A kept file (small, named directly under the root, settled) served
 /// on change notices by the real daemon: every change on disk is in the
 /// very next Mount, however it is made.

@@ -19,6 +19,53 @@ pub mod gcp;
 pub mod sops;
 pub mod vault;
 
+/// The derived version of a value that its holder keeps unchanged (a kept
+/// file, a cache entry), for one object name and encoding: worked out by
+/// the first Mount served from it, not by every rotation poll. It holds an
+/// HMAC and the object's name, nothing of the value.
+#[derive(Debug, Default)]
+pub struct VersionMemo(std::sync::OnceLock<MemoisedVersion>);
+
+#[derive(Debug)]
+struct MemoisedVersion {
+    name: Box<str>,
+    encoding: crate::spc::Encoding,
+    version: Box<str>,
+}
+
+/// Longer names are not memoised, so a memo adds at most this much to what
+/// its holder weighs.
+pub const VERSION_MEMO_BYTES: u64 = 256;
+const MEMO_NAME_BYTES: usize = 160;
+
+impl VersionMemo {
+    /// The version of the held value served as `name` with `encoding`:
+    /// the memoised one when it was worked out for the same two, else
+    /// `derive()` (kept if the memo is still empty).
+    pub fn version(
+        &self,
+        name: &str,
+        encoding: crate::spc::Encoding,
+        derive: impl FnOnce() -> String,
+    ) -> String {
+        if let Some(m) = self.0.get() {
+            if *m.name == *name && m.encoding == encoding {
+                return m.version.to_string();
+            }
+            return derive();
+        }
+        let version = derive();
+        if name.len() <= MEMO_NAME_BYTES {
+            let _ = self.0.set(MemoisedVersion {
+                name: name.into(),
+                encoding,
+                version: version.as_str().into(),
+            });
+        }
+        version
+    }
+}
+
 /// What a backend returns for one object.
 #[derive(Debug)]
 pub struct Fetched {
@@ -32,6 +79,9 @@ pub struct Fetched {
     pub shareable: bool,
     /// A pinned version that can never change: cached until evicted.
     pub immutable: bool,
+    /// Where the version derived for this exact value is kept, when the
+    /// backend keeps the value itself.
+    pub memo: Option<Arc<VersionMemo>>,
 }
 
 impl Fetched {
@@ -42,6 +92,7 @@ impl Fetched {
             version,
             shareable: true,
             immutable: false,
+            memo: None,
         }
     }
 }
@@ -212,5 +263,34 @@ impl Registry {
                 }
             ))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spc::Encoding;
+
+    #[test]
+    fn a_version_memo_answers_only_for_the_name_and_encoding_it_was_filled_for() {
+        let memo = VersionMemo::default();
+        let derived = std::cell::Cell::new(0);
+        let derive = |v: &str| {
+            derived.set(derived.get() + 1);
+            v.to_string()
+        };
+        assert_eq!(memo.version("a", Encoding::Utf8, || derive("va")), "va");
+        assert_eq!(memo.version("a", Encoding::Utf8, || derive("other")), "va");
+        assert_eq!(derived.get(), 1, "kept after the first");
+        // Another name or encoding derives its own and does not replace it.
+        assert_eq!(memo.version("b", Encoding::Utf8, || derive("vb")), "vb");
+        assert_eq!(memo.version("a", Encoding::Base64, || derive("vx")), "vx");
+        assert_eq!(memo.version("a", Encoding::Utf8, || derive("other")), "va");
+        assert_eq!(derived.get(), 3);
+        // A long name is not kept, so a memo stays within its weight.
+        let long = "n".repeat(MEMO_NAME_BYTES + 1);
+        let memo = VersionMemo::default();
+        assert_eq!(memo.version(&long, Encoding::Utf8, || derive("v1")), "v1");
+        assert_eq!(memo.version(&long, Encoding::Utf8, || derive("v2")), "v2");
     }
 }

@@ -801,6 +801,7 @@ impl Backend for AwsBackend {
             version: Some(answer.version).filter(|v| !v.is_empty()),
             shareable: true,
             immutable: o.pinned,
+            memo: None,
         })
     }
 }

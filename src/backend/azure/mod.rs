@@ -565,6 +565,7 @@ impl Backend for AzureBackend {
             version: Some(item.version).filter(|v| !v.is_empty()),
             shareable: true,
             immutable: o.version.is_some() && o.history.is_none(),
+            memo: None,
         })
     }
 }

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{Backend, FetchLimits, Fetched};
+use super::{Backend, FetchLimits, Fetched, VersionMemo, VERSION_MEMO_BYTES};
 use crate::bounded_map::{BoundedMap, Bounds};
 use crate::error::ObjectError;
 use crate::key::{Key, KeyBuilder};
@@ -87,6 +87,8 @@ enum Known {
         watched: Option<KeptWatches>,
         /// The change-event number it was read as of.
         current_as_of: u64,
+        /// The version derived for these bytes.
+        memo: Arc<VersionMemo>,
     },
     /// Not worth keeping until the instant given: a symlink (as in
     /// Kubernetes' volume layouts; looked at again after [`RECHECK`]) or a
@@ -294,6 +296,7 @@ impl Backend for FileBackend {
                     bytes,
                     watched,
                     current_as_of,
+                    memo,
                 }) if bytes.expose().len() as u64 <= limits.max_bytes => {
                     let fresh = match (&self.watch, watched) {
                         // Watched: the notices decide; a file reported
@@ -306,7 +309,9 @@ impl Backend for FileBackend {
                         _ => nodefs::stamp_entry(&dir.file, path).as_ref() == Some(stamp),
                     };
                     if fresh {
-                        return Ok(Fetched::new(bytes.clone(), None));
+                        let mut fetched = Fetched::new(bytes.clone(), None);
+                        fetched.memo = Some(Arc::clone(memo));
+                        return Ok(fetched);
                     }
                     self.known.remove(key);
                 }
@@ -349,7 +354,9 @@ impl Backend for FileBackend {
             (read, None)
         };
         let contents = SecretBytes::new(contents.map_err(|e| errors.map(e))?);
+        let mut fetched = Fetched::new(contents, None);
         if let (true, Some(key), Some(file)) = (keep, known_key, file) {
+            let contents = &fetched.contents;
             // Watched before the last look at the name, so no change falls
             // between the two; only a file with no other name is, since a
             // write through another link is not reported to this directory.
@@ -369,14 +376,17 @@ impl Backend for FileBackend {
                 && contents.expose().len() as u64 == stamp.size()
                 && nodefs::stamp_entry(&dir.file, path) == Some(stamp);
             if plain {
-                let weight = contents.expose().len() as u64 + KNOWN_OVERHEAD;
+                let weight = contents.expose().len() as u64 + KNOWN_OVERHEAD + VERSION_MEMO_BYTES;
+                let memo = Arc::new(VersionMemo::default());
                 let known = Known::File {
                     stamp,
                     bytes: contents.clone(),
                     watched,
                     current_as_of: read_as_of.unwrap_or(0),
+                    memo: Arc::clone(&memo),
                 };
                 self.known.insert_weighed(key, Arc::new(known), weight);
+                fetched.memo = Some(memo);
             } else {
                 let wait = if settled { RECHECK } else { self.settle };
                 let until = Instant::now() + wait;
@@ -384,7 +394,7 @@ impl Backend for FileBackend {
                     .insert_weighed(key, Arc::new(Known::Uncached(until)), KNOWN_OVERHEAD);
             }
         }
-        Ok(Fetched::new(contents, None))
+        Ok(fetched)
     }
 }
 

@@ -490,6 +490,7 @@ impl Backend for GcpBackend {
             version,
             shareable: true,
             immutable: request.pinned,
+            memo: None,
         })
     }
 }

@@ -401,6 +401,7 @@ impl Backend for SopsBackend {
             version: None,
             shareable: false,
             immutable: false,
+            memo: None,
         })
     }
 }

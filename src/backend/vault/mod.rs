@@ -462,6 +462,7 @@ impl Backend for VaultBackend {
             version: extracted.version,
             shareable: !extracted.leased,
             immutable,
+            memo: None,
         })
     }
 
