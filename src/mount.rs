@@ -540,21 +540,28 @@ impl Mounter {
         }
         let mut response = proto::MountResponse::default();
         let mut ready = ready;
-        let mut ids = std::collections::HashSet::new();
-        let mut unique = |id: &str, path: &str| {
+        {
             // Ids must be unique in a response: a second object with the
             // same backend id (one secret, two extracted keys) gets its path.
-            if ids.insert(id.to_string()) {
-                id.to_string()
-            } else {
-                format!("{id}#{path}")
+            let ids = ready.iter().map(|r| (&r.id, &r.path, &r.version)).chain(
+                outputs
+                    .iter()
+                    .filter(|o| o.reported)
+                    .map(|o| (&o.path, &o.path, &o.version)),
+            );
+            let mut seen = std::collections::HashSet::with_capacity(ready.len());
+            for (id, path, version) in ids {
+                response.object_version.push(proto::ObjectVersion {
+                    id: if seen.insert(id.as_str()) {
+                        id.clone()
+                    } else {
+                        format!("{id}#{path}")
+                    },
+                    version: version.clone(),
+                });
             }
-        };
+        }
         for (r, object) in ready.iter_mut().zip(plan.objects.iter()) {
-            response.object_version.push(proto::ObjectVersion {
-                id: unique(&r.id, &r.path),
-                version: r.version.clone(),
-            });
             if r.absent || !object.render || object.expand {
                 continue;
             }
@@ -565,12 +572,6 @@ impl Mounter {
             });
         }
         for out in &mut outputs {
-            if out.reported {
-                response.object_version.push(proto::ObjectVersion {
-                    id: unique(&out.path, &out.path),
-                    version: out.version.clone(),
-                });
-            }
             response.files.push(proto::File {
                 path: out.path.clone(),
                 mode: out.mode as i32,
