@@ -317,15 +317,18 @@ pub struct Timestamp {
     len: u8,
 }
 
-/// `2026-11-28T02:35:00.123Z` is 24 bytes; room for years past 9999.
-const TIMESTAMP_BYTES: usize = 32;
+/// `2026-11-28T02:35:00.123Z` is 24 bytes.
+const TIMESTAMP_BYTES: usize = 24;
+/// 10000-01-01T00:00:00Z.
+const LAST_FORMATTABLE_SECS: u64 = 253_402_300_800;
 
 impl Timestamp {
     pub fn now() -> Self {
         thread_local! {
             static LAST: std::cell::Cell<Option<(u128, Timestamp)>> = const { std::cell::Cell::new(None) };
         }
-        let now = SystemTime::now();
+        // A clock set before 1970 is stamped 1970 (the formatter would panic).
+        let now = SystemTime::now().max(SystemTime::UNIX_EPOCH);
         let millis = now
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
@@ -341,12 +344,17 @@ impl Timestamp {
 
     fn format(t: SystemTime) -> Self {
         let mut text = [0u8; TIMESTAMP_BYTES];
+        // The formatter refuses years after 9999 (and `write!` would panic
+        // on its refusal): such a time is left empty, still valid JSON.
+        let in_range = t
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .is_ok_and(|d| d.as_secs() < LAST_FORMATTABLE_SECS);
         let mut rest = &mut text[..];
-        let len = match write!(rest, "{}", humantime::format_rfc3339_millis(t)) {
-            Ok(()) => TIMESTAMP_BYTES - rest.len(),
-            // Not reachable before the year 10^12; an empty time is still
-            // valid JSON.
-            Err(_) => 0,
+        let written = in_range && write!(rest, "{}", humantime::format_rfc3339_millis(t)).is_ok();
+        let len = if written {
+            TIMESTAMP_BYTES - rest.len()
+        } else {
+            0
         };
         Self {
             text,
@@ -585,6 +593,10 @@ mod tests {
     fn timestamps_are_rfc3339_millis_and_follow_the_clock() {
         let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_833_300_123);
         assert_eq!(Timestamp::format(t).as_str(), "2026-11-28T02:35:00.123Z");
+        let last = SystemTime::UNIX_EPOCH + Duration::from_millis(253_402_300_799_999);
+        assert_eq!(Timestamp::format(last).as_str(), "9999-12-31T23:59:59.999Z");
+        let beyond = SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_800);
+        assert_eq!(Timestamp::format(beyond).as_str(), "");
         let a = Timestamp::now();
         let parsed = humantime::parse_rfc3339(a.as_str()).unwrap();
         let skew = SystemTime::now().duration_since(parsed).unwrap();

@@ -34,8 +34,9 @@ struct MemoisedVersion {
 }
 
 /// Longer names are not memoised, so a memo adds at most this much to what
-/// its holder weighs.
-pub const VERSION_MEMO_BYTES: u64 = 256;
+/// its holder weighs (the name, the 32-digit version, the `Arc` and the
+/// allocator's headers).
+pub const VERSION_MEMO_BYTES: u64 = 320;
 const MEMO_NAME_BYTES: usize = 160;
 
 impl VersionMemo {
