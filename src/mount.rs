@@ -864,12 +864,11 @@ impl Mounter {
                 limit: limits.max_bytes,
             });
         }
+        let derive = || self.version_key.version(&object.name, &contents);
         let version = match (fetched.version, &fetched.memo) {
             (Some(v), _) => v,
-            (None, Some(memo)) => memo.version(&object.name, object.encoding, || {
-                self.version_key.version(&object.name, &contents)
-            }),
-            (None, None) => self.version_key.version(&object.name, &contents),
+            (None, Some(memo)) => memo.version(&object.name, object.encoding, derive),
+            (None, None) => derive(),
         };
         Ok(Ready {
             path: object.name.clone(),

@@ -96,6 +96,14 @@ impl Fetched {
             memo: None,
         }
     }
+
+    /// The same answer, with where its holder keeps the derived version.
+    pub fn with_memo(self, memo: Arc<VersionMemo>) -> Self {
+        Self {
+            memo: Some(memo),
+            ..self
+        }
+    }
 }
 
 /// Limits a backend must respect while fetching.

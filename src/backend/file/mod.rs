@@ -309,9 +309,7 @@ impl Backend for FileBackend {
                         _ => nodefs::stamp_entry(&dir.file, path).as_ref() == Some(stamp),
                     };
                     if fresh {
-                        let mut fetched = Fetched::new(bytes.clone(), None);
-                        fetched.memo = Some(Arc::clone(memo));
-                        return Ok(fetched);
+                        return Ok(Fetched::new(bytes.clone(), None).with_memo(Arc::clone(memo)));
                     }
                     self.known.remove(key);
                 }
@@ -386,7 +384,7 @@ impl Backend for FileBackend {
                     memo: Arc::clone(&memo),
                 };
                 self.known.insert_weighed(key, Arc::new(known), weight);
-                fetched.memo = Some(memo);
+                fetched = fetched.with_memo(memo);
             } else {
                 let wait = if settled { RECHECK } else { self.settle };
                 let until = Instant::now() + wait;
