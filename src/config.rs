@@ -147,8 +147,9 @@ pub struct ServeArgs {
     /// count the loss).
     #[arg(long, env = "COFFER_AUDIT_FAIL_CLOSED")]
     pub audit_fail_closed: bool,
-    /// Async worker threads (default: the CPUs this process may use, which
-    /// respects a cgroup CPU limit).
+    /// Threads that serve Mounts; each driver connection is served by one
+    /// of them (default: the CPUs this process may use, which respects a
+    /// cgroup CPU limit, at most 8).
     #[arg(long, env = "COFFER_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub worker_threads: Option<u16>,
     /// Node policy (YAML): which workloads may reach which backends,

@@ -68,9 +68,12 @@ fn main() -> ExitCode {
     drop_empty_settings();
     let cli = Cli::parse();
     let workers = match &cli.command {
-        Command::Serve(args) => {
+        Command::Serve(_) => {
             coffer::work::tune_allocator();
-            args.worker_threads
+            // Mounts are served on threads of their own (`server::shard`,
+            // sized by --worker-threads); this runtime accepts connections
+            // and runs the health port and housekeeping.
+            Some(1)
         }
         _ => None,
     };

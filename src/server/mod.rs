@@ -5,6 +5,8 @@ use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use futures::future;
+
 use crate::audit::Auditor;
 use crate::backend::{file::FileBackend, gcp::GcpBackend, vault::VaultBackend, Registry};
 use crate::cache::Cache;
@@ -18,6 +20,7 @@ pub mod admit;
 pub mod grpc;
 pub mod health;
 pub mod peer;
+pub mod shard;
 pub mod socket;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +36,10 @@ pub enum ServeError {
     },
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error("cannot start the Mount threads: {0}")]
+    Threads(std::io::Error),
+    #[error("a Mount thread stopped unexpectedly")]
+    MountThread,
     /// A flag whose value cannot work; says which flag and why.
     #[error("{0}")]
     Config(String),
@@ -233,32 +240,47 @@ pub async fn serve_with_backends(
         },
     };
 
-    let mut rx = stop_rx.clone();
     let guard = peer::GuardLayer::new(&args.allowed_uids);
     let incoming = admit::provider_incoming(listener, guard.allowed());
-    let server = tonic::transport::Server::builder()
-        // HTTP/2 limits: a caller cannot park unbounded streams, headers or
-        // buffered bytes; dead peers are found by pings; connections are
-        // recycled (gracefully) so none is held forever.
-        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-        .http2_max_header_list_size(16 * 1024)
-        .http2_max_pending_accept_reset_streams(Some(32))
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .initial_stream_window_size(CONNECTION_WINDOW / 4)
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
-        .max_connection_age(std::time::Duration::from_secs(3600))
-        .max_connection_age_grace(args.mount_timeout + std::time::Duration::from_secs(5))
-        .timeout(args.mount_timeout + std::time::Duration::from_secs(10))
-        .layer(guard)
-        .add_service(
-            CsiDriverProviderServer::new(service)
-                .max_decoding_message_size(MAX_REQUEST_BYTES)
-                .max_encoding_message_size(usize::MAX),
-        )
-        .serve_with_incoming_shutdown(incoming, async move {
-            let _ = rx.wait_for(|s| *s).await;
-        });
+    let provider = CsiDriverProviderServer::from_arc(Arc::new(service))
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        .max_encoding_message_size(usize::MAX);
+    let mount_timeout = args.mount_timeout;
+    let stop = stop_rx.clone();
+    let (shards, finished, runtimes) =
+        shard::Shards::start(shard::thread_count(args.worker_threads), move |incoming| {
+            let mut stop = stop.clone();
+            tonic::transport::Server::builder()
+                // HTTP/2 limits: a caller cannot park unbounded streams,
+                // headers or buffered bytes; dead peers are found by pings;
+                // connections are recycled (gracefully) so none is held
+                // forever.
+                .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+                .http2_max_header_list_size(16 * 1024)
+                .http2_max_pending_accept_reset_streams(Some(32))
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .initial_stream_window_size(CONNECTION_WINDOW / 4)
+                .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
+                .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+                .max_connection_age(std::time::Duration::from_secs(3600))
+                .max_connection_age_grace(mount_timeout + std::time::Duration::from_secs(5))
+                .timeout(mount_timeout + std::time::Duration::from_secs(10))
+                .layer(guard.clone())
+                .add_service(provider.clone())
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+        })
+        .map_err(ServeError::Threads)?;
+    let dispatcher = tokio::spawn(shards.dispatch(incoming, stop_rx.clone()));
+    // Resolves when every Mount thread's server has ended, or at the
+    // first that failed.
+    let server = future::try_join_all(finished.into_iter().map(|ended| async move {
+        match ended.await {
+            Ok(result) => result.map_err(ServeError::from),
+            Err(_) => Err(ServeError::MountThread),
+        }
+    }));
     tracing::info!(
         socket = %bound.path().display(),
         version = env!("CARGO_PKG_VERSION"),
@@ -268,12 +290,12 @@ pub async fn serve_with_backends(
     tokio::task::spawn_blocking(crate::work::drop_code_pages);
     tokio::pin!(server);
     let result = tokio::select! {
-        r = &mut server => r.map_err(ServeError::from),
+        r = &mut server => r.map(|_| ()),
         () = shutdown => {
             tracing::info!(in_flight = in_flight.load(Ordering::SeqCst), "shutting down: no new connections, draining in-flight mounts");
             let _ = stop_tx.send(true);
             match tokio::time::timeout(args.shutdown_grace, &mut server).await {
-                Ok(r) => r.map_err(ServeError::from),
+                Ok(r) => r.map(|_| ()),
                 Err(_) => {
                     tracing::warn!(
                         in_flight = in_flight.load(Ordering::SeqCst),
@@ -285,6 +307,9 @@ pub async fn serve_with_backends(
             }
         }
     };
+    dispatcher.abort();
+    // Connections still open past the grace period end here.
+    drop(runtimes);
     let _ = stop_tx.send(true);
     if let Some(h) = health {
         let _ = h.await;

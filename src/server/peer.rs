@@ -75,6 +75,8 @@ pub struct PeerStream {
     inner: UnixStream,
     caller: Caller,
     _slot: Option<OwnedSemaphorePermit>,
+    /// The Mount thread serving it counts it while it lives.
+    _seat: Option<super::shard::Seat>,
     handshake: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
@@ -93,6 +95,7 @@ impl PeerStream {
                 heard: Arc::default(),
             },
             _slot: None,
+            _seat: None,
             handshake: None,
         }
     }
@@ -107,6 +110,35 @@ impl PeerStream {
         self._slot = Some(slot);
         self.handshake = Some(Box::pin(tokio::time::sleep(handshake)));
         self
+    }
+
+    /// Counted by the Mount thread that will serve it.
+    pub fn seated(mut self, seat: super::shard::Seat) -> Self {
+        self._seat = Some(seat);
+        self
+    }
+
+    /// Moves the connection to the reactor and timer of the runtime this is
+    /// called on (the Mount thread that serves it); the handshake deadline
+    /// is kept.
+    pub fn rehome(self) -> io::Result<Self> {
+        let Self {
+            inner,
+            caller,
+            _slot,
+            _seat,
+            handshake,
+        } = self;
+        let inner = UnixStream::from_std(inner.into_std()?)?;
+        let handshake =
+            handshake.map(|h| Box::pin(tokio::time::sleep_until(h.as_ref().deadline())));
+        Ok(Self {
+            inner,
+            caller,
+            _slot,
+            _seat,
+            handshake,
+        })
     }
 }
 
