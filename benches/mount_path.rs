@@ -176,6 +176,9 @@ struct Figures {
     rate: f64,
     p50: Duration,
     cpu_us: f64,
+    /// The load generator's own CPU per Mount (this process): what the
+    /// server's answers cost the caller.
+    client_us: f64,
     switches: f64,
 }
 
@@ -195,13 +198,15 @@ async fn run(
     callers: usize,
     secs: f64,
 ) -> Figures {
-    let (cpu0, sw0) = (common::cpu_secs(pid), switches(pid));
+    let me = std::process::id() as i32;
+    let (cpu0, own0, sw0) = (common::cpu_secs(pid), common::cpu_secs(me), switches(pid));
     let (rate, p50) = level(socket, reqs, callers, secs).await;
     let n = rate * secs;
     Figures {
         rate,
         p50,
         cpu_us: (common::cpu_secs(pid) - cpu0) * 1e6 / n,
+        client_us: (common::cpu_secs(me) - own0) * 1e6 / n,
         switches: (switches(pid) - sw0) as f64 / n,
     }
 }
@@ -231,6 +236,7 @@ async fn measure(
             rate: pick(v, |x| x.rate),
             p50: Duration::from_secs_f64(pick(v, |x| x.p50.as_secs_f64())),
             cpu_us: pick(v, |x| x.cpu_us),
+            client_us: pick(v, |x| x.client_us),
             switches: pick(v, |x| x.switches),
         };
         out.push(Paired {
@@ -246,7 +252,7 @@ async fn measure(
 fn table(label: &str, rows: &[Paired]) {
     println!("\n[{label}]");
     println!(
-        "{:>7} {:>9} {:>9} {:>6} {:>10} {:>10} {:>6} {:>14} {:>14}",
+        "{:>7} {:>9} {:>9} {:>6} {:>10} {:>10} {:>6} {:>14} {:>14} {:>14}",
         "callers",
         "floor/s",
         "coffer/s",
@@ -255,13 +261,14 @@ fn table(label: &str, rows: &[Paired]) {
         "coffer p50",
         "ratio",
         "CPU µs/Mount",
+        "client CPU µs",
         "switches/Mount"
     );
     for (row, callers) in rows.iter().zip(levels()) {
         let (f, c) = (row.floor, row.it);
         println!(
-            "{callers:>7} {:>9.0} {:>9.0} {:>6.2} {:>10.1?} {:>10.1?} {:>6.2} {:>6.1} → {:>5.1} {:>6.2} → {:>5.2}",
-            f.rate, c.rate, row.rate_ratio, f.p50, c.p50, row.p50_ratio, f.cpu_us, c.cpu_us, f.switches, c.switches,
+            "{callers:>7} {:>9.0} {:>9.0} {:>6.2} {:>10.1?} {:>10.1?} {:>6.2} {:>6.1} → {:>5.1} {:>6.1} → {:>5.1} {:>6.2} → {:>5.2}",
+            f.rate, c.rate, row.rate_ratio, f.p50, c.p50, row.p50_ratio, f.cpu_us, c.cpu_us, f.client_us, c.client_us, f.switches, c.switches,
         );
     }
     println!("(ratios: medians of the per-run ratios of alternating floor and coffer runs)");
