@@ -815,14 +815,16 @@ impl Mounter {
             limits,
             deadline,
         };
-        let limiter = Arc::clone(&self.limiter);
-        let fetch = move || {
-            let (limiter, call) = (Arc::clone(&limiter), call.clone());
-            async move { limiter.call(call).await }.boxed()
-        };
         let mut source = "backend";
         let fetched = match backend.cache_key(object, ctx) {
             Some(key) => {
+                // The cache runs a miss as a task of its own: it needs an
+                // owned, boxed call.
+                let limiter = Arc::clone(&self.limiter);
+                let fetch = move || {
+                    let (limiter, call) = (Arc::clone(&limiter), call.clone());
+                    async move { limiter.call(call).await }.boxed()
+                };
                 let ttl = object.refresh_interval.unwrap_or(freshness.ttl);
                 self.cache
                     .get(&key, ttl, freshness.stale_if_error, fetch)
@@ -837,7 +839,7 @@ impl Mounter {
                         entry.to_fetched()
                     })
             }
-            None => fetch().await,
+            None => self.limiter.call(call).await,
         };
         let fetched = match fetched {
             Err(ObjectError::NotFound(why)) if object.optional => {
