@@ -326,6 +326,60 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// The accept loop's runtime admits a connection; a Mount thread's
+    /// runtime serves it. Moved, it reads there, and the handshake window
+    /// that began at admission still closes it.
+    #[test]
+    fn a_moved_connection_works_on_its_new_runtime_and_keeps_its_handshake_deadline() {
+        use std::sync::Arc;
+        use tokio::sync::Semaphore;
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let (accepting, serving) = (runtime(), runtime());
+        let window = Duration::from_millis(300);
+        let admit = |stream| {
+            let slot = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+            PeerStream::new(stream).admitted(slot, window)
+        };
+
+        // Talks in time: served on the other runtime.
+        let (talker, mut talker_peer) = accepting.block_on(async { UnixStream::pair() }).unwrap();
+        let talker = accepting.block_on(async { admit(talker) });
+        serving.block_on(async {
+            let mut stream = talker.rehome().unwrap();
+            talker_peer.write_all(b"hello").await.unwrap();
+            let mut buf = [0u8; 8];
+            let n = stream.read(&mut buf).await.unwrap();
+            assert_eq!(&buf[..n], b"hello");
+            assert!(stream.connect_info().last_heard().is_some());
+            // Past the window, a connection that talked stays open.
+            tokio::time::sleep(window * 2).await;
+            talker_peer.write_all(b"again").await.unwrap();
+            let n = stream.read(&mut buf).await.unwrap();
+            assert_eq!(&buf[..n], b"again");
+        });
+
+        // Silent: closed when the window that began at admission ends.
+        let (silent, _silent_peer) = accepting.block_on(async { UnixStream::pair() }).unwrap();
+        let admitted_at = Instant::now();
+        let silent = accepting.block_on(async { admit(silent) });
+        serving.block_on(async {
+            let mut stream = silent.rehome().unwrap();
+            let mut buf = [0u8; 8];
+            let err = tokio::time::timeout(window * 10, stream.read(&mut buf))
+                .await
+                .expect("the handshake window did not close the connection")
+                .unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+            let waited = admitted_at.elapsed();
+            assert!(waited >= window && waited < window * 10, "{waited:?}");
+        });
+    }
+
     #[tokio::test]
     async fn a_connection_knows_when_it_last_delivered_bytes() {
         let (ours, mut theirs) = UnixStream::pair().unwrap();

@@ -5,10 +5,10 @@
 //! Why: the driver multiplexes every pod's Mount over one connection. On a
 //! work-stealing runtime each Mount's stream task was stolen by the other
 //! worker and the connection task bounced between cores after it: measured
-//! at 8 callers on one connection, a third more daemon CPU per Mount than
-//! one thread doing it all. One thread per connection keeps a connection,
-//! its streams and its socket on one core, while several connections still
-//! spread over the cores. Work that grows with its input (large parses,
+//! at 8 callers on one connection, about a quarter more daemon CPU per
+//! Mount than one worker doing it all. One thread per connection keeps a
+//! connection, its streams and its socket on one core, while several
+//! connections still spread over the cores. Work that grows with its input (large parses,
 //! templates, large files) leaves these threads for the blocking pool, as
 //! it did the runtime's workers (see `work`).
 
