@@ -35,7 +35,8 @@ const HANDOFF_QUEUE: usize = 16;
 /// How many Mount threads to run for `--worker-threads`.
 pub fn thread_count(configured: Option<u16>) -> usize {
     match configured {
-        Some(n) => usize::from(n).max(1),
+        // At least 1: the flag's parser and `start` both see to it.
+        Some(n) => usize::from(n),
         None => std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .min(MAX_DEFAULT_THREADS),
@@ -132,13 +133,11 @@ impl Shards {
                 next = incoming.next() => next,
                 _ = stop.wait_for(|s| *s) => return,
             };
-            let Some(Ok(conn)) = next else {
-                if next.is_none() {
-                    return;
-                }
-                continue;
-            };
-            self.hand_over(conn).await;
+            match next {
+                Some(Ok(conn)) => self.hand_over(conn).await,
+                Some(Err(_)) => continue,
+                None => return,
+            }
         }
     }
 
