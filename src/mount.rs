@@ -120,6 +120,9 @@ pub struct Mounter {
     /// Rotation polls send the same `objects` text every time: parse once.
     /// Only plans that passed validation are kept; failures never are.
     parsed: BoundedMap<Arc<Plan>>,
+    /// Each volume's attributes text comes again with every poll: parse
+    /// once (texts with tokens excepted).
+    attributes: crate::request::AttributesMemo,
 }
 
 /// Every problem of `objects` that shows without fetching: output paths,
@@ -295,6 +298,7 @@ impl Mounter {
             limiter,
             auditor,
             parsed: BoundedMap::new(PARSED_SPCS),
+            attributes: crate::request::AttributesMemo::default(),
         }
     }
 
@@ -332,27 +336,29 @@ impl Mounter {
         })
     }
 
-    /// The memo key of the parameters the object list is parsed from.
-    /// Presence is part of the key: `objects: ""` next to `secrets` parses
-    /// differently from `secrets` alone.
+    /// The memo key of the parameters the object list is parsed from
+    /// (worked out once per distinct attributes text). Presence is part of
+    /// the key: `objects: ""` next to `secrets` parses differently from
+    /// `secrets` alone.
     fn parsed_key(&self, ctx: &MountContext) -> (Key, usize) {
-        // One pass over the parameters rather than a map lookup per name:
-        // this runs on every Mount.
-        let mut texts: [Option<&str>; PLAN_PARAMS.len()] = [None; PLAN_PARAMS.len()];
-        for (name, value) in &ctx.parameters {
-            if let Some(i) = PLAN_PARAMS.iter().position(|p| *p == name) {
-                texts[i] = Some(value);
+        ctx.plan_key(|parameters| {
+            // One pass over the parameters rather than a map lookup per name.
+            let mut texts: [Option<&str>; PLAN_PARAMS.len()] = [None; PLAN_PARAMS.len()];
+            for (name, value) in parameters {
+                if let Some(i) = PLAN_PARAMS.iter().position(|p| *p == name) {
+                    texts[i] = Some(value);
+                }
             }
-        }
-        let size = texts.iter().flatten().map(|t| t.len()).sum();
-        let key = texts
-            .iter()
-            .fold(
-                KeyBuilder::new("parsed-spc").field(&self.config.default_backend),
-                |b, t| b.opt(*t),
-            )
-            .finish();
-        (key, size)
+            let size = texts.iter().flatten().map(|t| t.len()).sum();
+            let key = texts
+                .iter()
+                .fold(
+                    KeyBuilder::new("parsed-spc").field(&self.config.default_backend),
+                    |b, t| b.opt(*t),
+                )
+                .finish();
+            (key, size)
+        })
     }
 
     /// The plan: from the memo, or parsed (off the async workers when it is
@@ -409,12 +415,18 @@ impl Mounter {
     }
 
     /// Parses only the request, so the caller can label its log span with
-    /// the pod before the Mount runs. A large request is parsed off the
-    /// async workers.
-    pub async fn parse(req: proto::MountRequest) -> Result<MountContext, MountError> {
+    /// the pod before the Mount runs. Attributes parsed for an earlier Mount
+    /// of the same text are reused; a large request is parsed off the async
+    /// workers.
+    pub async fn parse(
+        self: &Arc<Self>,
+        req: proto::MountRequest,
+    ) -> Result<MountContext, MountError> {
         let size = req.attributes.len() + req.secrets.len();
+        let this = Arc::clone(self);
         work::run(size, move || {
-            MountContext::parse(
+            MountContext::parse_with(
+                Some(&this.attributes),
                 &req.attributes,
                 &req.secrets,
                 &req.permission,

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
-use crate::key::Key;
+use crate::bounded_map::{BoundedMap, Bounds};
+use crate::key::{Key, KeyBuilder};
 use crate::secret::Credential;
 
 use crate::error::{shown, ObjectError};
@@ -58,13 +59,35 @@ pub struct ServiceAccountToken {
     pub expiration: String,
 }
 
-/// Everything a Mount needs to know about its caller, parsed and typed.
-#[derive(Debug, Clone)]
-pub struct MountContext {
+/// What a request's attributes say, tokens aside: the same for every Mount
+/// of a volume (a rotation poll sends the same text again), so it is parsed
+/// once per distinct text and shared.
+#[derive(Debug, Clone, Default)]
+pub struct Attributes {
     pub pod: PodInfo,
     pub spc_name: String,
     /// SPC parameters with the pod's volume attributes over them, minus tokens.
     pub parameters: BTreeMap<String, String>,
+    /// The parsed-SPC memo's key for these parameters and its input size,
+    /// worked out by the Mount pipeline on first use.
+    plan_key: std::sync::OnceLock<(Key, usize)>,
+}
+
+impl Attributes {
+    /// The plan key, made by `make` the first time it is asked for.
+    pub fn plan_key(
+        &self,
+        make: impl FnOnce(&BTreeMap<String, String>) -> (Key, usize),
+    ) -> (Key, usize) {
+        *self.plan_key.get_or_init(|| make(&self.parameters))
+    }
+}
+
+/// Everything a Mount needs to know about its caller, parsed and typed. The
+/// attributes' fields (`pod`, `spc_name`, `parameters`) are read through it.
+#[derive(Debug, Clone)]
+pub struct MountContext {
+    attributes: Arc<Attributes>,
     /// audience → token.
     pub tokens: BTreeMap<String, ServiceAccountToken>,
     /// nodePublishSecretRef data; `None` when the volume has no such ref.
@@ -169,35 +192,76 @@ pub enum RequestError {
 }
 
 impl MountContext {
+    /// Parses the four string fields of a `MountRequest`.
     pub fn parse(
         attributes: &str,
         secrets: &str,
         permission: &str,
         target_path: &str,
     ) -> Result<Self, RequestError> {
+        Self::parse_with(None, attributes, secrets, permission, target_path)
+    }
+
+    /// [`MountContext::parse`], taking the attributes from `kept` when the
+    /// same text was parsed before (and keeping them there when not).
+    pub fn parse_with(
+        kept: Option<&AttributesMemo>,
+        attributes: &str,
+        secrets: &str,
+        permission: &str,
+        target_path: &str,
+    ) -> Result<Self, RequestError> {
         let received = std::time::Instant::now();
-        let mut parameters = parse_string_map("attributes", attributes)?.unwrap_or_default();
-        let tokens = match parameters.remove(keys::TOKENS) {
-            Some(raw) => parse_tokens(Credential::new(raw))?,
-            None => BTreeMap::new(),
+        let key = kept
+            .filter(|_| attributes.len() <= MAX_KEPT_ATTRIBUTES)
+            .map(|memo| {
+                (
+                    memo,
+                    KeyBuilder::new("attributes").field(attributes).finish(),
+                )
+            });
+        let (attributes, tokens) = match key.as_ref().and_then(|(memo, key)| memo.0.get(key)) {
+            // Only texts without tokens are kept.
+            Some(found) => (found, BTreeMap::new()),
+            None => {
+                let mut parameters =
+                    parse_string_map("attributes", attributes)?.unwrap_or_default();
+                let tokens = parameters.remove(keys::TOKENS);
+                let get = |k: &str| parameters.get(k).cloned().unwrap_or_default();
+                let parsed = Arc::new(Attributes {
+                    pod: PodInfo {
+                        namespace: get(keys::POD_NAMESPACE),
+                        name: get(keys::POD_NAME),
+                        uid: get(keys::POD_UID),
+                        service_account: get(keys::SERVICE_ACCOUNT),
+                    },
+                    spc_name: get(keys::SPC_NAME),
+                    parameters,
+                    plan_key: std::sync::OnceLock::new(),
+                });
+                let tokens = match tokens {
+                    Some(raw) => parse_tokens(Credential::new(raw))?,
+                    None => {
+                        // A text that carries tokens changes with them and
+                        // holds credentials: never kept.
+                        if let Some((memo, key)) = key {
+                            let weight =
+                                KEPT_WEIGHT_PER_BYTE * attributes.len() as u64 + KEPT_OVERHEAD;
+                            memo.0.insert_weighed(key, Arc::clone(&parsed), weight);
+                        }
+                        BTreeMap::new()
+                    }
+                };
+                (parsed, tokens)
+            }
         };
         let node_publish_secrets = parse_string_map("secrets", secrets)?.map(|m| {
             m.into_iter()
                 .map(|(k, v)| (k, Credential::new(v)))
                 .collect()
         });
-        let get = |k: &str| parameters.get(k).cloned().unwrap_or_default();
-        let pod = PodInfo {
-            namespace: get(keys::POD_NAMESPACE),
-            name: get(keys::POD_NAME),
-            uid: get(keys::POD_UID),
-            service_account: get(keys::SERVICE_ACCOUNT),
-        };
-        let spc_name = get(keys::SPC_NAME);
         Ok(MountContext {
-            pod,
-            spc_name,
-            parameters,
+            attributes,
             tokens,
             node_publish_secrets,
             target_path: target_path.to_string(),
@@ -207,9 +271,60 @@ impl MountContext {
         })
     }
 
+    /// The attributes to change, for tests and tools that build a request
+    /// by hand (a copy when they are shared).
+    pub fn attributes_mut(&mut self) -> &mut Attributes {
+        let attributes = Arc::make_mut(&mut self.attributes);
+        attributes.plan_key = std::sync::OnceLock::new();
+        attributes
+    }
+
     /// The token the driver obtained for `audience`, if the CSIDriver asks for it.
     pub fn token_for(&self, audience: &str) -> Option<&ServiceAccountToken> {
         self.tokens.get(audience)
+    }
+}
+
+impl std::ops::Deref for MountContext {
+    type Target = Attributes;
+    fn deref(&self) -> &Attributes {
+        &self.attributes
+    }
+}
+
+/// Attributes texts longer than this are parsed every time (the driver's
+/// are well under 4 KiB; the request cap is far above).
+const MAX_KEPT_ATTRIBUTES: usize = 16 * 1024;
+/// A parsed text weighs about three times its bytes (keys, values, nodes).
+const KEPT_WEIGHT_PER_BYTE: u64 = 3;
+const KEPT_OVERHEAD: u64 = 512;
+/// One entry per volume polled on this node; the memory is the node's,
+/// whoever sends the texts.
+const KEPT_ATTRIBUTES: Bounds = Bounds {
+    max_entries: 2048,
+    max_weight: 4 << 20,
+    idle: std::time::Duration::from_secs(600),
+};
+
+/// Attributes already parsed, by their exact text (a SHA-256 key over all
+/// of it), so that a rotation poll does not parse its volume's attributes
+/// again. Texts that carry service-account tokens are never kept.
+pub struct AttributesMemo(BoundedMap<Arc<Attributes>>);
+
+impl Default for AttributesMemo {
+    fn default() -> Self {
+        Self(BoundedMap::new(KEPT_ATTRIBUTES))
+    }
+}
+
+impl AttributesMemo {
+    /// Texts kept now.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -662,6 +777,63 @@ mod tests {
         // The token attribute is consumed, never kept among plain parameters.
         assert!(!ctx.parameters.contains_key(keys::TOKENS));
         assert!(!format!("{ctx:?}").contains("c2VjcmV0LXRva2Vu"));
+    }
+
+    /// A poll's attributes are parsed once and shared; a text with tokens,
+    /// an oversized text or a failed parse is never kept, and texts that
+    /// differ in one byte are never confused.
+    #[test]
+    fn attributes_are_kept_per_exact_text_without_tokens() {
+        let memo = AttributesMemo::default();
+        let parse = |attrs: &str, secrets: &str| {
+            MountContext::parse_with(Some(&memo), attrs, secrets, "420", "/t")
+        };
+        let plain = serde_json::json!({
+            keys::POD_NAMESPACE: "shop",
+            keys::POD_NAME: "web-0",
+            keys::SPC_NAME: "app",
+            "objects": "- objectName: a\n",
+        })
+        .to_string();
+        let first = parse(&plain, "null").unwrap();
+        let again = parse(&plain, r#"{"token":"s3cr3t"}"#).unwrap();
+        assert_eq!(memo.len(), 1);
+        assert!(Arc::ptr_eq(&first.attributes, &again.attributes));
+        assert_eq!(again.pod.name, "web-0");
+        // Node-publish secrets are the request's own, never shared.
+        assert!(first.node_publish_secrets.is_none());
+        assert_eq!(again.node_publish_secrets.unwrap()["token"].expose(), "s3cr3t");
+        // The plan key is worked out once per text.
+        let made = std::sync::atomic::AtomicUsize::new(0);
+        let key = |ctx: &MountContext| {
+            ctx.plan_key(|_| {
+                made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                (Key::of("t", &["x"]), 1)
+            })
+        };
+        assert_eq!(key(&first), key(&parse(&plain, "").unwrap()));
+        assert_eq!(made.load(std::sync::atomic::Ordering::Relaxed), 1);
+
+        let other = plain.replace("web-0", "web-1");
+        assert_eq!(parse(&other, "").unwrap().pod.name, "web-1");
+        assert_eq!(memo.len(), 2);
+
+        // Tokens: parsed every time, the text never kept.
+        for _ in 0..2 {
+            let ctx = parse(&attrs_with_tokens(), "").unwrap();
+            assert_eq!(ctx.token_for("vault").unwrap().token.expose(), TOKEN);
+        }
+        assert_eq!(memo.len(), 2);
+        // Nor are texts that fail or that are past the size kept.
+        assert!(parse(r#"{"a": 1}"#, "").is_err());
+        let big = serde_json::json!({ "x": "y".repeat(MAX_KEPT_ATTRIBUTES) }).to_string();
+        assert_eq!(parse(&big, "").unwrap().parameters["x"].len(), MAX_KEPT_ATTRIBUTES);
+        assert_eq!(memo.len(), 2);
+
+        // A changed copy leaves the kept text as it was.
+        let mut changed = parse(&plain, "").unwrap();
+        changed.attributes_mut().pod.name = "edited".into();
+        assert_eq!(parse(&plain, "").unwrap().pod.name, "web-0");
     }
 
     #[test]

@@ -114,7 +114,7 @@ impl CsiDriverProvider for ProviderService {
             .get::<crate::server::peer::Caller>()
             .and_then(crate::server::peer::Caller::last_heard);
         let (ctx, result) = async move {
-            let ctx = match Mounter::parse(request.into_inner()).await {
+            let ctx = match mounter.parse(request.into_inner()).await {
                 Ok(mut ctx) => {
                     // The request was in by the connection's last read:
                     // what changed before then is what this Mount must see.

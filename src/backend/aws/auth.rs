@@ -328,12 +328,12 @@ mod tests {
     #[test]
     fn session_names_fit_sts() {
         let mut ctx = MountContext::parse("{}", "", "", "/t").unwrap();
-        ctx.pod.namespace = "team-a".into();
-        ctx.pod.name = "web-7d9f".into();
+        ctx.attributes_mut().pod.namespace = "team-a".into();
+        ctx.attributes_mut().pod.name = "web-7d9f".into();
         assert_eq!(session_name(&ctx), "coffer-team-a-web-7d9f");
-        ctx.pod.name = "x".repeat(100);
+        ctx.attributes_mut().pod.name = "x".repeat(100);
         assert_eq!(session_name(&ctx).len(), 64);
-        ctx.pod.name = "a/b c".into();
+        ctx.attributes_mut().pod.name = "a/b c".into();
         assert_eq!(session_name(&ctx), "coffer-team-a-a-b-c");
     }
 }
