@@ -21,7 +21,7 @@ struct Slot<V> {
 /// (`CLOCK_MONOTONIC_COARSE`, a few ms fine), read without the timer
 /// access a precise clock costs. Every lookup notes the time, and lookups
 /// run several times per Mount.
-fn coarse_now() -> Duration {
+pub(crate) fn coarse_now() -> Duration {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
         .map(Duration::from)
         .unwrap_or_default()

@@ -73,7 +73,9 @@ pub struct FileBackend {
 #[derive(Clone)]
 struct Dir {
     file: Arc<std::fs::File>,
-    opened: Instant,
+    /// On the coarse clock (ms-fine; read per object, and a precise read
+    /// costs a timer access).
+    opened: Duration,
     watch: Option<nix::sys::inotify::WatchDescriptor>,
 }
 
@@ -152,7 +154,7 @@ impl FileBackend {
             Some(_) => KeyBuilder::new("file-dir").opt(scope).finish(),
         };
         if let Some(dir) = self.dirs.get(&key) {
-            if dir.opened.elapsed() < DIR_REFRESH {
+            if crate::bounded_map::coarse_now().saturating_sub(dir.opened) < DIR_REFRESH {
                 return Ok(dir);
             }
         }
@@ -179,7 +181,7 @@ impl FileBackend {
         let dir = Dir {
             watch: self.watch.as_ref().and_then(|w| w.dir(&dir, scope)),
             file: Arc::new(dir),
-            opened: Instant::now(),
+            opened: crate::bounded_map::coarse_now(),
         };
         self.dirs.insert(key, dir.clone());
         Ok(dir)
