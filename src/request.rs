@@ -802,7 +802,10 @@ mod tests {
         assert_eq!(again.pod.name, "web-0");
         // Node-publish secrets are the request's own, never shared.
         assert!(first.node_publish_secrets.is_none());
-        assert_eq!(again.node_publish_secrets.unwrap()["token"].expose(), "s3cr3t");
+        assert_eq!(
+            again.node_publish_secrets.unwrap()["token"].expose(),
+            "s3cr3t"
+        );
         // The plan key is worked out once per text.
         let made = std::sync::atomic::AtomicUsize::new(0);
         let key = |ctx: &MountContext| {
@@ -827,7 +830,10 @@ mod tests {
         // Nor are texts that fail or that are past the size kept.
         assert!(parse(r#"{"a": 1}"#, "").is_err());
         let big = serde_json::json!({ "x": "y".repeat(MAX_KEPT_ATTRIBUTES) }).to_string();
-        assert_eq!(parse(&big, "").unwrap().parameters["x"].len(), MAX_KEPT_ATTRIBUTES);
+        assert_eq!(
+            parse(&big, "").unwrap().parameters["x"].len(),
+            MAX_KEPT_ATTRIBUTES
+        );
         assert_eq!(memo.len(), 2);
 
         // A changed copy leaves the kept text as it was.
