@@ -10,7 +10,9 @@
 //! cargo bench --bench mount_path
 //! Knobs (env): MP_SECONDS (2), MP_RUNS (3), MP_VAULT (1 = include OpenBao),
 //! MP_LEVELS (1,8,64: the caller counts to run), MP_DAEMON_ARGS (more
-//! `coffer serve` flags, space-separated, e.g. `--worker-threads 1`).
+//! `coffer serve` flags, space-separated, e.g. `--worker-threads 1`),
+//! MP_FLOOR_WORK_US (0: µs the floor spends busy before each answer, to
+//! measure what a fixed amount of server work costs a round trip here).
 
 #[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)]
@@ -300,7 +302,8 @@ fn main() {
         let bytes = hex::decode(std::env::var("MP_TEMPLATE").unwrap()).unwrap();
         let template: proto::MountResponse = prost::Message::decode(bytes.as_slice()).unwrap();
         let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(common::serve_fixed_answer(&socket, template));
+        let work = Duration::from_micros(env_num("MP_FLOOR_WORK_US", 0));
+        rt.block_on(common::serve_fixed_answer_after(&socket, template, work));
         return;
     }
     let secs = env_num("MP_SECONDS", 2) as f64;
@@ -330,6 +333,10 @@ fn main() {
             "file backend, 2 objects of 32 bytes, audit log to stderr (a file); response {} bytes; {secs} s × {runs} runs per level, medians",
             prost::Message::encoded_len(&template)
         );
+        let work = env_num("MP_FLOOR_WORK_US", 0);
+        if work > 0 {
+            println!("the floor is busy {work} µs before each answer (MP_FLOOR_WORK_US)");
+        }
         let rows = measure(&floor, &daemon, &reqs, runs, secs).await;
         table("file backend vs floor", &rows);
         let peak = common::proc_status(daemon.pid(), "VmHWM:");

@@ -416,7 +416,13 @@ pub async fn http_get_traced(
 /// every Mount with `answer`, so what coffer adds can be told from what
 /// gRPC itself costs.
 pub async fn serve_fixed_answer(socket: &Path, answer: proto::MountResponse) {
-    struct Fixed(proto::MountResponse);
+    serve_fixed_answer_after(socket, answer, Duration::ZERO).await
+}
+
+/// [`serve_fixed_answer`], busy for `work` before each answer: what a fixed
+/// amount of server work costs a caller's round trip on this host.
+pub async fn serve_fixed_answer_after(socket: &Path, answer: proto::MountResponse, work: Duration) {
+    struct Fixed(proto::MountResponse, Duration);
     #[tonic::async_trait]
     impl proto::csi_driver_provider_server::CsiDriverProvider for Fixed {
         async fn version(
@@ -429,13 +435,21 @@ pub async fn serve_fixed_answer(socket: &Path, answer: proto::MountResponse) {
             &self,
             _: tonic::Request<proto::MountRequest>,
         ) -> Result<tonic::Response<proto::MountResponse>, tonic::Status> {
+            if !self.1.is_zero() {
+                let began = Instant::now();
+                while began.elapsed() < self.1 {
+                    std::hint::spin_loop();
+                }
+            }
             Ok(tonic::Response::new(self.0.clone()))
         }
     }
     let _ = std::fs::remove_file(socket);
     let listener = tokio::net::UnixListener::bind(socket).unwrap();
     tonic::transport::Server::builder()
-        .add_service(proto::csi_driver_provider_server::CsiDriverProviderServer::new(Fixed(answer)))
+        .add_service(
+            proto::csi_driver_provider_server::CsiDriverProviderServer::new(Fixed(answer, work)),
+        )
         .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
         .await
         .unwrap();
