@@ -239,18 +239,15 @@ impl MountContext {
                     parameters,
                     plan_key: std::sync::OnceLock::new(),
                 });
+                // A text that carries tokens changes with them and holds
+                // credentials: never kept.
+                if let (None, Some((memo, key))) = (&tokens, key) {
+                    let weight = KEPT_WEIGHT_PER_BYTE * attributes.len() as u64 + KEPT_OVERHEAD;
+                    memo.0.insert_weighed(key, Arc::clone(&parsed), weight);
+                }
                 let tokens = match tokens {
                     Some(raw) => parse_tokens(Credential::new(raw))?,
-                    None => {
-                        // A text that carries tokens changes with them and
-                        // holds credentials: never kept.
-                        if let Some((memo, key)) = key {
-                            let weight =
-                                KEPT_WEIGHT_PER_BYTE * attributes.len() as u64 + KEPT_OVERHEAD;
-                            memo.0.insert_weighed(key, Arc::clone(&parsed), weight);
-                        }
-                        BTreeMap::new()
-                    }
+                    None => BTreeMap::new(),
                 };
                 (parsed, tokens)
             }

@@ -8,9 +8,9 @@
 //! at 8 callers on one connection, about a quarter more daemon CPU per
 //! Mount than one worker doing it all. One thread per connection keeps a
 //! connection, its streams and its socket on one core, while several
-//! connections still spread over the cores. Work that grows with its input (large parses,
-//! templates, large files) leaves these threads for the blocking pool, as
-//! it did the runtime's workers (see `work`).
+//! connections still spread over the cores. Work that grows with its input
+//! (large parses, templates, large files) leaves these threads for the
+//! blocking pool, as it did the runtime's workers (see `work`).
 
 use std::future::Future;
 use std::io;
