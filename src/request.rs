@@ -839,6 +839,28 @@ mod tests {
         assert_eq!(parse(&plain, "").unwrap().pod.name, "web-0");
     }
 
+    /// A flood of distinct texts (one pod after another, or one SPC made
+    /// large) stays within the memo's entries and bytes; the newest are kept.
+    #[test]
+    fn a_flood_of_distinct_attributes_stays_within_bounds() {
+        let memo = AttributesMemo::default();
+        let big = "v".repeat(MAX_KEPT_ATTRIBUTES - 64);
+        for i in 0..KEPT_ATTRIBUTES.max_entries + 500 {
+            let attrs = serde_json::json!({ keys::POD_UID: i.to_string() }).to_string();
+            MountContext::parse_with(Some(&memo), &attrs, "", "420", "/t").unwrap();
+            assert!(memo.len() <= KEPT_ATTRIBUTES.max_entries);
+        }
+        assert_eq!(memo.len(), KEPT_ATTRIBUTES.max_entries);
+        for i in 0..400 {
+            let attrs = serde_json::json!({ keys::POD_UID: i.to_string(), "x": big }).to_string();
+            MountContext::parse_with(Some(&memo), &attrs, "", "420", "/t").unwrap();
+            assert!(memo.0.weight() <= KEPT_ATTRIBUTES.max_weight);
+        }
+        let last = serde_json::json!({ keys::POD_UID: "399", "x": big }).to_string();
+        let key = KeyBuilder::new("attributes").field(&last).finish();
+        assert!(memo.0.get(&key).is_some(), "the newest text is kept");
+    }
+
     #[test]
     fn secrets_null_empty_or_object() {
         for raw in ["null", "", " null "] {
