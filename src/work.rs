@@ -89,48 +89,71 @@ pub fn tune_allocator() {
     }
 }
 
-/// Unmaps the daemon's own code pages (the executable's read-and-execute
-/// mapping; never its data or relocated parts), so that what stays
-/// resident is what runs from now on. The binary carries four cloud SDKs
-/// and the kernel maps code 64 KiB around every fault: start-up code and
-/// its neighbours otherwise stay in RSS for good. The page cache keeps the
-/// file, so code that runs again comes back with a minor fault.
+/// Unmaps the daemon's own code and read-only data pages (the
+/// executable's mappings that were never written: text and constants, not
+/// data or the relocated read-only part), so that what stays resident is
+/// what runs from now on. The binary carries four cloud SDKs and the kernel
+/// maps file pages 64 KiB around every fault: start-up code, its constants
+/// and their neighbours otherwise stay in RSS for good. The page cache
+/// keeps the file, so a page used again comes back with a minor fault.
 pub fn drop_code_pages() {
     #[cfg(target_os = "linux")]
     {
         let Ok(exe) = std::fs::read_link("/proc/self/exe") else {
             return;
         };
-        let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        // smaps, not maps: it tells which mappings hold written (private,
+        // anonymous) pages, and those must stay.
+        let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
             return;
         };
-        let exe = exe.to_string_lossy();
-        for line in maps.lines() {
-            let mut fields = line.split_whitespace();
-            let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
-                continue;
-            };
-            // Text only: written pages (data, relocations) would be lost.
-            if fields.nth(3) != Some(exe.as_ref()) || perms != "r-xp" {
-                continue;
-            }
-            let Some((start, end)) = range.split_once('-') else {
-                continue;
-            };
-            let (Ok(start), Ok(end)) = (
-                usize::from_str_radix(start, 16),
-                usize::from_str_radix(end, 16),
-            ) else {
-                continue;
-            };
-            // SAFETY: a private, never-written file mapping of our own
-            // executable: MADV_DONTNEED only drops page-table entries,
-            // and the next access maps the same file contents again.
+        for (start, end) in never_written(&smaps, &exe.to_string_lossy()) {
+            // SAFETY: a private, read-only file mapping of our own
+            // executable with no written page: MADV_DONTNEED only drops
+            // page-table entries, and the next access maps the same file
+            // contents again.
             unsafe {
                 libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
             }
         }
     }
+}
+
+/// The address ranges in `smaps` of `exe`'s read-only mappings (`r-xp`,
+/// `r--p`) that have no anonymous page: never written, so their pages are
+/// exactly the file's. A relocated read-only part (RELRO) was written
+/// before it was made read-only and is left out.
+fn never_written(smaps: &str, exe: &str) -> Vec<(usize, usize)> {
+    let mut ranges = Vec::new();
+    // The mapping being read, while its fields follow.
+    let mut current: Option<(usize, usize)> = None;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else {
+            continue;
+        };
+        if let Some(anonymous) = line.strip_prefix("Anonymous:") {
+            let written = anonymous.split_whitespace().next() != Some("0");
+            if let Some(range) = current.take().filter(|_| !written) {
+                ranges.push(range);
+            }
+            continue;
+        }
+        // A field line ("Rss:", "VmFlags:") or a mapping's first line.
+        let Some((start, end)) = first.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end)) = (
+            usize::from_str_radix(start, 16),
+            usize::from_str_radix(end, 16),
+        ) else {
+            continue;
+        };
+        let perms = fields.next();
+        current = (matches!(perms, Some("r-xp" | "r--p")) && fields.nth(3) == Some(exe))
+            .then_some((start, end));
+    }
+    ranges
 }
 
 /// Returns freed heap memory to the system.
@@ -155,5 +178,48 @@ mod tests {
             .await
             .unwrap();
         assert_ne!(big, main, "large inputs run elsewhere");
+    }
+
+    const SMAPS: &str = "\
+55d000000000-55d000100000 r--p 00000000 fe:01 42 /opt/coffer
+Rss:                 400 kB
+Anonymous:             0 kB
+VmFlags: rd mr mw me
+55d000100000-55d001000000 r-xp 00100000 fe:01 42 /opt/coffer
+Rss:                7000 kB
+Anonymous:             0 kB
+VmFlags: rd ex mr mw me
+55d001000000-55d001100000 r--p 01000000 fe:01 42 /opt/coffer
+Rss:                 600 kB
+Anonymous:           592 kB
+VmFlags: rd mr mw me ac
+55d001100000-55d001140000 rw-p 01100000 fe:01 42 /opt/coffer
+Anonymous:           160 kB
+7f0000000000-7f0000100000 r-xp 00000000 fe:01 7 /usr/lib/libc.so.6
+Anonymous:             0 kB
+7f0000200000-7f0000300000 r--p 00000000 fe:01 43 /opt/coffer-other
+Anonymous:             0 kB
+";
+
+    #[test]
+    fn only_never_written_read_only_mappings_of_the_executable_are_dropped() {
+        assert_eq!(
+            never_written(SMAPS, "/opt/coffer"),
+            vec![
+                (0x55d0_0000_0000, 0x55d0_0010_0000),
+                (0x55d0_0010_0000, 0x55d0_0100_0000)
+            ],
+            "text and constants; not the relocated part, data, libc or another file"
+        );
+        assert!(never_written("garbage\n-\nAnonymous: x", "/opt/coffer").is_empty());
+    }
+
+    #[test]
+    fn the_process_runs_on_after_its_pages_are_dropped() {
+        drop_code_pages();
+        // Code, constants, relocated vtables and formatting all still work.
+        let shown: Vec<Box<dyn std::fmt::Display>> = vec![Box::new(1.5f64), Box::new("text")];
+        let text = shown.iter().map(|d| format!("{d:>6}")).collect::<String>();
+        assert_eq!(text, "   1.5  text");
     }
 }
