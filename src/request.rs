@@ -71,6 +71,10 @@ pub struct Attributes {
     /// The parsed-SPC memo's key for these parameters and its input size,
     /// worked out by the Mount pipeline on first use.
     plan_key: std::sync::OnceLock<(Key, usize)>,
+    /// Values a backend works out from these attributes alone (its
+    /// connection settings): kept as long as the attributes are, so a
+    /// rotation poll does not work them out again.
+    kept: Memo,
 }
 
 impl Attributes {
@@ -80,6 +84,13 @@ impl Attributes {
         make: impl FnOnce(&BTreeMap<String, String>) -> (Key, usize),
     ) -> (Key, usize) {
         *self.plan_key.get_or_init(|| make(&self.parameters))
+    }
+
+    /// Scratch space that lives as long as these attributes: one entry per
+    /// backend, each derived from the attributes alone (never from tokens
+    /// or nodePublishSecretRef, which change under the same attributes).
+    pub fn kept(&self) -> &Memo {
+        &self.kept
     }
 }
 
@@ -238,6 +249,7 @@ impl MountContext {
                     spc_name: get(keys::SPC_NAME),
                     parameters,
                     plan_key: std::sync::OnceLock::new(),
+                    kept: Memo::default(),
                 });
                 // A text that carries tokens changes with them and holds
                 // credentials: never kept.
@@ -273,6 +285,7 @@ impl MountContext {
     pub fn attributes_mut(&mut self) -> &mut Attributes {
         let attributes = Arc::make_mut(&mut self.attributes);
         attributes.plan_key = std::sync::OnceLock::new();
+        attributes.kept = Memo::default();
         attributes
     }
 
@@ -292,9 +305,10 @@ impl std::ops::Deref for MountContext {
 /// Attributes texts longer than this are parsed every time (the driver's
 /// are well under 4 KiB; the request cap is far above).
 const MAX_KEPT_ATTRIBUTES: usize = 16 * 1024;
-/// A parsed text weighs about three times its bytes (keys, values, nodes).
-const KEPT_WEIGHT_PER_BYTE: u64 = 3;
-const KEPT_OVERHEAD: u64 = 512;
+/// A parsed text weighs about three times its bytes (keys, values, nodes),
+/// and what backends keep with it (settings cut from it) once more.
+const KEPT_WEIGHT_PER_BYTE: u64 = 4;
+const KEPT_OVERHEAD: u64 = 1024;
 /// One entry per volume polled on this node; the memory is the node's,
 /// whoever sends the texts.
 const KEPT_ATTRIBUTES: Bounds = Bounds {

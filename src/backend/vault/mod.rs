@@ -16,7 +16,7 @@ use tokio::sync::OnceCell;
 use super::{Backend, FetchLimits, Fetched};
 use crate::config::VaultArgs;
 use crate::error::ObjectError;
-use crate::key::{fingerprint, Key, KeyBuilder};
+use crate::key::{Key, KeyBuilder};
 use crate::request::MountContext;
 use crate::secret::SecretBytes;
 use crate::spc::ObjectSpec;
@@ -35,6 +35,9 @@ type Shared = OnceCell<Arc<SecretBytes>>;
 
 pub struct VaultBackend {
     defaults: VaultArgs,
+    /// Where this backend keeps a volume's [`params::Connection`] with its
+    /// attributes: its own, as the connection depends on its defaults.
+    connection_key: Key,
     clients: http::Clients,
     tokens: auth::Tokens,
     leases: Leases,
@@ -42,7 +45,12 @@ pub struct VaultBackend {
 
 impl VaultBackend {
     pub fn new(defaults: VaultArgs) -> Self {
+        static BACKENDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = BACKENDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Self {
+            connection_key: KeyBuilder::new("vault-connection")
+                .field(n.to_be_bytes())
+                .finish(),
             clients: http::Clients::new(defaults.request_timeout, defaults.tls_dir.clone()),
             defaults,
             tokens: auth::Tokens::default(),
@@ -341,9 +349,6 @@ pub(crate) fn zeroize_json(v: &mut Json) {
 
 /// Where a Mount keeps its worked-out Vault parameters.
 static PARAMS: std::sync::LazyLock<Key> = std::sync::LazyLock::new(|| Key::of("vault-params", &[]));
-/// Where a Mount keeps who its caller is to Vault.
-static IDENTITY: std::sync::LazyLock<Key> =
-    std::sync::LazyLock::new(|| Key::of("vault-identity", &[]));
 
 /// An object's Vault request as worked out from its fields, kept with the
 /// object (see [`ObjectSpec::derived`]): rotation polls of a kept plan
@@ -352,6 +357,9 @@ struct Request {
     parsed: Result<VaultObject, ObjectError>,
     /// The request's part of the cache key (method, path, query, body, key).
     cache_fields: Option<Key>,
+    /// The last cache key made of `cache_fields`, by the caller identity it
+    /// was made for: a volume's polls all ask for the same one.
+    cache_key: std::sync::Mutex<Option<(Key, Key)>>,
     /// For the audit log: `GET /v1/secret/data/db?version=2#password`.
     described: String,
 }
@@ -388,17 +396,22 @@ fn request(object: &ObjectSpec) -> Arc<Request> {
         Request {
             parsed,
             cache_fields,
+            cache_key: std::sync::Mutex::new(None),
             described,
         }
     })
 }
 
 impl VaultBackend {
-    /// The Mount's parameters, worked out once per Mount: every object asks
-    /// for them in each phase (validation, cache key, limiter, fetch).
+    /// The Mount's parameters, worked out once per Mount (every object asks
+    /// for them in each phase: validation, cache key, limiter, fetch), on
+    /// top of its volume's connection, worked out once per volume.
     fn params(&self, ctx: &MountContext) -> Result<Arc<VaultParams>, ObjectError> {
         ctx.memo.once(&PARAMS, || {
-            VaultParams::from_context(ctx, &self.defaults).map(Arc::new)
+            let connection = ctx.kept().once(&self.connection_key, || {
+                params::Connection::from_context(ctx, &self.defaults).map(Arc::new)
+            })?;
+            VaultParams::with_auth(connection, ctx, &self.defaults).map(Arc::new)
         })
     }
 }
@@ -473,12 +486,21 @@ impl Backend for VaultBackend {
     fn cache_key(&self, object: &ObjectSpec, ctx: &MountContext) -> Option<Key> {
         let request = request(object);
         let fields = request.cache_fields.as_ref()?;
-        Some(
-            KeyBuilder::new("vault-cache")
-                .key(&self.caller_identity(ctx)?)
-                .key(fields)
-                .finish(),
-        )
+        let identity = self.caller_identity(ctx)?;
+        let mut kept = request.cache_key.lock().ok();
+        if let Some(Some((of, key))) = kept.as_deref() {
+            if *of == identity {
+                return Some(*key);
+            }
+        }
+        let key = KeyBuilder::new("vault-cache")
+            .key(&identity)
+            .key(fields)
+            .finish();
+        if let Some(kept) = kept.as_deref_mut() {
+            *kept = Some((identity, key));
+        }
+        Some(key)
     }
 
     /// Without `secretKey` the value is Vault's whole answer; its keys are
@@ -534,6 +556,7 @@ impl Backend for VaultBackend {
 fn identity_fields(
     key: KeyBuilder,
     params: &VaultParams,
+    credential: Option<Key>,
     ctx: &MountContext,
 ) -> Option<KeyBuilder> {
     let key = key.field(&params.address).opt(params.namespace.as_deref());
@@ -548,16 +571,12 @@ fn identity_fields(
             .field(role)
             .field(audience)
             .field(ctx.pod.service_account_id()?),
-        params::Auth::AppRole {
-            mount,
-            role_id,
-            secret_id,
-        } => key
+        params::Auth::AppRole { mount, role_id, .. } => key
             .field("approle")
             .field(mount)
             .field(role_id)
-            .key(&fingerprint(secret_id.expose())),
-        params::Auth::Token(t) => key.field("token").key(&fingerprint(t.expose())),
+            .key(&credential?),
+        params::Auth::Token(_) => key.field("token").key(&credential?),
     })
 }
 
@@ -569,10 +588,23 @@ impl VaultBackend {
     /// of answers made with the caller's login; `None` when the SPC's Vault
     /// settings are incomplete or the pod has no service account.
     pub fn caller_identity(&self, ctx: &MountContext) -> Option<Key> {
-        // Once per Mount: a static token's fingerprint is a hash of it.
-        ctx.memo.once(&IDENTITY, || {
-            let params = self.params(ctx).ok()?;
-            identity_fields(KeyBuilder::new("vault-identity"), &params, ctx).map(KeyBuilder::finish)
+        let params = self.params(ctx).ok()?;
+        // Once per Mount, and hashed once per volume and credential: the
+        // volume keeps its last identity with what it was made of.
+        *params.identity.get_or_init(|| {
+            let credential = params.credential();
+            let mut kept = params.connection.identity.lock().ok();
+            if let Some(Some((caller, key))) = kept.as_deref() {
+                if caller.is(&params.auth, credential) {
+                    return Some(*key);
+                }
+            }
+            let key = identity_fields(KeyBuilder::new("vault-identity"), &params, credential, ctx)?
+                .finish();
+            if let (Some(kept), Some(caller)) = (kept.as_deref_mut(), params.caller(credential)) {
+                *kept = Some((caller, key));
+            }
+            Some(key)
         })
     }
 
@@ -645,6 +677,93 @@ impl VaultBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::request::AttributesMemo;
+
+    /// A volume's rotation polls share their parsed attributes, and with
+    /// them the Vault connection worked out for the first; the caller
+    /// identity and cache keys must still follow each poll's own
+    /// credential, and settings errors must stay the same on every poll.
+    #[test]
+    fn kept_connection_follows_each_polls_credential() {
+        let backend = VaultBackend::new(VaultArgs::default());
+        let memo = AttributesMemo::default();
+        let attributes = serde_json::json!({
+            "csi.storage.k8s.io/pod.namespace": "ns",
+            "csi.storage.k8s.io/pod.name": "p",
+            "csi.storage.k8s.io/serviceAccount.name": "sa",
+            "vaultAddress": "http://127.0.0.1:8200/",
+            "vaultNamespace": "team",
+            "objects": "- objectName: a\n  secretPath: secret/data/a\n  secretKey: k\n",
+        })
+        .to_string();
+        let poll = |secrets: &str| {
+            MountContext::parse_with(Some(&memo), &attributes, secrets, "420", "/t").unwrap()
+        };
+        let objects = crate::spc::parse_objects(&poll("").parameters, "vault").unwrap();
+        let object = &objects[0];
+        let keys = |secrets: &str| {
+            let ctx = poll(secrets);
+            backend.validate(object, &ctx).unwrap();
+            let params = backend.params(&ctx).unwrap();
+            assert_eq!(
+                (params.address.as_str(), params.namespace.as_deref()),
+                ("http://127.0.0.1:8200", Some("team"))
+            );
+            (
+                backend.caller_identity(&ctx).unwrap(),
+                backend.cache_key(object, &ctx).unwrap(),
+            )
+        };
+        let a = keys(r#"{"token":"token-a"}"#);
+        let b = keys(r#"{"token":"token-b"}"#);
+        assert_ne!(a.0, b.0, "another token is another caller");
+        assert_ne!(a.1, b.1);
+        assert_eq!(keys(r#"{"token":"token-a"}"#), a, "and back");
+        let approle = keys(r#"{"role_id":"r","secret_id":"s1"}"#);
+        assert_ne!(approle.0, a.0);
+        assert_ne!(keys(r#"{"role_id":"r","secret_id":"s2"}"#).0, approle.0);
+        assert_eq!(keys(r#"{"role_id":"r","secret_id":"s1"}"#), approle);
+        // One parsed attributes for all of them.
+        assert_eq!(memo.len(), 1);
+
+        // Without a credential the SPC needs a roleName, on every poll.
+        for _ in 0..2 {
+            let err = backend.validate(object, &poll("")).unwrap_err();
+            assert!(err.to_string().contains("roleName is required"), "{err}");
+        }
+        // A volume with a login: the identity is the pod's service account.
+        let login = serde_json::json!({
+            "csi.storage.k8s.io/pod.namespace": "ns",
+            "csi.storage.k8s.io/serviceAccount.name": "sa",
+            "vaultAddress": "http://127.0.0.1:8200",
+            "roleName": "app",
+            "objects": "- objectName: a\n  secretPath: secret/data/a\n",
+        });
+        let with_sa = |sa: &str| {
+            let mut attrs = login.clone();
+            attrs["csi.storage.k8s.io/serviceAccount.name"] = sa.into();
+            attrs["csi.storage.k8s.io/serviceAccount.tokens"] =
+                r#"{"vault":{"token":"jwt","expirationTimestamp":"2030-01-01T00:00:00Z"}}"#.into();
+            let ctx =
+                MountContext::parse_with(Some(&memo), &attrs.to_string(), "", "420", "/t").unwrap();
+            backend.caller_identity(&ctx).unwrap()
+        };
+        assert_eq!(with_sa("sa"), with_sa("sa"));
+        assert_ne!(with_sa("sa"), with_sa("other"));
+        // A token in the request wins over the login, under the same text.
+        let ctx = MountContext::parse_with(
+            Some(&memo),
+            &login.to_string(),
+            r#"{"token":"token-a"}"#,
+            "420",
+            "/t",
+        )
+        .unwrap();
+        assert!(matches!(
+            backend.params(&ctx).unwrap().auth,
+            params::Auth::Token(_)
+        ));
+    }
 
     fn answer(json: Json) -> SecretBytes {
         SecretBytes::new(serde_json::to_vec(&json).unwrap())

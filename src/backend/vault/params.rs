@@ -93,13 +93,58 @@ pub enum Auth {
     Token(Credential),
 }
 
-/// SPC-level settings after applying the daemon's defaults.
-#[derive(Debug, Clone)]
-pub struct VaultParams {
+/// What the SPC's parameters and the daemon's flags say about reaching
+/// Vault and logging in. It depends on the attributes alone, so it is worked
+/// out once per volume, not on every rotation poll (see
+/// [`crate::request::Attributes::kept`]).
+#[derive(Debug)]
+pub struct Connection {
     pub address: String,
     pub namespace: Option<String>,
     pub tls: Tls,
+    /// The auth mount the SPC names, checked to be a plain Vault path.
+    mount: Option<String>,
+    /// roleName, or why there is none to use: only a login needs one.
+    role: Result<String, ObjectError>,
+    /// The SPC's `audience`.
+    audience: Option<String>,
+    /// The last caller identity worked out for this volume, by the
+    /// credential it was worked out for (see `VaultBackend::caller_identity`).
+    pub(super) identity: std::sync::Mutex<Option<(Caller, crate::key::Key)>>,
+}
+
+/// What a caller identity depends on beyond the volume's [`Connection`]:
+/// the auth, with credentials only as fingerprints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Caller {
+    Login {
+        mount: String,
+        role: String,
+        audience: String,
+    },
+    AppRole {
+        mount: String,
+        role_id: String,
+        secret_id: crate::key::Key,
+    },
+    Token(crate::key::Key),
+}
+
+/// A Mount's settings: its volume's [`Connection`] and the auth its
+/// request's tokens and nodePublishSecretRef make.
+#[derive(Debug)]
+pub struct VaultParams {
+    pub connection: std::sync::Arc<Connection>,
     pub auth: Auth,
+    /// Who this Mount's caller is to Vault, worked out on first use.
+    pub(super) identity: std::sync::OnceLock<Option<crate::key::Key>>,
+}
+
+impl std::ops::Deref for VaultParams {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.connection
+    }
 }
 
 fn param<'a>(ctx: &'a MountContext, key: &str) -> Option<&'a str> {
@@ -252,7 +297,8 @@ fn parse_bool(key: &str, raw: &str) -> Result<bool, ObjectError> {
     }
 }
 
-impl VaultParams {
+impl Connection {
+    /// The volume's settings; errors name the parameter at fault.
     pub fn from_context(ctx: &MountContext, defaults: &VaultArgs) -> Result<Self, ObjectError> {
         let given = Given::of(ctx);
         let address = given
@@ -301,19 +347,11 @@ impl VaultParams {
                 "vaultTLSClientCertPath and vaultTLSClientKeyPath must be set together".into(),
             ));
         }
-        Ok(Self {
-            address: address.trim_end_matches('/').to_string(),
-            namespace: given
-                .get("Namespace")?
-                .map(|(_, v)| v.to_string())
-                .or_else(|| defaults.namespace.clone())
-                .filter(|n| !n.is_empty()),
-            tls,
-            auth: Self::auth(ctx, &given, defaults)?,
-        })
-    }
-
-    fn auth(ctx: &MountContext, given: &Given, defaults: &VaultArgs) -> Result<Auth, ObjectError> {
+        let namespace = given
+            .get("Namespace")?
+            .map(|(_, v)| v.to_string())
+            .or_else(|| defaults.namespace.clone())
+            .filter(|n| !n.is_empty());
         let k8s_mount = given.get("KubernetesMountPath")?;
         let auth_mount = given.get("AuthMountPath")?;
         if let (Some((a, _)), Some((b, _))) = (&k8s_mount, &auth_mount) {
@@ -334,6 +372,58 @@ impl VaultParams {
                 )));
             }
         }
+        let role = match (given.get("RoleName"), param(ctx, "roleName")) {
+            (Err(e), _) => Err(e),
+            (Ok(Some((key, _))), Some(_)) => Err(ObjectError::Invalid(format!(
+                "set only one of roleName and {key}: they are the same setting"
+            ))),
+            (Ok(prefixed), plain) => prefixed.map(|(_, v)| v).or(plain).map(str::to_string).ok_or_else(|| {
+                ObjectError::Invalid(
+                    "roleName is required for Kubernetes/JWT auth (or give nodePublishSecretRef a token or role_id)"
+                        .into(),
+                )
+            }),
+        };
+        Ok(Self {
+            address: address.trim_end_matches('/').to_string(),
+            namespace,
+            tls,
+            mount,
+            role,
+            audience: param(ctx, "audience").map(str::to_string),
+            identity: std::sync::Mutex::new(None),
+        })
+    }
+}
+
+impl VaultParams {
+    /// A Mount's settings, its volume's worked out afresh (for tests and tools).
+    pub fn from_context(ctx: &MountContext, defaults: &VaultArgs) -> Result<Self, ObjectError> {
+        let connection = std::sync::Arc::new(Connection::from_context(ctx, defaults)?);
+        Self::with_auth(connection, ctx, defaults)
+    }
+
+    /// The Mount's auth on top of its volume's settings: nodePublishSecretRef
+    /// `token`, else `role_id` (AppRole), else a login with the pod's token.
+    pub fn with_auth(
+        connection: std::sync::Arc<Connection>,
+        ctx: &MountContext,
+        defaults: &VaultArgs,
+    ) -> Result<Self, ObjectError> {
+        let auth = Self::auth(&connection, ctx, defaults)?;
+        Ok(Self {
+            connection,
+            auth,
+            identity: std::sync::OnceLock::new(),
+        })
+    }
+
+    fn auth(
+        connection: &Connection,
+        ctx: &MountContext,
+        defaults: &VaultArgs,
+    ) -> Result<Auth, ObjectError> {
+        let mount = connection.mount.clone();
         let secrets = ctx.node_publish_secrets.as_ref();
         let secret = |k: &str| {
             secrets
@@ -352,22 +442,11 @@ impl VaultParams {
                     .unwrap_or_else(|| Credential::new(String::new())),
             });
         }
-        let prefixed_role = given.get("RoleName")?;
-        if let (Some((key, _)), Some(_)) = (&prefixed_role, param(ctx, "roleName")) {
-            return Err(ObjectError::Invalid(format!(
-                "set only one of roleName and {key}: they are the same setting"
-            )));
-        }
-        let role = prefixed_role.map(|(_, v)| v).or_else(|| param(ctx, "roleName")).ok_or_else(|| {
-            ObjectError::Invalid(
-                "roleName is required for Kubernetes/JWT auth (or give nodePublishSecretRef a token or role_id)"
-                    .into(),
-            )
-        })?;
+        let role = connection.role.clone()?;
         // Without an SPC audience: the daemon's default, or else the one
         // openbao-csi-provider uses by default, if the driver passed it.
-        let audience = match param(ctx, "audience") {
-            Some(a) => a.to_string(),
+        let audience = match &connection.audience {
+            Some(a) => a.clone(),
             None if ctx.token_for(&defaults.audience).is_none()
                 && ctx.token_for(OPENBAO_AUDIENCE).is_some() =>
             {
@@ -383,9 +462,78 @@ impl VaultParams {
         }
         Ok(Auth::Login {
             mount: mount.unwrap_or_else(|| defaults.auth_mount.trim_matches('/').to_string()),
-            role: role.to_string(),
+            role,
             audience,
         })
+    }
+
+    /// The fingerprint of the credential this Mount's auth carries itself:
+    /// a static token or an AppRole secret_id.
+    pub(super) fn credential(&self) -> Option<crate::key::Key> {
+        match &self.auth {
+            Auth::Login { .. } => None,
+            Auth::AppRole { secret_id, .. } => Some(crate::key::fingerprint(secret_id.expose())),
+            Auth::Token(t) => Some(crate::key::fingerprint(t.expose())),
+        }
+    }
+
+    /// What the caller identity depends on beyond the volume, to keep.
+    pub(super) fn caller(&self, credential: Option<crate::key::Key>) -> Option<Caller> {
+        Some(match (&self.auth, credential) {
+            (
+                Auth::Login {
+                    mount,
+                    role,
+                    audience,
+                },
+                _,
+            ) => Caller::Login {
+                mount: mount.clone(),
+                role: role.clone(),
+                audience: audience.clone(),
+            },
+            (Auth::AppRole { mount, role_id, .. }, Some(secret_id)) => Caller::AppRole {
+                mount: mount.clone(),
+                role_id: role_id.clone(),
+                secret_id,
+            },
+            (Auth::Token(_), Some(token)) => Caller::Token(token),
+            _ => return None,
+        })
+    }
+}
+
+impl Caller {
+    /// Whether `auth` with `credential` is this caller.
+    pub(super) fn is(&self, auth: &Auth, credential: Option<crate::key::Key>) -> bool {
+        match (self, auth) {
+            (
+                Caller::Login {
+                    mount,
+                    role,
+                    audience,
+                },
+                Auth::Login {
+                    mount: m,
+                    role: r,
+                    audience: a,
+                },
+            ) => mount == m && role == r && audience == a,
+            (
+                Caller::AppRole {
+                    mount,
+                    role_id,
+                    secret_id,
+                },
+                Auth::AppRole {
+                    mount: m,
+                    role_id: r,
+                    ..
+                },
+            ) => mount == m && role_id == r && Some(*secret_id) == credential,
+            (Caller::Token(token), Auth::Token(_)) => Some(*token) == credential,
+            _ => false,
+        }
     }
 }
 
