@@ -5,7 +5,9 @@
 //! (one HTTP/2 connection per 8 callers). Each level runs several times,
 //! floor and coffer alternating; the medians are printed. Then the warm-cache Vault path (OpenBao, every
 //! Mount a cache hit) at the same levels, peak RSS under the 64-caller load,
-//! RSS after 10,000 and 100,000 Mounts, and CPU per 1,000 warm Mounts.
+//! RSS after 10,000 and 100,000 Mounts, CPU per 1,000 warm Mounts, and last
+//! the daemon's CPU per Mount of warm Vault against file, runs alternating
+//! between the two daemons.
 //!
 //! cargo bench --bench mount_path
 //! Knobs (env): MP_SECONDS (2), MP_RUNS (3), MP_VAULT (1 = include OpenBao),
@@ -276,6 +278,41 @@ fn table(label: &str, rows: &[Paired]) {
     println!("(ratios: medians of the per-run ratios of alternating floor and coffer runs)");
 }
 
+/// Warm Vault against file: daemon CPU per Mount, runs alternating between
+/// the two daemons (each sent its own requests), so that a slow moment of
+/// the shared machine falls on both; the floor's table cannot say this, as
+/// its two sections run minutes apart.
+async fn versus(
+    file: (&Proc, &Arc<Vec<proto::MountRequest>>),
+    vault: (&Proc, &Arc<Vec<proto::MountRequest>>),
+    runs: usize,
+    secs: f64,
+) {
+    println!("\n[warm Vault against file, alternating runs]");
+    println!(
+        "{:>7} {:>9} {:>9} {:>20} {:>6}",
+        "callers", "file/s", "Vault/s", "CPU µs/Mount", "ratio"
+    );
+    for callers in levels() {
+        let (mut f, mut v) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            f.push(run(&file.0.socket, file.0.pid(), file.1, callers, secs).await);
+            v.push(run(&vault.0.socket, vault.0.pid(), vault.1, callers, secs).await);
+        }
+        let pick = |r: &[Figures], get: fn(&Figures) -> f64| median(r.iter().map(get).collect());
+        let ratio = median(f.iter().zip(&v).map(|(f, v)| v.cpu_us / f.cpu_us).collect());
+        println!(
+            "{callers:>7} {:>9.0} {:>9.0} {:>9.1} → {:>8.1} {:>6.2}",
+            pick(&f, |x| x.rate),
+            pick(&v, |x| x.rate),
+            pick(&f, |x| x.cpu_us),
+            pick(&v, |x| x.cpu_us),
+            ratio
+        );
+    }
+    println!("(ratio: median of the per-run ratios of Vault's CPU per Mount to file's)");
+}
+
 /// Mounts `n` times as fast as 8 callers can; returns CPU seconds used by
 /// `pid` meanwhile.
 async fn mounts(socket: &Path, reqs: &Arc<Vec<proto::MountRequest>>, n: usize, pid: i32) -> f64 {
@@ -358,7 +395,6 @@ fn main() {
             (rss100 as f64 - rss10 as f64) / 1024.0,
             (cpu10 + cpu100) / 100.0
         );
-        drop(daemon);
 
         if env_num("MP_VAULT", 1) == 1 {
             let bao = common::bao::Bao::start().await;
@@ -383,6 +419,8 @@ fn main() {
             table("Vault (OpenBao), warm cache hits, vs the same floor", &rows);
             let cpu = mounts(&vd.socket, &vreqs, 10_000, vd.pid()).await;
             println!("CPU per 1,000 warm Vault Mounts {:.3} s", cpu / 10.0);
+            drop(floor);
+            versus((&daemon, &reqs), (&vd, &vreqs), runs, secs).await;
         }
     });
 }
