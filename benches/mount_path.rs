@@ -20,17 +20,14 @@
 #[allow(unused_imports)]
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use coffer::client::ProviderClient;
-use coffer::manifest::{DriverRequest, Pod, SecretProviderClass};
 use coffer::proto;
-use coffer::secret::Credential;
-use common::{env_num, median};
+use common::{bench_request, bench_spc, env_num, median};
 
 fn levels() -> Vec<usize> {
     std::env::var("MP_LEVELS")
@@ -107,36 +104,6 @@ fn coffer(dir: &Path, name: &str, extra: &[&str]) -> Proc {
         .spawn()
         .unwrap();
     Proc { child, socket }.wait_ready()
-}
-
-fn request(spc: &SecretProviderClass, n: usize, secrets: Option<&str>) -> proto::MountRequest {
-    DriverRequest {
-        pod: Pod {
-            namespace: "bench".into(),
-            name: format!("pod-{n}"),
-            uid: format!("uid-{n}"),
-            service_account: "app".into(),
-        },
-        tokens: BTreeMap::new(),
-        node_publish_secrets: secrets
-            .map(|t| BTreeMap::from([("token".to_string(), Credential::new(t.to_string()))])),
-        volume_attributes: BTreeMap::new(),
-        permission: 0o644,
-        target_path: format!("/var/lib/kubelet/pods/uid-{n}/volumes/v/mount"),
-    }
-    .to_proto(spc)
-}
-
-fn spc(params: &[(&str, &str)]) -> SecretProviderClass {
-    SecretProviderClass {
-        name: "bench".into(),
-        namespace: Some("bench".into()),
-        provider: "coffer".into(),
-        parameters: params
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    }
 }
 
 /// `callers` concurrent callers for `secs`: Mounts/s and p50 latency.
@@ -355,12 +322,12 @@ fn main() {
         std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
         std::fs::write(dir.path().join("secrets/db-password"), vec![b'p'; 32]).unwrap();
         std::fs::write(dir.path().join("secrets/api-key"), vec![b'k'; 32]).unwrap();
-        let file_spc = spc(&[
+        let file_spc = bench_spc(&[
             ("backend", "file"),
             ("objects", "- objectName: db-password\n- objectName: api-key\n"),
         ]);
         let reqs: Arc<Vec<proto::MountRequest>> =
-            Arc::new((0..64).map(|n| request(&file_spc, n, None)).collect());
+            Arc::new((0..64).map(|n| bench_request(&file_spc, n, None)).collect());
         // The floor answers what coffer answers, byte for byte in size.
         let daemon = coffer(dir.path(), "coffer", &[]);
         let mut c = coffer::client::connect(&daemon.socket).await.unwrap();
@@ -400,7 +367,7 @@ fn main() {
             let bao = common::bao::Bao::start().await;
             bao.put_kv2("db", serde_json::json!({"password": "p".repeat(32), "key": "k".repeat(32)}))
                 .await;
-            let vault_spc = spc(&[
+            let vault_spc = bench_spc(&[
                 ("backend", "vault"),
                 ("vaultAddress", &bao.addr()),
                 (
@@ -411,7 +378,7 @@ fn main() {
             ]);
             let vreqs: Arc<Vec<proto::MountRequest>> = Arc::new(
                 (0..64)
-                    .map(|n| request(&vault_spc, n, Some(common::bao::ROOT)))
+                    .map(|n| bench_request(&vault_spc, n, Some(common::bao::ROOT)))
                     .collect(),
             );
             let vd = coffer(dir.path(), "vault", &["--cache-ttl", "1h"]);

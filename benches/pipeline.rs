@@ -19,45 +19,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use coffer::config::ServeArgs;
-use coffer::manifest::{DriverRequest, Pod, SecretProviderClass};
 use coffer::mount::Mounter;
 use coffer::proto;
-use coffer::secret::Credential;
-use common::{env_num, median};
+use common::{bench_request, bench_spc, env_num, median};
 
 /// As the daemon: mimalloc.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-fn spc(params: &[(&str, &str)]) -> SecretProviderClass {
-    SecretProviderClass {
-        name: "bench".into(),
-        namespace: Some("bench".into()),
-        provider: "coffer".into(),
-        parameters: params
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    }
-}
-
-fn request(spc: &SecretProviderClass, token: Option<&str>) -> proto::MountRequest {
-    DriverRequest {
-        pod: Pod {
-            namespace: "bench".into(),
-            name: "pod-0".into(),
-            uid: "uid-0".into(),
-            service_account: "app".into(),
-        },
-        tokens: BTreeMap::new(),
-        node_publish_secrets: token
-            .map(|t| BTreeMap::from([("token".to_string(), Credential::new(t.to_string()))])),
-        volume_attributes: BTreeMap::new(),
-        permission: 0o644,
-        target_path: "/var/lib/kubelet/pods/uid-0/volumes/v/mount".into(),
-    }
-    .to_proto(spc)
-}
 
 fn process_cpu() -> Duration {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID)
@@ -126,15 +94,16 @@ fn main() {
             coffer::policy::PolicyHandle::load(None, BTreeMap::new()).expect("policy"),
         ));
 
-        let file = request(
-            &spc(&[
+        let file = bench_request(
+            &bench_spc(&[
                 ("backend", "file"),
                 ("objects", "- objectName: db-password\n- objectName: api-key\n"),
             ]),
+            0,
             None,
         );
-        let vault = request(
-            &spc(&[
+        let vault = bench_request(
+            &bench_spc(&[
                 ("backend", "vault"),
                 ("vaultAddress", &bao.addr()),
                 (
@@ -143,6 +112,7 @@ fn main() {
                      - objectName: api-key\n  secretPath: secret/data/db\n  secretKey: key\n",
                 ),
             ]),
+            0,
             Some(common::bao::ROOT),
         );
         tokio::time::sleep_until(settled.into()).await;

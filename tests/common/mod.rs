@@ -249,6 +249,43 @@ pub fn request(objects: &str) -> proto::MountRequest {
     .to_proto(&spc(objects))
 }
 
+/// The Mount-path benchmarks' SPC: `bench/bench` with these parameters.
+pub fn bench_spc(params: &[(&str, &str)]) -> SecretProviderClass {
+    SecretProviderClass {
+        name: "bench".into(),
+        namespace: Some("bench".into()),
+        provider: "coffer".into(),
+        parameters: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+/// The Mount-path benchmarks' request of pod `n` (its own name, uid and
+/// target path), with a nodePublishSecretRef `token` when given.
+pub fn bench_request(
+    spc: &SecretProviderClass,
+    n: usize,
+    token: Option<&str>,
+) -> proto::MountRequest {
+    DriverRequest {
+        pod: Pod {
+            namespace: "bench".into(),
+            name: format!("pod-{n}"),
+            uid: format!("uid-{n}"),
+            service_account: "app".into(),
+        },
+        tokens: BTreeMap::new(),
+        node_publish_secrets: token
+            .map(|t| BTreeMap::from([("token".to_string(), Credential::new(t.to_string()))])),
+        volume_attributes: BTreeMap::new(),
+        permission: 0o644,
+        target_path: format!("/var/lib/kubelet/pods/uid-{n}/volumes/v/mount"),
+    }
+    .to_proto(spc)
+}
+
 pub fn with_tokens(mut d: DriverRequest, tokens: &[(&str, &str)]) -> DriverRequest {
     d.tokens = tokens
         .iter()
