@@ -4,7 +4,8 @@
 //! must never be forgeable by choosing field values: every key is SHA-256 over
 //! a domain tag and self-delimiting (tagged, length-prefixed) fields. Two
 //! different field lists cannot produce the same input bytes, and the digest
-//! keeps keys small whatever the inputs weigh.
+//! keeps keys small whatever the inputs weigh. The one exception,
+//! [`Key::hint`], is for maps that keep and compare the whole input.
 
 use sha2::{Digest, Sha256};
 
@@ -25,6 +26,20 @@ impl Key {
 
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
+    }
+
+    /// A lookup hint, not an identity: for a map whose every entry keeps
+    /// its full input and compares it on each hit, so a collision costs a
+    /// miss and never a wrong answer. `hash` is a fast hash of the input
+    /// under a seed chosen per process (not SHA-256: for inputs of
+    /// hundreds of bytes, read on every Mount, the digest was the larger
+    /// part of the lookup).
+    pub fn hint(domain: u8, hash: u64, len: usize) -> Key {
+        let mut bytes = [0u8; 32];
+        bytes[0] = domain;
+        bytes[8..16].copy_from_slice(&hash.to_le_bytes());
+        bytes[16..24].copy_from_slice(&(len as u64).to_le_bytes());
+        Key(bytes)
     }
 
     /// The first 8 hex digits, for short tags in versions.

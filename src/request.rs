@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::Value;
 
 use crate::bounded_map::{BoundedMap, Bounds};
-use crate::key::{Key, KeyBuilder};
+use crate::key::Key;
 use crate::secret::Credential;
 
 use crate::error::{shown, ObjectError};
@@ -223,15 +223,8 @@ impl MountContext {
         target_path: &str,
     ) -> Result<Self, RequestError> {
         let received = std::time::Instant::now();
-        let key = kept
-            .filter(|_| attributes.len() <= MAX_KEPT_ATTRIBUTES)
-            .map(|memo| {
-                (
-                    memo,
-                    KeyBuilder::new("attributes").field(attributes).finish(),
-                )
-            });
-        let (attributes, tokens) = match key.as_ref().and_then(|(memo, key)| memo.0.get(key)) {
+        let kept = kept.filter(|_| attributes.len() <= MAX_KEPT_ATTRIBUTES);
+        let (attributes, tokens) = match kept.and_then(|memo| memo.get(attributes)) {
             // Only texts without tokens are kept.
             Some(found) => (found, BTreeMap::new()),
             None => {
@@ -253,9 +246,8 @@ impl MountContext {
                 });
                 // A text that carries tokens changes with them and holds
                 // credentials: never kept.
-                if let (None, Some((memo, key))) = (&tokens, key) {
-                    let weight = KEPT_WEIGHT_PER_BYTE * attributes.len() as u64 + KEPT_OVERHEAD;
-                    memo.0.insert_weighed(key, Arc::clone(&parsed), weight);
+                if let (None, Some(memo)) = (&tokens, kept) {
+                    memo.insert(attributes, Arc::clone(&parsed));
                 }
                 let tokens = match tokens {
                     Some(raw) => parse_tokens(Credential::new(raw))?,
@@ -306,8 +298,9 @@ impl std::ops::Deref for MountContext {
 /// are well under 4 KiB; the request cap is far above).
 const MAX_KEPT_ATTRIBUTES: usize = 16 * 1024;
 /// A parsed text weighs about three times its bytes (keys, values, nodes),
-/// and what backends keep with it (settings cut from it) once more.
-const KEPT_WEIGHT_PER_BYTE: u64 = 4;
+/// what backends keep with it (settings cut from it) once more, and the
+/// text itself, kept to be compared, once more.
+const KEPT_WEIGHT_PER_BYTE: u64 = 5;
 const KEPT_OVERHEAD: u64 = 1024;
 /// One entry per volume polled on this node; the memory is the node's,
 /// whoever sends the texts.
@@ -317,25 +310,67 @@ const KEPT_ATTRIBUTES: Bounds = Bounds {
     idle: std::time::Duration::from_secs(600),
 };
 
-/// Attributes already parsed, by their exact text (a SHA-256 key over all
-/// of it), so that a rotation poll does not parse its volume's attributes
-/// again. Texts that carry service-account tokens are never kept.
-pub struct AttributesMemo(BoundedMap<Arc<Attributes>>);
+/// Attributes already parsed, by their exact text, so that a rotation poll
+/// does not parse its volume's attributes again. Texts that carry
+/// service-account tokens are never kept.
+///
+/// Found by a seeded fast hash of the text and then compared with the kept
+/// text byte for byte: every Mount looks its text up, and a SHA-256 key
+/// over a few hundred bytes cost more than the rest of the lookup.
+pub struct AttributesMemo {
+    kept: BoundedMap<Arc<KeptText>>,
+    seed: foldhash::fast::RandomState,
+}
+
+struct KeptText {
+    text: Box<str>,
+    attributes: Arc<Attributes>,
+}
+
+/// [`Key::hint`]'s domain for attributes texts.
+const ATTRIBUTES_HINT: u8 = 1;
 
 impl Default for AttributesMemo {
     fn default() -> Self {
-        Self(BoundedMap::new(KEPT_ATTRIBUTES))
+        Self {
+            kept: BoundedMap::new(KEPT_ATTRIBUTES),
+            seed: foldhash::fast::RandomState::default(),
+        }
     }
 }
 
 impl AttributesMemo {
+    fn key(&self, text: &str) -> Key {
+        use std::hash::BuildHasher;
+        Key::hint(ATTRIBUTES_HINT, self.seed.hash_one(text), text.len())
+    }
+
+    /// The attributes parsed from exactly `text`, if kept.
+    fn get(&self, text: &str) -> Option<Arc<Attributes>> {
+        self.kept
+            .get(&self.key(text))
+            .filter(|kept| *kept.text == *text)
+            .map(|kept| Arc::clone(&kept.attributes))
+    }
+
+    /// Keeps `attributes` as parsed from `text` (in place of any text that
+    /// shares its hint).
+    fn insert(&self, text: &str, attributes: Arc<Attributes>) {
+        let weight = KEPT_WEIGHT_PER_BYTE * text.len() as u64 + KEPT_OVERHEAD;
+        let kept = Arc::new(KeptText {
+            text: text.into(),
+            attributes,
+        });
+        self.kept.insert_weighed(self.key(text), kept, weight);
+    }
+
     /// Texts kept now.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.kept.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.kept.is_empty()
     }
 }
 
@@ -853,6 +888,24 @@ mod tests {
         assert_eq!(parse(&plain, "").unwrap().pod.name, "web-0");
     }
 
+    /// Texts that meet under one hint (as a collision of the fast hash
+    /// would make them) are told apart by their bytes: a miss, never
+    /// another volume's attributes.
+    #[test]
+    fn a_shared_hint_is_a_miss_not_another_texts_attributes() {
+        let memo = AttributesMemo::default();
+        let parse = |attrs: &str| MountContext::parse_with(Some(&memo), attrs, "", "420", "/t");
+        let theirs = serde_json::json!({ keys::POD_NAME: "theirs" }).to_string();
+        let ours = serde_json::json!({ keys::POD_NAME: "ours!!" }).to_string();
+        assert_eq!(theirs.len(), ours.len());
+        parse(&theirs).unwrap();
+        let kept = memo.kept.get(&memo.key(&theirs)).unwrap();
+        // Their entry, filed under our text's hint.
+        memo.kept.insert_weighed(memo.key(&ours), kept, 1);
+        assert_eq!(parse(&ours).unwrap().pod.name, "ours!!");
+        assert_eq!(parse(&theirs).unwrap().pod.name, "theirs");
+    }
+
     /// A flood of distinct texts (one pod after another, or one SPC made
     /// large) stays within the memo's entries and bytes; the newest are kept.
     #[test]
@@ -868,11 +921,10 @@ mod tests {
         for i in 0..400 {
             let attrs = serde_json::json!({ keys::POD_UID: i.to_string(), "x": big }).to_string();
             MountContext::parse_with(Some(&memo), &attrs, "", "420", "/t").unwrap();
-            assert!(memo.0.weight() <= KEPT_ATTRIBUTES.max_weight);
+            assert!(memo.kept.weight() <= KEPT_ATTRIBUTES.max_weight);
         }
         let last = serde_json::json!({ keys::POD_UID: "399", "x": big }).to_string();
-        let key = KeyBuilder::new("attributes").field(&last).finish();
-        assert!(memo.0.get(&key).is_some(), "the newest text is kept");
+        assert!(memo.get(&last).is_some(), "the newest text is kept");
     }
 
     #[test]
