@@ -3,7 +3,7 @@
 //! All-or-nothing: any failure returns an error and no file at all.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures::future;
@@ -100,6 +100,26 @@ const PARSED_SPCS: Bounds = Bounds {
 pub struct Plan {
     pub objects: Arc<Vec<ObjectSpec>>,
     pub files: Option<Files>,
+    /// Each object's names for the response and the audit log, worked out
+    /// on first use and kept with the plan: the same on every poll.
+    labels: Box<[OnceLock<Labels>]>,
+}
+
+/// An object's path, ObjectVersion id and audit address.
+struct Labels {
+    path: Arc<str>,
+    id: Arc<str>,
+    address: Arc<str>,
+}
+
+impl Labels {
+    fn of(backend: &dyn Backend, object: &ObjectSpec) -> Self {
+        Self {
+            path: object.name.as_str().into(),
+            id: backend.object_id(object).into(),
+            address: backend.describe(object).into(),
+        }
+    }
 }
 
 impl Plan {
@@ -264,18 +284,18 @@ struct Freshness {
 
 /// A fetched, decoded object ready to become a `File`.
 struct Ready {
-    path: String,
+    path: Arc<str>,
     mode: u32,
     /// Zeroized if the Mount fails after this object was fetched.
     contents: Zeroizing<Vec<u8>>,
-    version: String,
+    version: Arc<str>,
     /// An optional object that does not exist: a version, no file.
     absent: bool,
     /// The ObjectVersion id.
-    id: String,
+    id: Arc<str>,
     /// For the audit log.
     backend: &'static str,
-    address: String,
+    address: Arc<str>,
     source: &'static str,
 }
 
@@ -385,6 +405,7 @@ impl Mounter {
             let files = Files::parse(&parameters);
             match (objects, files) {
                 (Ok(objects), Ok(files)) => Ok(Plan {
+                    labels: objects.iter().map(|_| OnceLock::new()).collect(),
                     objects: Arc::new(objects),
                     files,
                 }),
@@ -410,7 +431,8 @@ impl Mounter {
         // Measured: a parsed list weighs three to four times its text;
         // a compiled template about ten times.
         let files = plan.files.as_ref().map_or(0, |f| f.specs.len());
-        let weight = 10 * size as u64 + 512 * plan.objects.len() as u64 + 2048 * files as u64 + 512;
+        // Each object's labels are cut from the text: twice it, at most.
+        let weight = 12 * size as u64 + 512 * plan.objects.len() as u64 + 2048 * files as u64 + 512;
         self.parsed.insert_weighed(key, Arc::clone(plan), weight);
     }
 
@@ -532,7 +554,7 @@ impl Mounter {
             return Err(MountError::Policy { denials });
         }
         let freshness = self.freshness(ctx)?;
-        let ready = self.fetch_all(ctx, &plan.objects, &freshness).await?;
+        let ready = self.fetch_all(ctx, &plan, &freshness).await?;
         let (ready, mut outputs) = if plan.renders() {
             self.render(&plan, ctx, ready).await?
         } else {
@@ -555,21 +577,21 @@ impl Mounter {
         {
             // Ids must be unique in a response: a second object with the
             // same backend id (one secret, two extracted keys) gets its path.
-            let ids = ready.iter().map(|r| (&r.id, &r.path, &r.version)).chain(
+            let ids = ready.iter().map(|r| (&*r.id, &*r.path, &*r.version)).chain(
                 outputs
                     .iter()
                     .filter(|o| o.reported)
-                    .map(|o| (&o.path, &o.path, &o.version)),
+                    .map(|o| (o.path.as_str(), o.path.as_str(), o.version.as_str())),
             );
             let mut seen = std::collections::HashSet::with_capacity(ready.len());
             for (id, path, version) in ids {
                 response.object_version.push(proto::ObjectVersion {
-                    id: if seen.insert(id.as_str()) {
-                        id.clone()
+                    id: if seen.insert(id) {
+                        id.to_string()
                     } else {
                         format!("{id}#{path}")
                     },
-                    version: version.clone(),
+                    version: version.to_string(),
                 });
             }
         }
@@ -578,7 +600,7 @@ impl Mounter {
                 continue;
             }
             response.files.push(proto::File {
-                path: r.path.clone(),
+                path: r.path.to_string(),
                 mode: r.mode as i32,
                 contents: std::mem::take(&mut *r.contents),
             });
@@ -692,7 +714,7 @@ impl Mounter {
                 .iter()
                 .zip(plan.objects.iter())
                 .filter(|(r, o)| o.render && !o.expand && !r.absent)
-                .map(|(r, _)| (r.path.clone(), r.version.clone()))
+                .map(|(r, _)| (r.path.to_string(), r.version.to_string()))
                 .collect();
             let settings = render::Settings {
                 default_mode,
@@ -734,9 +756,10 @@ impl Mounter {
     async fn fetch_all(
         &self,
         ctx: &Arc<MountContext>,
-        objects: &Arc<Vec<ObjectSpec>>,
+        plan: &Plan,
         freshness: &Freshness,
     ) -> Result<Vec<Ready>, MountError> {
+        let objects = &plan.objects;
         let deadline = tokio::time::Instant::now() + self.config.timeout;
         // Which fetches finished, so a Mount past its deadline can name the
         // objects it was still waiting for.
@@ -753,7 +776,15 @@ impl Mounter {
                 let finished = Arc::clone(&finished);
                 async move {
                     let result = self
-                        .fetch_one(ctx, objects, i, limits, freshness, deadline)
+                        .fetch_one(
+                            ctx,
+                            objects,
+                            i,
+                            &plan.labels[i],
+                            limits,
+                            freshness,
+                            deadline,
+                        )
                         .await;
                     finished[i].store(true, Ordering::Release);
                     (i, result)
@@ -813,12 +844,14 @@ impl Mounter {
         ctx: &Arc<MountContext>,
         objects: &Arc<Vec<ObjectSpec>>,
         index: usize,
+        labels: &OnceLock<Labels>,
         limits: FetchLimits,
         freshness: &Freshness,
         deadline: tokio::time::Instant,
     ) -> Result<Ready, ObjectError> {
         let object = &objects[index];
         let backend = Arc::clone(self.backends.get(&object.backend)?);
+        let labels = labels.get_or_init(|| Labels::of(&*backend, object));
         let call = Call {
             backend: Arc::clone(&backend),
             objects: Arc::clone(objects),
@@ -858,14 +891,14 @@ impl Mounter {
                 crate::metrics::METRICS.optional_missing.inc();
                 tracing::info!(object = %object.name, reason = %why, "optional object does not exist; mounting without it");
                 return Ok(Ready {
-                    path: object.name.clone(),
+                    path: Arc::clone(&labels.path),
                     mode: 0,
                     contents: Zeroizing::new(Vec::new()),
                     version: ABSENT_VERSION.into(),
                     absent: true,
-                    id: backend.object_id(object),
+                    id: Arc::clone(&labels.id),
                     backend: backend.name(),
-                    address: backend.describe(object),
+                    address: Arc::clone(&labels.address),
                     source: "absent",
                 });
             }
@@ -880,19 +913,19 @@ impl Mounter {
         }
         let derive = || self.version_key.version(&object.name, &contents);
         let version = match (fetched.version, &fetched.memo) {
-            (Some(v), _) => v,
+            (Some(v), _) => v.into(),
             (None, Some(memo)) => memo.version(&object.name, object.encoding, derive),
-            (None, None) => derive(),
+            (None, None) => derive().into(),
         };
         Ok(Ready {
-            path: object.name.clone(),
+            path: Arc::clone(&labels.path),
             mode: object.mode.unwrap_or(ctx.default_mode),
             contents,
             version,
             absent: false,
-            id: backend.object_id(object),
+            id: Arc::clone(&labels.id),
             backend: backend.name(),
-            address: backend.describe(object),
+            address: Arc::clone(&labels.address),
             source,
         })
     }

@@ -30,7 +30,7 @@ pub struct VersionMemo(std::sync::OnceLock<MemoisedVersion>);
 struct MemoisedVersion {
     name: Box<str>,
     encoding: crate::spc::Encoding,
-    version: Box<str>,
+    version: Arc<str>,
 }
 
 /// Longer names are not memoised, so a memo adds at most this much to what
@@ -48,19 +48,19 @@ impl VersionMemo {
         name: &str,
         encoding: crate::spc::Encoding,
         derive: impl FnOnce() -> String,
-    ) -> String {
+    ) -> Arc<str> {
         if let Some(m) = self.0.get() {
             if *m.name == *name && m.encoding == encoding {
-                return m.version.to_string();
+                return Arc::clone(&m.version);
             }
-            return derive();
+            return derive().into();
         }
-        let version = derive();
+        let version: Arc<str> = derive().into();
         if name.len() <= MEMO_NAME_BYTES {
             let _ = self.0.set(MemoisedVersion {
                 name: name.into(),
                 encoding,
-                version: version.as_str().into(),
+                version: Arc::clone(&version),
             });
         }
         version
@@ -288,18 +288,24 @@ mod tests {
             derived.set(derived.get() + 1);
             v.to_string()
         };
-        assert_eq!(memo.version("a", Encoding::Utf8, || derive("va")), "va");
-        assert_eq!(memo.version("a", Encoding::Utf8, || derive("other")), "va");
+        assert_eq!(&*memo.version("a", Encoding::Utf8, || derive("va")), "va");
+        assert_eq!(
+            &*memo.version("a", Encoding::Utf8, || derive("other")),
+            "va"
+        );
         assert_eq!(derived.get(), 1, "kept after the first");
         // Another name or encoding derives its own and does not replace it.
-        assert_eq!(memo.version("b", Encoding::Utf8, || derive("vb")), "vb");
-        assert_eq!(memo.version("a", Encoding::Base64, || derive("vx")), "vx");
-        assert_eq!(memo.version("a", Encoding::Utf8, || derive("other")), "va");
+        assert_eq!(&*memo.version("b", Encoding::Utf8, || derive("vb")), "vb");
+        assert_eq!(&*memo.version("a", Encoding::Base64, || derive("vx")), "vx");
+        assert_eq!(
+            &*memo.version("a", Encoding::Utf8, || derive("other")),
+            "va"
+        );
         assert_eq!(derived.get(), 3);
         // A long name is not kept, so a memo stays within its weight.
         let long = "n".repeat(MEMO_NAME_BYTES + 1);
         let memo = VersionMemo::default();
-        assert_eq!(memo.version(&long, Encoding::Utf8, || derive("v1")), "v1");
-        assert_eq!(memo.version(&long, Encoding::Utf8, || derive("v2")), "v2");
+        assert_eq!(&*memo.version(&long, Encoding::Utf8, || derive("v1")), "v1");
+        assert_eq!(&*memo.version(&long, Encoding::Utf8, || derive("v2")), "v2");
     }
 }
