@@ -117,14 +117,30 @@ pub struct MountContext {
 
 /// Per-Mount shared values, keyed by a backend-built [`Key`]. At most one
 /// entry per object plus one per backend, and objects per Mount are capped.
-#[derive(Clone, Default)]
-pub struct Memo(Arc<Mutex<HashMap<Key, Arc<dyn Any + Send + Sync>>>>);
+///
+/// Made on first use: most Mounts (local files, warm caches) never use
+/// theirs. Clones share the values once the memo is in use; a clone made
+/// before that starts empty.
+#[derive(Default)]
+pub struct Memo(std::sync::OnceLock<Arc<MemoMap>>);
+
+type MemoMap = Mutex<HashMap<Key, Arc<dyn Any + Send + Sync>>>;
+
+impl Clone for Memo {
+    fn clone(&self) -> Self {
+        let memo = Memo::default();
+        if let Some(map) = self.0.get() {
+            let _ = memo.0.set(Arc::clone(map));
+        }
+        memo
+    }
+}
 
 impl Memo {
     /// The value stored under `key`, created with `Default` on first use.
     /// A key reused with another type gets a fresh value.
     pub fn get_or_default<T: Default + Send + Sync + 'static>(&self, key: &Key) -> Arc<T> {
-        let Ok(mut map) = self.0.lock() else {
+        let Ok(mut map) = self.0.get_or_init(Arc::default).lock() else {
             return Arc::new(T::default());
         };
         if let Some(existing) = map
