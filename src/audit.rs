@@ -237,17 +237,20 @@ impl Auditor {
     /// Records one Mount. Fail-open: queued without waiting, dropped (and
     /// counted) when the queue is full. Fail-closed: returns once the
     /// records are written (accepted by the kernel), or an error.
-    pub async fn record(&self, records: &[Record<'_>]) -> Result<(), AuditUnavailable> {
+    pub async fn record<'r>(
+        &self,
+        records: impl ExactSizeIterator<Item = Record<'r>>,
+    ) -> Result<(), AuditUnavailable> {
         let Some(tx) = &self.tx else {
             return Ok(());
         };
+        let count = records.len() as u64;
         let mut lines = Vec::with_capacity(records.len() * RECORD_BYTES);
         for r in records {
             r.write_json(&mut lines);
             lines.push(b'\n');
         }
         let size = lines.len();
-        let count = records.len() as u64;
         let before = self.queued.fetch_add(size, Ordering::AcqRel);
         if before + size > MAX_QUEUED_BYTES {
             self.queued.fetch_sub(size, Ordering::AcqRel);
@@ -636,12 +639,12 @@ mod tests {
         let path = dir.path().join("audit.log");
         let auditor = Auditor::start(Sink::File(path.clone()), false);
         // Let the writer take its first pause with nothing queued.
-        auditor.record(&[record("first")]).await.unwrap();
+        auditor.record([record("first")].into_iter()).await.unwrap();
         auditor.flush(Duration::from_secs(5)).await;
         let name = "o".repeat(400);
         let burst = 2 * WAKE_BYTES / 450 + 1;
         for _ in 0..burst {
-            auditor.record(&[record(&name)]).await.unwrap();
+            auditor.record([record(&name)].into_iter()).await.unwrap();
         }
         auditor.flush(Duration::from_secs(5)).await;
         let text = std::fs::read_to_string(&path).unwrap();

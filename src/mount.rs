@@ -469,20 +469,22 @@ impl Mounter {
         let time = audit::Timestamp::now();
         let time = time.as_str();
         let base = |object, backend, address| record(ctx, time, object, backend, address);
-        let mut records = Vec::with_capacity(result.as_ref().map_or(1, |(_, ready)| ready.len()));
         let summary;
-        match &result {
+        let audited = match &result {
+            // Written straight from the objects: no list of records first.
             Ok((_, ready)) => {
-                for r in ready {
+                let records = ready.iter().map(|r| {
                     let mut rec = base(&r.path, r.backend, &r.address);
                     rec.version = Some(&r.version);
                     rec.source = r.source;
                     rec.outcome = "ok";
                     rec.code = "OK";
-                    records.push(rec);
-                }
+                    rec
+                });
+                self.auditor.record(records).await
             }
             Err(err) => {
+                let mut records = Vec::new();
                 let code = err.code().as_str();
                 if let MountError::Policy { denials } = err {
                     for d in denials.iter().take(audit::MAX_FAILURE_RECORDS) {
@@ -517,10 +519,9 @@ impl Mounter {
                     rec.code = code;
                     records.push(rec);
                 }
+                self.auditor.record(records.into_iter()).await
             }
-        }
-        let audited = self.auditor.record(&records).await;
-        drop(records);
+        };
         match (result, audited) {
             (Ok((response, _)), Ok(())) => Ok(response),
             (Ok((mut response, _)), Err(e)) => {
