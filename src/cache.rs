@@ -34,7 +34,7 @@ const ENTRY_OVERHEAD: u64 = 128;
 #[derive(Debug)]
 pub struct Entry {
     pub contents: SecretBytes,
-    pub version: Option<String>,
+    pub version: Option<Arc<str>>,
     pub immutable: bool,
     pub shareable: bool,
     pub fetched_at: Instant,

@@ -912,11 +912,11 @@ impl Mounter {
                 limit: limits.max_bytes,
             });
         }
-        let derive = || self.version_key.version(&object.name, &contents);
+        let derive = || self.version_key.shared_version(&object.name, &contents);
         let version = match (fetched.version, &fetched.memo) {
-            (Some(v), _) => v.into(),
+            (Some(v), _) => v,
             (None, Some(memo)) => memo.version(&object.name, object.encoding, derive),
-            (None, None) => derive().into(),
+            (None, None) => derive(),
         };
         Ok(Ready {
             path: Arc::clone(&labels.path),

@@ -154,6 +154,15 @@ impl VersionKey {
     /// The version of `content` served as object `id`. The id is mixed in so
     /// two objects with equal values do not show equal versions.
     pub fn version(&self, id: &str, content: &[u8]) -> String {
+        String::from_utf8_lossy(&self.digits(id, content)).into_owned()
+    }
+
+    /// [`VersionKey::version`], made shared in one allocation.
+    pub fn shared_version(&self, id: &str, content: &[u8]) -> std::sync::Arc<str> {
+        String::from_utf8_lossy(&self.digits(id, content)).into()
+    }
+
+    fn digits(&self, id: &str, content: &[u8]) -> [u8; 32] {
         let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&self.0) else {
             unreachable!("HMAC accepts keys of any length")
         };
@@ -162,7 +171,7 @@ impl VersionKey {
         mac.update(content);
         let mut hexed = [0u8; 32];
         match hex::encode_to_slice(&mac.finalize().into_bytes()[..16], &mut hexed) {
-            Ok(()) => String::from_utf8_lossy(&hexed).into_owned(),
+            Ok(()) => hexed,
             Err(_) => unreachable!("16 bytes are 32 hex digits"),
         }
     }

@@ -47,15 +47,15 @@ impl VersionMemo {
         &self,
         name: &str,
         encoding: crate::spc::Encoding,
-        derive: impl FnOnce() -> String,
+        derive: impl FnOnce() -> Arc<str>,
     ) -> Arc<str> {
         if let Some(m) = self.0.get() {
             if *m.name == *name && m.encoding == encoding {
                 return Arc::clone(&m.version);
             }
-            return derive().into();
+            return derive();
         }
-        let version: Arc<str> = derive().into();
+        let version = derive();
         if name.len() <= MEMO_NAME_BYTES {
             let _ = self.0.set(MemoisedVersion {
                 name: name.into(),
@@ -74,7 +74,7 @@ pub struct Fetched {
     pub contents: SecretBytes,
     /// The backend's own version id, when it has one that reveals nothing
     /// about the value; `None` makes coffer derive an HMAC version.
-    pub version: Option<String>,
+    pub version: Option<Arc<str>>,
     /// May this answer serve other callers with the same cache key? (No for
     /// per-caller answers such as Vault leases.)
     pub shareable: bool,
@@ -90,7 +90,7 @@ impl Fetched {
     pub fn new(contents: SecretBytes, version: Option<String>) -> Self {
         Self {
             contents,
-            version,
+            version: version.map(Into::into),
             shareable: true,
             immutable: false,
             memo: None,
@@ -286,7 +286,7 @@ mod tests {
         let derived = std::cell::Cell::new(0);
         let derive = |v: &str| {
             derived.set(derived.get() + 1);
-            v.to_string()
+            Arc::<str>::from(v)
         };
         assert_eq!(&*memo.version("a", Encoding::Utf8, || derive("va")), "va");
         assert_eq!(

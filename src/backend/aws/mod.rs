@@ -798,7 +798,9 @@ impl Backend for AwsBackend {
         };
         Ok(Fetched {
             contents,
-            version: Some(answer.version).filter(|v| !v.is_empty()),
+            version: Some(answer.version)
+                .filter(|v| !v.is_empty())
+                .map(Into::into),
             shareable: true,
             immutable: o.pinned,
             memo: None,

@@ -562,7 +562,7 @@ impl Backend for AzureBackend {
         limits.check(contents.len())?;
         Ok(Fetched {
             contents,
-            version: Some(item.version).filter(|v| !v.is_empty()),
+            version: Some(item.version).filter(|v| !v.is_empty()).map(Into::into),
             shareable: true,
             immutable: o.version.is_some() && o.history.is_none(),
             memo: None,

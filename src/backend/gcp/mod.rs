@@ -487,7 +487,7 @@ impl Backend for GcpBackend {
         };
         Ok(Fetched {
             contents: SecretBytes::new(contents),
-            version,
+            version: version.map(Into::into),
             shareable: true,
             immutable: request.pinned,
             memo: None,

@@ -472,7 +472,7 @@ impl Backend for VaultBackend {
             extracted.version.is_some() && request.query.iter().any(|(k, _)| k == "version");
         Ok(Fetched {
             contents: SecretBytes::new(extracted.bytes),
-            version: extracted.version,
+            version: extracted.version.map(Into::into),
             shareable: !extracted.leased,
             immutable,
             memo: None,
