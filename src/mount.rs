@@ -777,15 +777,7 @@ impl Mounter {
                 let finished = Arc::clone(&finished);
                 async move {
                     let result = self
-                        .fetch_one(
-                            ctx,
-                            objects,
-                            i,
-                            &plan.labels[i],
-                            limits,
-                            freshness,
-                            deadline,
-                        )
+                        .fetch_one(ctx, plan, i, limits, freshness, deadline)
                         .await;
                     finished[i].store(true, Ordering::Release);
                     (i, result)
@@ -843,16 +835,16 @@ impl Mounter {
     async fn fetch_one(
         &self,
         ctx: &Arc<MountContext>,
-        objects: &Arc<Vec<ObjectSpec>>,
+        plan: &Plan,
         index: usize,
-        labels: &OnceLock<Labels>,
         limits: FetchLimits,
         freshness: &Freshness,
         deadline: tokio::time::Instant,
     ) -> Result<Ready, ObjectError> {
+        let objects = &plan.objects;
         let object = &objects[index];
         let backend = Arc::clone(self.backends.get(&object.backend)?);
-        let labels = labels.get_or_init(|| Labels::of(&*backend, object));
+        let labels = plan.labels[index].get_or_init(|| Labels::of(&*backend, object));
         let call = Call {
             backend: Arc::clone(&backend),
             objects: Arc::clone(objects),
