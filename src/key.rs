@@ -31,7 +31,7 @@ impl Key {
     /// A lookup hint, not an identity: for a map whose every entry keeps
     /// its full input and compares it on each hit, so a collision costs a
     /// miss and never a wrong answer. `hash` is a fast hash of the input
-    /// under a seed chosen per process (not SHA-256: for inputs of
+    /// under a seed the map chose at random (not SHA-256: for inputs of
     /// hundreds of bytes, read on every Mount, the digest was the larger
     /// part of the lookup).
     pub fn hint(domain: u8, hash: u64, len: usize) -> Key {
